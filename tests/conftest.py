@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from tiny import build_model, build_tokenizer, chat_rows, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
+    return build_model(tmp_path_factory.mktemp("llama"), "llama", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_tokenizer) -> Path:
+    return build_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tiny_tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """edgelora's base-model cache goes to a per-session temp dir, never ~/.cache."""
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "edgelora-cache"))

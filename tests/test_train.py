@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from edgelora.config import load_config
+from edgelora.errors import EdgeloraError
+from edgelora.train import TrainingInterrupted, train
+
+
+def cfg(base, data, out, **kw):
+    opts = dict(base=str(base), data=str(data), out=str(out), max_steps=6, batch_size=4, seq_len=64, lr=5e-3,
+                eval_split=0.25, eval_every=3, save_every=100, method="lora", rank=4, dropout=0.0)
+    opts.update(kw)
+    return load_config(None, opts)
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+def test_lora_run_directory(request, arch, chat_file, tmp_path):
+    base = request.getfixturevalue(arch)
+    res = train(cfg(base, chat_file, tmp_path / "run", max_steps=8))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "config.yaml", "metrics.jsonl", "summary.json"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows if "loss" in r)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 4  # before training, steps 3 and 6, and the last step
+    assert evals[-1] < evals[0]  # it learns
+    s = json.loads((run / "summary.json").read_text())
+    assert s["method"] == "lora" and s["steps"] == 8 and len(s["base_sha256"]) == 64
+    assert s["trainable_params"] == sum(p.numel() for n, p in _peft(base, run).named_parameters() if "lora_" in n)
+    assert s["first_eval_loss"] == evals[0] and s["final_eval_loss"] == evals[-1]
+    assert (run / "adapter" / "tokenizer.json").is_file() and (run / "adapter" / "chat_template.jinja").is_file()
+    assert res.summary == s
+
+
+def _peft(base, run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter")
+
+
+def test_adapter_loads_in_plain_peft_and_changes_logits(tiny_llama, chat_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train(cfg(tiny_llama, chat_file, tmp_path / "run", targets="attn"))
+    cfg_json = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert sorted(cfg_json["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama)(ids).logits
+    tuned = _peft(tiny_llama, tmp_path / "run")(ids).logits
+    assert (tuned - plain).abs().max() > 1e-3
+
+
+def test_qlora_on_cpu_dora_rslora(tiny_llama, chat_file, tmp_path):
+    train(cfg(tiny_llama, chat_file, tmp_path / "run", method="qlora", dora=True, rslora=True, max_steps=3))
+    a = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
+    assert a["use_dora"] is True and a["use_rslora"] is True and a["r"] == 4 and a["lora_alpha"] == 8
+    s = json.loads((tmp_path / "run/summary.json").read_text())
+    assert s["method"] == "qlora" and s["device"] == "cpu" and s["compute_dtype"] == "float32"
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run/adapter/adapter_model.safetensors", "pt") as f:
+        assert any("lora_magnitude_vector" in k for k in f.keys())
+
+
+def test_qlora_eval_pass_keeps_gradients(tiny_llama):
+    """An eval pass must not switch bitsandbytes to its CPU inference kernel (no backward)."""
+    from edgelora.train import add_adapter, load_model
+
+    c = load_config(None, {"rank": 4, "dropout": 0.0})
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+
+    def first_layer_grad(eval_first: bool):
+        torch.manual_seed(0)
+        model = add_adapter(load_model(tiny_llama, "qlora", "cpu", torch.float32), c, "qlora")
+        if eval_first:
+            model.eval()
+            with torch.no_grad():
+                model(ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad.clone()
+
+    assert torch.allclose(first_layer_grad(False), first_layer_grad(True), atol=1e-6)
+
+
+def test_resume_gives_the_same_next_step_loss(tiny_llama, chat_file, tmp_path):
+    kw = dict(max_steps=5, dropout=0.1, grad_accum=2, batch_size=2, eval_split=0.0)
+    straight = []
+    train(cfg(tiny_llama, chat_file, tmp_path / "a", **kw), on_step=lambda s, loss: straight.append(loss))
+
+    resumed = []
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg(tiny_llama, chat_file, tmp_path / "b", **kw), on_step=lambda s, loss: resumed.append(loss) or s == 3)
+    assert e.value.step == 3 and (e.value.checkpoint / "state.pt").is_file()
+    assert not (tmp_path / "b" / "adapter").exists()
+    train(cfg(tiny_llama, chat_file, tmp_path / "b", **kw), resume=True, on_step=lambda s, loss: resumed.append(loss))
+    assert resumed[:3] == straight[:3]
+    assert resumed[3:] == pytest.approx(straight[3:], rel=1e-5, abs=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "b/checkpoints").exists()  # cleaned up after a finished run
+
+
+def test_run_dir_guards(tiny_llama, chat_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(EdgeloraError, match="already exists; use --force"):
+        train(cfg(tiny_llama, chat_file, out))
+    with pytest.raises(EdgeloraError, match="not an edgelora run directory; refusing to delete"):
+        train(cfg(tiny_llama, chat_file, out), force=True)
+    assert (out / "precious.txt").read_text() == "keep me"
+    with pytest.raises(EdgeloraError, match="--resume: no checkpoint found"):
+        train(cfg(tiny_llama, chat_file, tmp_path / "fresh"), resume=True)
+
+
+def test_resume_refuses_changed_config(tiny_llama, chat_file, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train(cfg(tiny_llama, chat_file, tmp_path / "r"), on_step=lambda s, loss: True)
+    with pytest.raises(EdgeloraError, match="--resume: 'rank' was 4 in .*config.yaml, now 8"):
+        train(cfg(tiny_llama, chat_file, tmp_path / "r", rank=8), resume=True)
+
+
+def test_unknown_target_names_the_layers(tiny_llama, chat_file, tmp_path):
+    with pytest.raises(EdgeloraError, match="--targets: no linear layer named qkv .*q_proj"):
+        train(cfg(tiny_llama, chat_file, tmp_path / "run", targets="qkv,q_proj"))
+
+
+def test_bad_data_fails_before_loading_the_model(chat_file, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(EdgeloraError, match="bad.jsonl:2: malformed JSON"):
+        train(cfg(tmp_path / "no-such-model", bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,76 @@
+"""Tiny random models and a tokenizer, built locally in seconds (no hub).
+
+Dimensions are multiples of 256 where the quantisation type matters (K-quants need rows
+divisible by 256).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris is.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 1999 2024 12345.", "def add(a, b):\n    return a + b\n",
+    "Héllo wörld, naïve café; 日本語のテキスト; emoji 🙂🚀.", "  leading spaces and\ttabs\n\nnew lines  ",
+    "Extract the person, city and year from the sentence. Answer with JSON only.",
+    '{"name": "Maria", "city": "Lisbon", "year": 2019}', "user assistant system message content role",
+] * 20
+
+
+def build_tokenizer(out: Path, vocab_size: int = 512):
+    """A byte-level BPE with GPT-2 style pre-tokenisation and a ChatML template, like SmolLM2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_model(out: Path, arch: str = "llama", tokenizer=None, *, hidden: int = 256, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, intermediate: int = 512, seed: int = 0, tie: bool = False) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer or build_tokenizer(out)
+    tokenizer.save_pretrained(out)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger than default init so the random model has a real signal
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat_rows(n: int = 24) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(n)]
