@@ -86,7 +86,7 @@ def train(config, resume, force, **options):
     from .config import load_config
 
     cfg = load_config(config, options)
-    from .train import TrainingInterrupted, train as run_train
+    from .trainer import TrainingInterrupted, train as run_train
 
     try:
         result = run_train(cfg, force=force, resume=resume)

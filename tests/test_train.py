@@ -5,7 +5,7 @@ import torch
 
 from edgelora.config import load_config
 from edgelora.errors import EdgeloraError
-from edgelora.train import TrainingInterrupted, train
+from edgelora.trainer import TrainingInterrupted, train
 
 
 def cfg(base, data, out, **kw):
@@ -55,7 +55,7 @@ def test_adapter_loads_in_plain_peft_and_changes_logits(tiny_llama, chat_file, t
 
 
 def test_qlora_on_cpu_dora_rslora(tiny_llama, chat_file, tmp_path):
-    train(cfg(tiny_llama, chat_file, tmp_path / "run", method="qlora", dora=True, rslora=True, max_steps=3))
+    train(cfg(tiny_llama, chat_file, tmp_path / "run", method="qlora", dora=True, rslora=True, max_steps=3, device="cpu"))
     a = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert a["use_dora"] is True and a["use_rslora"] is True and a["r"] == 4 and a["lora_alpha"] == 8
     s = json.loads((tmp_path / "run/summary.json").read_text())
@@ -68,7 +68,7 @@ def test_qlora_on_cpu_dora_rslora(tiny_llama, chat_file, tmp_path):
 
 def test_qlora_eval_pass_keeps_gradients(tiny_llama):
     """An eval pass must not switch bitsandbytes to its CPU inference kernel (no backward)."""
-    from edgelora.train import add_adapter, load_model
+    from edgelora.trainer import add_adapter, load_model
 
     c = load_config(None, {"rank": 4, "dropout": 0.0})
     ids = torch.tensor([[1, 20, 30, 40, 50, 60]])

@@ -420,7 +420,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
             tps = n_tokens / max(time.time() - t0, 1e-9)
             if not math.isfinite(last_loss):
                 raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
-            row = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                    "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)}
             if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
                 row["eval_loss"] = round(evaluate(model, eval_set, cfg.batch_size, pad_id, device), 5)

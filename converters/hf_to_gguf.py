@@ -1,0 +1,186 @@
+"""HF model folder (+ optional PEFT LoRA adapter) -> GGUF, streamed one tensor at a time.
+
+    convert(model_dir, out_path, adapter_dir=None, outtype="f16")  # merged model
+    convert_lora(model_dir, adapter_dir, out_path)                 # llama.cpp LoRA adapter
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import torch
+
+from . import ConvertError
+from .adapter import Adapter
+from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
+from .gguf_stream import QType, TensorJob, write_gguf
+from .tensor_index import TensorIndex, model_weight_files
+from .vocab import add_vocab
+
+OUTTYPES: dict[str, tuple[QType, gguf.LlamaFileType]] = {
+    "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (QType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (QType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+# Checkpoint tensors llama.cpp recomputes itself.
+_SKIPPED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class HFModel:
+    """An HF model folder: config, architecture, and its tensors indexed by GGUF name."""
+
+    def __init__(self, model_dir: Path | str):
+        self.dir = Path(model_dir)
+        config_path = self.dir / "config.json"
+        if not config_path.is_file():
+            raise ConvertError(f"{self.dir}: no config.json (not a HF model folder)")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise ConvertError(f"{config_path}: not valid JSON: {e}") from None
+        self.source = str(config_path)
+        self.arch: Arch = arch_for(self.config, self.source)
+        self.n_head = hparam(self.config, ("num_attention_heads",), self.source)
+        self.n_head_kv = hparam(self.config, self.arch.hparams["head_count_kv"], self.source)
+        self.tied = bool(self.config.get("tie_word_embeddings", False))
+        self.index = TensorIndex(model_weight_files(self.dir))
+        self.gguf_names = self._map_names()
+        embed = [hf for hf, g in self.gguf_names.items() if g == "token_embd.weight"]
+        if not embed:
+            raise ConvertError(f"{self.dir}: no token embedding tensor")
+        self.n_vocab = self.index.shape(embed[0])[0]
+
+    def _map_names(self) -> dict[str, str]:
+        """{HF tensor name: GGUF tensor name} for every tensor that goes into the file."""
+        n_block = hparam(self.config, ("num_hidden_layers",), self.source)
+        name_map = gguf.get_tensor_name_map(self.arch.gguf_arch, n_block)
+        names = {}
+        for hf_name in self.index.names():
+            if hf_name.endswith(_SKIPPED_SUFFIXES) or (self.tied and hf_name == "lm_head.weight"):
+                continue
+            gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ConvertError(f"{self.dir}: tensor {hf_name} has no GGUF equivalent for {self.arch.name}")
+            names[hf_name] = gguf_name
+        return names
+
+    def to_gguf_layout(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        """Row order llama.cpp expects (Q/K permutation), for a weight, bias or LoRA B."""
+        if self.arch.permute_qk:
+            module = hf_name.rsplit(".", 1)[0]
+            if module.endswith("self_attn.q_proj"):
+                return permute_qk(t, self.n_head)
+            if module.endswith("self_attn.k_proj"):
+                return permute_qk(t, self.n_head_kv)
+        return t
+
+    def check_adapter(self, adapter: Adapter) -> None:
+        adapter.check_base(self.index)
+        dropped = sorted(set(adapter.modules) - set(self.gguf_names))
+        if dropped:
+            raise ConvertError(f"adapter targets {dropped[0]}, which is not written to the GGUF (tied embeddings)")
+
+    def add_model_metadata(self, writer: gguf.GGUFWriter, name: str) -> None:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        add_hparams(writer, self.config, self.arch, self.n_vocab, self.source)
+
+
+def convert(
+    model_dir: Path | str,
+    out_path: Path | str,
+    *,
+    adapter_dir: Path | str | None = None,
+    outtype: str = "f16",
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the model (with the adapter merged in, if given) as a GGUF of float type `outtype`.
+
+    `progress(bytes_done, bytes_total)` is called after each tensor. Returns
+    {"tensors": n, "bytes": file size, "arch": GGUF architecture}.
+    """
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"outtype {outtype!r} not supported; choose one of {', '.join(OUTTYPES)}")
+    qtype, file_type = OUTTYPES[outtype]
+    model = HFModel(model_dir)
+    adapter = Adapter(adapter_dir) if adapter_dir is not None else None
+    if adapter is not None:
+        model.check_adapter(adapter)
+
+    def make(hf_name: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            t = model.index.load(hf_name)
+            if adapter is not None and hf_name in adapter.modules:
+                t = adapter.merge(hf_name, t)
+            return model.to_gguf_layout(hf_name, t)
+        return load
+
+    jobs = []
+    for hf, gguf_name in model.gguf_names.items():
+        shape = model.index.shape(hf)  # norms and biases stay f32, as llama.cpp expects
+        jobs.append(TensorJob(gguf_name, shape, QType.F32 if len(shape) == 1 else qtype, make(hf)))
+    for name, array in extra_tensors(model.config, model.arch, model.source).items():
+        jobs.append(TensorJob(name, array.shape, QType.F32, lambda a=array: torch.from_numpy(a)))
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        model.add_model_metadata(writer, Path(adapter_dir or model_dir).name)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_vocab(writer, model.dir, model.n_vocab)
+
+    return write_gguf(Path(out_path), model.arch.name, add_metadata, jobs, progress)
+
+
+def convert_lora(
+    model_dir: Path | str,
+    adapter_dir: Path | str,
+    out_path: Path | str,
+    *,
+    outtype: str = "f16",
+) -> dict:
+    """Write the adapter as a llama.cpp LoRA GGUF (`<tensor>.lora_a` / `.lora_b` pairs).
+
+    llama.cpp scales each pair by adapter.lora.alpha / rank. rsLoRA's alpha / sqrt(r) is
+    written as alpha * sqrt(r) for the adapter's rank r; a module whose scale still differs
+    (alpha_pattern, or rank_pattern under rsLoRA) has the ratio folded into its lora_b.
+    """
+    if outtype not in ("f32", "f16"):
+        raise ConvertError(f"LoRA outtype {outtype!r} not supported; choose f32 or f16")
+    qtype = OUTTYPES[outtype][0]
+    model = HFModel(model_dir)
+    adapter = Adapter(adapter_dir)
+    if adapter.dora:
+        raise ConvertError(f"{adapter.dir}: a DoRA adapter cannot be written as a llama.cpp LoRA; "
+                           "export the merged model instead (convert(..., adapter_dir=...))")
+    model.check_adapter(adapter)
+    ranks = {name: adapter.index.shape(m.a)[0] for name, m in adapter.modules.items()}
+    alpha = adapter.alpha * math.sqrt(adapter.rank) if adapter.rslora else adapter.alpha
+
+    def make_b(name: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            b = adapter.index.load(adapter.modules[name].b).float()
+            correction = adapter.scale(name, ranks[name]) / (alpha / ranks[name])
+            if not math.isclose(correction, 1.0):
+                b = b * correction
+            return model.to_gguf_layout(name, b)
+        return load
+
+    jobs = []
+    for name in (hf for hf in model.gguf_names if hf in adapter.modules):
+        key_a, key_b = adapter.modules[name].a, adapter.modules[name].b
+        base = model.gguf_names[name]
+        jobs.append(TensorJob(base + ".lora_a", adapter.index.shape(key_a), qtype,
+                              lambda k=key_a: adapter.index.load(k)))
+        jobs.append(TensorJob(base + ".lora_b", adapter.index.shape(key_b), qtype, make_b(name)))
+
+    def add_metadata(writer: gguf.GGUFWriter) -> None:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_name(adapter.dir.name)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+
+    return write_gguf(Path(out_path), model.arch.name, add_metadata, jobs)

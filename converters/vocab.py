@@ -1,0 +1,128 @@
+"""The tokenizer part of a GGUF: byte-level BPE vocab, merges, special tokens, chat template."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import gguf
+
+from . import ConvertError
+
+log = logging.getLogger(__name__)
+
+# tokenizer.json Split regexes of the model families whose pre-tokenizer llama.cpp implements.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Shape of tokenizer.json's pre_tokenizer (see `_pre_steps`) -> llama.cpp's tokenizer.ggml.pre.
+# llama.cpp itself names them by hashing the tokens of a test string, which only works for
+# the exact published vocabularies; the pre-tokenizer rules are what actually has to match.
+PRE_TOKENIZERS: dict[tuple, str] = {
+    (("Digits", True), ("ByteLevel", True)): "smollm",  # SmolLM/SmolLM2, StarCoder-style
+    (("ByteLevel", True),): "gpt-2",
+    (("Split", QWEN2_SPLIT), ("ByteLevel", False)): "qwen2",
+    (("Split", LLAMA3_SPLIT), ("ByteLevel", False)): "llama-bpe",
+}
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ConvertError(f"{path}: not valid JSON: {e}") from None
+    model, decoder = data.get("model") or {}, data.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise ConvertError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported")
+
+    tokens, types = token_table(data, n_vocab, path)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_tokenizer_name(data, path))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    try:
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    except ValueError as e:  # malformed merges or special token ids
+        raise ConvertError(f"{path}: {e}") from None
+    # HF adds BOS/EOS only when the tokenizer says so; llama.cpp's default differs per type.
+    special.add_special_token.setdefault("bos", False)
+    special.add_special_token.setdefault("eos", False)
+    special.add_to_gguf(writer, quiet=True)
+
+
+def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[int]]:
+    """Token texts and types by id; ids the tokenizer does not use become [PADn] (UNUSED)."""
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+
+    def put(i: int, text: str, kind: gguf.TokenType) -> None:
+        if not 0 <= i < n_vocab:
+            raise ConvertError(f"{path}: token {text!r} has id {i}, outside the model's {n_vocab} embeddings")
+        tokens[i], types[i] = text, kind
+
+    for text, i in data["model"]["vocab"].items():
+        put(i, text, gguf.TokenType.NORMAL)
+    # Added tokens are matched on raw text (not byte-level encoded) by both HF and llama.cpp.
+    for added in data.get("added_tokens") or []:
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        put(added["id"], added["content"], kind)
+    return tokens, types
+
+
+def _pre_steps(pre: dict | None) -> tuple:
+    pre = pre or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
+    shape = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Digits":
+            shape.append((kind, bool(step.get("individual_digits"))))
+        elif kind == "ByteLevel" and not step.get("add_prefix_space"):
+            shape.append((kind, bool(step.get("use_regex", True))))
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            shape.append((kind, (step.get("pattern") or {}).get("Regex")))
+        else:
+            shape.append((kind, repr(step)))
+    return tuple(shape)
+
+
+def pre_tokenizer_name(data: dict, path: Path) -> str:
+    name = PRE_TOKENIZERS.get(_pre_steps(data.get("pre_tokenizer")))
+    if name is None:
+        log.warning("%s: pre-tokenizer not recognised; writing 'default', llama.cpp may split text "
+                    "differently from HF", path)
+        return "default"
+    return name
+
+
+def hf_pre_tokenizer(name: str):
+    """The `tokenizers` pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` name, or None.
+
+    The inverse of PRE_TOKENIZERS, for tokenizers rebuilt from a GGUF: transformers gives them a
+    plain GPT-2 pre-tokenizer whatever the GGUF says, so digits would split differently in
+    training than in llama.cpp.
+    """
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    for shape, pre_name in PRE_TOKENIZERS.items():
+        if pre_name != name:
+            continue
+        steps = []
+        for kind, arg in shape:
+            if kind == "Digits":
+                steps.append(pt.Digits(individual_digits=arg))
+            elif kind == "ByteLevel":
+                steps.append(pt.ByteLevel(add_prefix_space=False, use_regex=arg))
+            else:
+                steps.append(pt.Split(Regex(arg), behavior="isolated", invert=False))
+        return steps[0] if len(steps) == 1 else pt.Sequence(steps)
+    return None

