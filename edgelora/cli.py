@@ -47,6 +47,7 @@ def main(verbose: bool) -> None:
     \b
     edgelora train    --data my.jsonl --out run       # QLoRA/LoRA adapter
     edgelora export   run --quant q4_k_m               # laptop-ready GGUF
+    edgelora inspect  run/export/run-q4_k_m.gguf       # types, size, bits/weight
     """
     _setup_logging(verbose)
 
@@ -97,6 +98,45 @@ def train(config, resume, force, **options):
     evals = f", eval loss {s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else ""
     click.echo(f"trained {s['steps']} steps in {s['wall_time_s']:.0f}s (loss {s['final_loss']:.4f}{evals}); "
                f"adapter in {result.run_dir / 'adapter'}")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--base", help="Base model (default: the run's own). Without RUN_DIR: convert this model alone.")
+@click.option("--quant", "quants", multiple=True, metavar="NAME",
+              help="f16, q8_0, q4_k_m, q2_k or all; repeatable. [default: q4_k_m]")
+@click.option("--lora-gguf", is_flag=True, help="Also write the adapter as a llama.cpp LoRA GGUF (and the base beside it).")
+@click.option("--out", help="Output folder. [default: RUN_DIR/export]")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@friendly_errors
+def export(run_dir, base, quants, lora_gguf, out, force):
+    """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
+    from .export import export as run_export
+
+    result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force)
+    for f in result.files:
+        click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
+    click.echo(f"manifest: {result.manifest}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def inspect(path, tensors, as_json):
+    """Show a GGUF's architecture, tensor types, size and bits per weight."""
+    import json
+
+    from .inspect import format_inspect, inspect_gguf
+
+    info = inspect_gguf(path)
+    if as_json:
+        if not tensors:
+            info = {k: v for k, v in info.items() if k != "tensors"}
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(format_inspect(info, tensors=tensors))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -29,6 +28,7 @@ from . import data as D
 from .config import TrainConfig, save_config
 from .errors import EdgeloraError
 from .io import atomic_path, atomic_write_json
+from .meta import package_versions
 from .models import base_hash, materialise, resolve_base
 
 log = logging.getLogger("edgelora")
@@ -459,7 +459,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         "final_eval_loss": evals[-1] if evals else None,
         "mean_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "peak_mem_mb": round(peak_memory_mb(device), 1), "wall_time_s": round(time.time() - t_start, 1),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     atomic_write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -482,14 +482,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
         keep = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("edgelora", "torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out

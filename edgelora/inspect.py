@@ -1,0 +1,97 @@
+"""Describe a GGUF file: architecture, tensor types, size and bits per weight (no torch)."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import gguf
+
+from .errors import EdgeloraError
+
+# Architecture hyper-parameters worth showing: report key -> GGUF key suffix after "{arch}.".
+_HPARAMS = {
+    "context_length": "context_length",
+    "embedding_length": "embedding_length",
+    "feed_forward_length": "feed_forward_length",
+    "block_count": "block_count",
+    "head_count": "attention.head_count",
+    "head_count_kv": "attention.head_count_kv",
+}
+
+
+def read_gguf(path: Path | str) -> gguf.GGUFReader:
+    """A GGUFReader over `path`; EdgeloraError naming the file if it is missing, not GGUF or truncated."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeloraError(f"{path}: no such file")
+    try:  # the reader maps every tensor, so cut-off data fails here too, in one of many ways
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise EdgeloraError(f"{path}: not a GGUF file, or truncated ({type(e).__name__}: {e})") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _file_type(value) -> str | None:
+    try:
+        return None if value is None else gguf.LlamaFileType(value).name
+    except ValueError:
+        return f"unknown ({value})"
+
+
+def _vocab_size(reader: gguf.GGUFReader) -> int | None:
+    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
+    return None if tokens is None else len(tokens.data)
+
+
+def inspect_gguf(path: Path | str) -> dict:
+    """Metadata and per-tensor types of a GGUF; shapes are in llama.cpp order (row length first)."""
+    path = Path(path)
+    reader = read_gguf(path)
+    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
+                "n_elements": int(t.n_elements), "bytes": int(t.n_bytes)} for t in reader.tensors]
+    n_params = sum(t["n_elements"] for t in tensors)
+    tensor_bytes = sum(t["bytes"] for t in tensors)
+    info = {
+        "path": str(path),
+        "type": _field(reader, gguf.Keys.General.TYPE) or "model",
+        "arch": arch,
+        "name": _field(reader, gguf.Keys.General.NAME),
+        "file_type": _file_type(_field(reader, gguf.Keys.General.FILE_TYPE)),
+        "size_bytes": path.stat().st_size,
+        "n_params": n_params,
+        "tensor_bytes": tensor_bytes,
+        "bpw": tensor_bytes * 8 / n_params if n_params else 0.0,
+        "tensor_types": dict(Counter(t["type"] for t in tensors).most_common()),
+        "vocab_size": _vocab_size(reader),
+    }
+    info.update({k: _field(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
+    if info["type"] == "adapter":
+        info["lora_alpha"] = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
+    info["tensors"] = tensors
+    return info
+
+
+def format_inspect(info: dict, tensors: bool = False) -> str:
+    """A plain-text report of `inspect_gguf`'s result; `tensors` lists every tensor too."""
+    rows = {
+        "file type": info["file_type"] or "-",
+        "size": f"{info['size_bytes'] / 2**20:.2f} MiB ({info['size_bytes']:,} bytes)",
+        "parameters": f"{info['n_params']:,} ({info['bpw']:.2f} bits per weight)",
+        **{k: info[k] for k in ("vocab_size", *_HPARAMS, "lora_alpha") if info.get(k) is not None},
+        "tensor types": ", ".join(f"{t} x{n}" for t, n in info["tensor_types"].items()),
+    }
+    lines = [info["path"], f"  {info['type']} {info['arch'] or '?'} {info['name'] or ''}".rstrip()]
+    for key, value in rows.items():
+        lines.append(f"  {key.replace('_', ' '):<20} {f'{value:g}' if isinstance(value, float) else value}")
+    if tensors:
+        width = max((len(t["name"]) for t in info["tensors"]), default=0)
+        lines.append("")
+        for t in info["tensors"]:
+            shape = " x ".join(map(str, t["shape"]))
+            lines.append(f"  {t['name']:<{width}}  {t['type']:<6} {shape:<16} {t['bytes']:>12,} B")
+    return "\n".join(lines)

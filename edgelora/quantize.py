@@ -1,0 +1,156 @@
+"""f16/f32 GGUF -> quantised GGUF through llama.cpp's own quantiser (llama-cpp-python); no torch."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import llama_cpp
+
+from . import quant_presets
+from .errors import EdgeloraError
+from .inspect import inspect_gguf
+from .io import atomic_path
+
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+_GGML_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types")
+
+
+def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, threads: int = 0,
+             verbose: bool = False) -> dict:
+    """Quantise the float GGUF `src` into `dst` with `preset` (a name such as "q4_k_m", or a preset dict).
+
+    `dst` appears only when complete (temporary name, then rename); an existing `dst` is
+    replaced. The f16 preset goes through the quantiser too: f16 tensors are copied as they are,
+    f32/bf16 ones converted, and the file type recorded by llama.cpp. Returns inspect_gguf's
+    summary of `dst` plus the preset name, the seconds taken and `fallbacks` (see `fallbacks`).
+    llama.cpp's log is shown only if `verbose`; `threads` 0 means all cores.
+    """
+    src, dst = Path(src), Path(dst)
+    preset = _load_preset(preset)
+    main = main_type(preset["llama_ftype"])
+    source = inspect_gguf(src)
+    _check_source(source)
+    overrides = _overrides(preset.get("overrides") or {}, main, source)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + preset["llama_ftype"])
+    params.nthread = threads
+    patterns = _tensor_overrides(overrides)  # referenced until the call returns
+    params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    start = time.perf_counter()
+    with atomic_path(dst, suffix=".gguf") as tmp, _llama_log(verbose) as log:
+        if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)) != 0:
+            raise EdgeloraError(f"{src}: llama.cpp could not quantise it to {preset['name']}: {_reason(log)}")
+    info = inspect_gguf(dst)
+    return {**{k: info[k] for k in _SUMMARY}, "preset": preset["name"],
+            "seconds": round(time.perf_counter() - start, 3), "fallbacks": fallbacks(info, main, overrides)}
+
+
+def _load_preset(preset: str | dict) -> dict:
+    if isinstance(preset, dict):
+        missing = {"name", "llama_ftype"} - set(preset)
+        if missing:
+            raise EdgeloraError(f"quant preset lacks {', '.join(sorted(missing))}")
+        return preset
+    try:
+        return quant_presets.load(preset)
+    except KeyError as e:
+        raise EdgeloraError(e.args[0]) from None
+
+
+def main_type(llama_ftype: str) -> str:
+    """The ggml type most weights get under a llama.cpp ftype: MOSTLY_Q4_K_M -> Q4_K, MOSTLY_Q8_0 -> Q8_0."""
+    if not hasattr(llama_cpp, "LLAMA_FTYPE_" + llama_ftype):
+        raise EdgeloraError(f"llama.cpp has no file type {llama_ftype}")
+    name = llama_ftype.removeprefix("MOSTLY_").removeprefix("ALL_")
+    while name and name not in gguf.GGMLQuantizationType.__members__:
+        name = name.rpartition("_")[0]  # drop a mix suffix such as _M or _S
+    if not name:
+        raise EdgeloraError(f"cannot tell the main tensor type of {llama_ftype}")
+    return name
+
+
+def _check_source(source: dict) -> None:
+    if source["type"] != "model":
+        raise EdgeloraError(f"{source['path']}: is a LoRA adapter GGUF; quantise the model GGUF instead")
+    quantised = sorted(set(source["tensor_types"]) - _FLOAT_TYPES)
+    if quantised:
+        raise EdgeloraError(f"{source['path']}: already quantised ({', '.join(quantised)}); "
+                            "quantise from the f16 or f32 GGUF")
+
+
+def _overrides(overrides: dict, main: str, source: dict) -> dict[str, str]:
+    """{pattern: ggml type name}; each pattern must match whole tensor names of the source."""
+    if overrides and main in _FLOAT_TYPES:
+        raise EdgeloraError(f"tensor overrides need a quantised preset, not {main}")
+    checked = {}
+    names = [t["name"] for t in source["tensors"] if len(t["shape"]) >= 2]
+    for pattern, qtype in overrides.items():
+        qtype = str(qtype).upper()
+        if qtype not in gguf.GGMLQuantizationType.__members__:
+            raise EdgeloraError(f"override {pattern}: unknown tensor type {qtype!r} (e.g. Q8_0, Q6_K, F16)")
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise EdgeloraError(f"override {pattern!r}: bad pattern: {e}") from None
+        if not any(regex.fullmatch(n) for n in names):
+            raise EdgeloraError(f"override {pattern!r} matches no weight tensor of {source['path']}")
+        checked[pattern] = qtype
+    return checked
+
+
+def _tensor_overrides(overrides: dict[str, str]) -> ctypes.Array:
+    """A NULL-terminated llama_model_tensor_override array; patterns are anchored to whole names."""
+    entries = [llama_cpp.llama_model_tensor_override(f"^(?:{p})$".encode(), gguf.GGMLQuantizationType[t].value)
+               for p, t in overrides.items()]
+    entries.append(llama_cpp.llama_model_tensor_override(None, 0))
+    return (llama_cpp.llama_model_tensor_override * len(entries))(*entries)
+
+
+def fallbacks(info: dict, main: str, overrides: dict[str, str] | None = None) -> dict:
+    """Weight tensors not of their wanted type because their row length is not a multiple of its block.
+
+    The wanted type is the first override whose pattern matches the whole name, else `main`.
+    """
+    names, by_type = [], Counter()
+    for t in info["tensors"]:
+        want = next((q for p, q in (overrides or {}).items() if re.fullmatch(p, t["name"])), main)
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[want]][0]
+        if len(t["shape"]) >= 2 and t["type"] != want and t["shape"][0] % block:
+            names.append(t["name"])
+            by_type[t["type"]] += 1
+    return {"count": len(names), "by_type": dict(by_type.most_common()), "tensors": names}
+
+
+@contextlib.contextmanager
+def _llama_log(verbose: bool):
+    """Collect llama.cpp's log lines as (level, text) for the block; echo them to stderr if verbose."""
+    lines: list[tuple[int, str]] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, _user_data):
+        lines.append((level, text.decode("utf-8", "replace")))
+        if verbose:
+            print(lines[-1][1], end="", file=sys.stderr, flush=True)
+
+    old_cb, old_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_data))
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(old_cb, old_data)
+
+
+def _reason(log: list[tuple[int, str]]) -> str:
+    errors = [text.strip() for level, text in log if level == _GGML_ERROR and text.strip()]
+    if not errors:
+        return "no reason given (run with verbose=True for llama.cpp's log)"
+    return errors[-1].split("failed to quantize: ")[-1]

@@ -1,0 +1,142 @@
+"""`edgelora export` on tiny models: files re-read by llama.cpp, logits compared with PEFT."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgelora.errors import EdgeloraError
+from edgelora.export import export
+from edgelora.models import file_sha256
+from edgelora.trainer import train
+from test_train import cfg
+from tiny import build_model
+
+TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama, chat_file):
+    out = tmp_path_factory.mktemp("export") / "tiny-run"
+    train(cfg(tiny_llama, chat_file, out, max_steps=6, lr=2e-2, eval_split=0.0))
+    return out
+
+
+def llama_logits(path, lora=None):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
+                verbose=False, seed=0)
+    llm.eval(TOKENS)
+    return np.array(llm.scores[:len(TOKENS)], dtype=np.float32)
+
+
+def peft_logits(base, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with torch.no_grad():
+        return model(torch.tensor([TOKENS])).logits[0].numpy()
+
+
+def close(a, b, rel):
+    top1 = (a.argmax(-1) == b.argmax(-1)).mean()
+    assert np.abs(a - b).max() <= rel * np.abs(b).max(), np.abs(a - b).max()
+    assert top1 >= 0.995, top1
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    return export(str(run_dir), quants=["f16", "q8_0"], lora_gguf=True)
+
+
+def test_files_manifest_and_modelfiles(run_dir, exported):
+    out = run_dir / "export"
+    assert exported.out_dir == out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["Modelfile", "Modelfile.lora", "manifest.json", "tiny-run-f16.gguf", "tiny-run-q8_0.gguf",
+                            "tiny-run-lora-f16.gguf", f"{_base_name(run_dir)}-base-f16.gguf",
+                            f"{_base_name(run_dir)}-base-q8_0.gguf"])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["inputs"]["adapter"]["sha256"] == file_sha256(run_dir / "adapter" / "adapter_model.safetensors")
+    for f in m["outputs"]:
+        assert f["sha256"] == file_sha256(out / f["file"]) and f["size_bytes"] == (out / f["file"]).stat().st_size
+    by_role = {f["role"]: f for f in m["outputs"]}
+    assert by_role["merged:q8_0"]["tensor_types"].get("Q8_0", 0) > 0
+    assert by_role["merged:q8_0"]["bpw"] < by_role["merged:f16"]["bpw"]
+    assert {"edgelora", "gguf", "llama_cpp_python"} <= set(m["versions"])
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./tiny-run-f16.gguf\n")
+    assert "<|im_start|>{{ .Role }}" in modelfile and 'SYSTEM """You are a tiny test model."""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    lora_file = (out / "Modelfile.lora").read_text().splitlines()
+    assert lora_file[:2] == [f"FROM ./{_base_name(run_dir)}-base-f16.gguf", "ADAPTER ./tiny-run-lora-f16.gguf"]
+
+
+def _base_name(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())["base"].rstrip("/").split("/")[-1]
+
+
+def test_merged_f16_matches_peft(run_dir, exported):
+    base = json.loads((run_dir / "summary.json").read_text())["base_hf_dir"]
+    ref = peft_logits(base, run_dir / "adapter")
+    assert np.abs(ref - peft_logits(base, None)).max() > 1e-2  # the adapter really changes the model
+    close(llama_logits(run_dir / "export" / "tiny-run-f16.gguf"), ref, 1e-2)
+
+
+def test_base_plus_lora_gguf_matches_merged(run_dir, exported):
+    out = run_dir / "export"
+    merged = llama_logits(out / "tiny-run-f16.gguf")
+    close(llama_logits(out / f"{_base_name(run_dir)}-base-f16.gguf", lora=out / "tiny-run-lora-f16.gguf"), merged, 1e-2)
+
+
+def test_existing_outputs_kept_without_force(run_dir, exported):
+    target = run_dir / "export" / "tiny-run-q8_0.gguf"
+    before = (target.stat().st_mtime_ns, file_sha256(target))
+    with pytest.raises(EdgeloraError, match="tiny-run-q8_0.gguf already exists; use --force"):
+        export(str(run_dir), quants=["q8_0"])
+    assert (target.stat().st_mtime_ns, file_sha256(target)) == before
+
+
+def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
+    res = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "o"))
+    (f,) = res.files
+    assert f["role"] == "merged:f16" and (tmp_path / "o" / f["file"]).is_file()
+    close(llama_logits(tmp_path / "o" / f["file"]), peft_logits(tiny_qwen2, None), 1e-2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quants=["q5_x"]), "unknown quant 'q5_x' (known: f16, q2_k, q4_k_m, q8_0, all)"),
+    (dict(), "export needs a RUN_DIR, or --base MODEL"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(EdgeloraError) as e:
+        export(**kwargs) if "quants" not in kwargs else export(base="x", **kwargs)
+    assert message in str(e.value)
+
+
+def test_not_a_run_dir(tmp_path):
+    with pytest.raises(EdgeloraError, match="not a finished edgelora run"):
+        export(str(tmp_path))
+
+
+def test_adapter_for_another_base_writes_nothing(run_dir, tiny_tokenizer, tmp_path):
+    other = build_model(tmp_path / "wider", "llama", tiny_tokenizer, intermediate=768)
+    with pytest.raises(EdgeloraError, match=r"do not fit base model\.layers\.0\.mlp\.down_proj\.weight .*different base model"):
+        export(str(run_dir), base=str(other), quants=["f16"], out=str(tmp_path / "o"))
+    assert not any(p.suffix == ".gguf" for p in (tmp_path / "o").glob("*"))
+
+
+def test_failed_quantisation_leaves_no_final_file(run_dir, tmp_path, monkeypatch):
+    import edgelora.quantize
+
+    def boom(src, dst, preset, **kw):
+        raise EdgeloraError(f"{src}: quantisation failed")
+
+    monkeypatch.setattr(edgelora.quantize, "quantize", boom)
+    with pytest.raises(EdgeloraError, match="quantisation failed"):
+        export(str(run_dir), quants=["q4_k_m"], out=str(tmp_path / "o"))
+    assert list((tmp_path / "o").iterdir()) == []  # not even the intermediate f16
