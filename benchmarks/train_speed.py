@@ -165,7 +165,7 @@ def main() -> None:
     kind = "GPU memory allocated" if dev == "cuda" else "peak RSS"
     print(f"\n{a.method} on {dev}, base {a.base}{' (random weights)' if a.random_weights else ''}, "
           f"batch {a.batch_size}, seq-len {a.seq_len}, rank {a.rank}, {a.steps} steps ({a.warmup} warm-up)")
-    print(f"| | edgelora | plain PEFT+bnb | ratio |\n|---|---|---|---|")
+    print("| | edgelora | plain PEFT+bnb | ratio |\n|---|---|---|---|")
     print(f"| tokens/s | {best['edgelora']['tokens_per_s']:.0f} | {best['plain']['tokens_per_s']:.0f} | "
           f"{best['edgelora']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f} |")
     print(f"| {kind} (MB) | {mem['edgelora']:.0f} | {mem['plain']:.0f} | {mem['edgelora'] / mem['plain']:.2f} |")

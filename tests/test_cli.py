@@ -85,3 +85,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_llama, chat_file, tm
     # max-steps differs from the interrupted run, which is allowed; the data order is kept.
     assert r.exit_code == 0, r.output
     assert f"trained {stopped_at + 2} steps" in r.output
+
+
+def test_export_and_inspect_commands(tiny_llama, chat_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", "--base", tiny_llama, "--data", chat_file, "--out", run, "--method", "lora",
+                   "--max-steps", "2", "--seq-len", "64").exit_code == 0
+    r = run_cli("export", run, "--quant", "q8_0", "--quant", "f16")
+    assert r.exit_code == 0, r.output
+    assert "run-q8_0.gguf" in r.output and "bpw" in r.output and "manifest:" in r.output
+    gguf_file = run / "export" / "run-q8_0.gguf"
+    r = run_cli("inspect", gguf_file)
+    assert r.exit_code == 0 and "llama" in r.output and "Q8_0" in r.output, r.output
+    info = json.loads(run_cli("inspect", gguf_file, "--json").output)
+    assert info["arch"] == "llama" and info["tensor_types"]["Q8_0"] > 0 and "tensors" not in info
+    assert_one_line_error(run_cli("export", run, "--quant", "q8_0"), "run-q8_0.gguf already exists; use --force")
+    assert run_cli("export", run, "--quant", "q8_0", "--force").exit_code == 0
+    assert_one_line_error(run_cli("export", run, "--quant", "q3_x"), "unknown quant 'q3_x'")
+
+
+def test_inspect_rejects_non_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    assert_one_line_error(run_cli("inspect", bad), "model.gguf")
