@@ -139,5 +139,115 @@ def inspect(path, tensors, as_json):
         click.echo(format_inspect(info, tensors=tensors))
 
 
+def _runtime_options(fn):
+    """The options `run` and `chat` share: model, LoRAs, device and sampling."""
+    options = [
+        click.argument("model", type=click.Path(dir_okay=False)),
+        click.option("--lora", "loras", multiple=True, metavar="FILE", help="LoRA GGUF to apply; repeatable."),
+        click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
+                     help="Scale of the n-th --lora. [default: 1.0]"),
+        click.option("--system", help="System message (chat template only)."),
+        click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest answer in tokens."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy, reproducible."),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True),
+        click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True,
+                     help="Context length in tokens (capped to the model's)."),
+        click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads):
+    from .runtime import load
+
+    if len(lora_scales) > len(loras):
+        raise EdgeloraError(f"{len(lora_scales)} --lora-scale values for {len(loras)} --lora files")
+    scales = list(lora_scales) + [1.0] * (len(loras) - len(lora_scales))
+    rt = load(model, loras=list(zip(loras, scales)), device=device, n_ctx=n_ctx, seed=seed, threads=threads,
+              verbose=log.isEnabledFor(logging.DEBUG))  # `edgelora -v`: llama.cpp's own log too
+    click.echo(f"device: {rt.describe()}", err=True)
+    return rt
+
+
+def _stream(pieces) -> str:
+    """Echo the pieces as they come; returns the whole text."""
+    text = []
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        text.append(piece)
+    click.echo()
+    return "".join(text)
+
+
+@main.command()
+@_runtime_options
+@click.option("-p", "--prompt", required=True, help="The question (or, with --raw, the text to continue).")
+@click.option("--raw", is_flag=True, help="Plain text completion, without the chat template.")
+@click.option("--stats", is_flag=True, help="Print llama.cpp's prompt and generation speed to stderr.")
+@friendly_errors
+def run(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads, prompt, raw,
+        stats):
+    """Answer one prompt with a GGUF model, streaming the answer to stdout."""
+    if raw and system:
+        raise EdgeloraError("--system needs the chat template; drop --raw")
+    rt = _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads)
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True)
+    if raw:
+        _stream(rt.complete(prompt, **sampling))
+    else:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        _stream(rt.chat(messages, **sampling))
+    if stats:
+        t = rt.timings()
+        click.echo(f"prompt: {t['prompt_tokens']} tokens, {t['prompt_tok_s']:.1f} tok/s; "
+                   f"generation: {t['gen_tokens']} tokens, {t['gen_tok_s']:.1f} tok/s", err=True)
+
+
+@main.command()
+@_runtime_options
+@friendly_errors
+def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads):
+    """Talk to a GGUF model: one line per message, /reset clears the conversation, /exit or EOF ends.
+
+    Ctrl-C while it answers stops that answer (and drops that exchange); at the prompt it quits.
+    """
+    rt = _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo(err=True)
+            sys.exit(130)
+        line = line.strip()
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = list(start)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if not line:
+            continue
+        turn = history + [{"role": "user", "content": line}]
+        try:
+            answer = _stream(rt.chat(turn, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True))
+        except KeyboardInterrupt:
+            click.echo()
+            click.echo("(stopped)", err=True)
+            continue
+        except EdgeloraError as e:
+            click.echo(f"error: {e}; /reset starts a new conversation", err=True)
+            continue
+        history = turn + [{"role": "assistant", "content": answer}]
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

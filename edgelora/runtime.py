@@ -1,0 +1,278 @@
+"""The laptop runtime: a GGUF model (plus LoRA GGUFs) answering through llama-cpp-python.
+
+Only llama_cpp and the standard library: no torch, no transformers, so `pip install edgelora`
+is enough to run a fine-tuned model offline.
+
+    rt = load("run/export/run-q4_k_m.gguf")
+    print(rt.chat([{"role": "user", "content": "Hi"}]))
+    for piece in rt.chat(messages, stream=True): ...
+
+Chat prompts are built by the chat template stored in the GGUF (tokenizer.chat_template),
+rendered by llama-cpp-python's Jinja2 formatter; generation stops at the model's
+end-of-generation tokens. Temperature 0 (the default) is greedy and reproducible.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import EdgeloraError
+from .llamacpp import load_llama
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+_GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_METAL=on")}  # label, CMake flag
+# ggml backend registry names -> our device names (Metal's registry is "MTL" in newer ggml).
+_REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}
+_GGML_GPU, _GGML_IGPU = 1, 2  # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
+_GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+
+
+# ---------------------------------------------------------------- device
+
+@lru_cache(maxsize=1)
+def gpu_backends() -> tuple[str, ...]:
+    """Backend names ("CUDA", "Metal", "Vulkan", ...) of the GPUs this llama.cpp build can use.
+
+    Read from ggml's device registry, the list llama.cpp itself offloads to: a CUDA build on a
+    machine without an NVIDIA GPU lists none, a CPU-only build never does.
+    """
+    import llama_cpp.llama_cpp as C
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    ggml = load_shared_library("ggml", C._base_path)  # the libraries libllama already loaded
+    base = load_shared_library("ggml-base", C._base_path)
+
+    def bind(lib, name, restype, *argtypes):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, list(argtypes)
+        return fn
+
+    count = bind(ggml, "ggml_backend_dev_count", ctypes.c_size_t)
+    get = bind(ggml, "ggml_backend_dev_get", ctypes.c_void_p, ctypes.c_size_t)
+    dev_type = bind(base, "ggml_backend_dev_type", ctypes.c_int, ctypes.c_void_p)
+    dev_reg = bind(base, "ggml_backend_dev_backend_reg", ctypes.c_void_p, ctypes.c_void_p)
+    reg_name = bind(base, "ggml_backend_reg_name", ctypes.c_char_p, ctypes.c_void_p)
+    devices = [get(i) for i in range(count())]
+    return tuple(reg_name(dev_reg(d)).decode() for d in devices if dev_type(d) in (_GGML_GPU, _GGML_IGPU))
+
+
+def pick_device(want: str = "auto") -> tuple[str, int]:
+    """(device, n_gpu_layers): auto offloads every layer to the GPU llama.cpp offers, else CPU."""
+    import llama_cpp
+
+    if want not in DEVICES:
+        raise EdgeloraError(f"unknown device '{want}' (choose from {', '.join(DEVICES)})")
+    if want == "cpu":
+        return "cpu", 0
+    offload = llama_cpp.llama_supports_gpu_offload()
+    found = [_REGISTRY_DEVICE.get(name, name.lower()) for name in gpu_backends()] if offload else []
+    if want == "auto":
+        return (found[0], -1) if found else ("cpu", 0)
+    if want in found:
+        return want, -1
+    label, flag = _GPU_BUILDS[want]
+    raise EdgeloraError(
+        f"device {want}: llama.cpp finds no {label} GPU (this llama-cpp-python build offers: "
+        f"{', '.join(found) or 'CPU only'}); install a {label} build with: CMAKE_ARGS=\"{flag}\" pip install "
+        f"--force-reinstall --no-cache-dir llama-cpp-python=={llama_cpp.__version__}")
+
+
+# ---------------------------------------------------------------- GGUF files
+
+# GGUF value types -> struct codes (8 = string and 9 = array are read apart).
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: str | Path, what: str = "model") -> dict:
+    """The scalar and string metadata of a GGUF file (arrays skipped), read with the standard
+    library before llama.cpp sees the file; a one-line EdgeloraError naming it if it is
+    missing, not GGUF, or has a cut-off header."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EdgeloraError(f"{what} {p}: no such file")
+
+    def read(fmt):
+        fmt = "<" + fmt
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+
+    def value(vtype):
+        if vtype == 8:  # string
+            return f.read(read("Q")[0]).decode("utf-8", "replace")
+        if vtype == 9:  # array
+            itype, n = read("IQ")
+            if itype in _SCALAR:
+                f.seek(n * struct.calcsize(_SCALAR[itype]), 1)
+            else:
+                for _ in range(n):
+                    value(itype)
+            return None
+        return read(_SCALAR[vtype])[0]
+
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise EdgeloraError(f"{what} {p}: not a GGUF file")
+        try:
+            version, _, n_kv = read("IQQ")
+            if version not in (2, 3):
+                raise EdgeloraError(f"{what} {p}: GGUF version {version} is not supported (2 or 3)")
+            return {value(8): value(read("I")[0]) for _ in range(n_kv)}
+        except (struct.error, KeyError):  # short reads, unknown value types
+            raise EdgeloraError(f"{what} {p}: truncated or corrupt GGUF header") from None
+
+
+@contextlib.contextmanager
+def llama_errors():
+    """Collects llama.cpp's error log lines (text after `function: `) inside the block."""
+    import llama_cpp._logger as logger
+    import llama_cpp.llama_cpp as C
+
+    errors: list[str] = []
+
+    @C.llama_log_callback
+    def collect(level, text, user_data):
+        if level == _GGML_LOG_ERROR:
+            errors.append(text.decode("utf-8", "replace").strip().split(": ", 1)[-1])
+        logger.llama_log_callback(level, text, user_data)  # llama-cpp-python's own handling
+
+    C.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield errors
+    finally:
+        C.llama_log_set(logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+# ---------------------------------------------------------------- loading
+
+def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), device: str = "auto",
+         n_ctx: int = 4096, seed: int = 0, threads: int | None = None, verbose: bool = False) -> Runtime:
+    """Open a GGUF model, with LoRA GGUFs applied at the given scales, on `device`.
+
+    n_ctx is capped to the context the model was trained with. Every problem with the files
+    (missing, not GGUF, an adapter made for another base) is a one-line EdgeloraError.
+    """
+    path = Path(model).expanduser()
+    meta = gguf_metadata(path)
+    if meta.get("general.type") == "adapter":
+        raise EdgeloraError(f"model {path} is a LoRA adapter: load its base model and pass this file as a LoRA")
+    lora_paths = []
+    for p, scale in loras:
+        if gguf_metadata(p, "LoRA").get("general.type") != "adapter":
+            raise EdgeloraError(f"LoRA {p} is a GGUF model, not a LoRA adapter")
+        lora_paths.append((Path(p).expanduser(), float(scale)))
+    device, n_gpu_layers = pick_device(device)
+    trained = meta.get(f"{meta.get('general.architecture')}.context_length")
+    with llama_errors() as errors:
+        try:
+            llm = load_llama(path, n_ctx=min(n_ctx, trained or n_ctx), n_gpu_layers=n_gpu_layers, seed=seed,
+                             n_threads=threads, n_threads_batch=threads, verbose=verbose,
+                             op_offload=device != "cpu")  # cpu: no GPU even for large prompt batches
+        except ValueError:
+            raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(errors)})") from None
+    _apply_loras(llm, lora_paths, path)
+    return Runtime(llm, device, n_gpu_layers, seed)
+
+
+def _apply_loras(llm, loras: list[tuple[Path, float]], model: Path) -> None:
+    """Attach several LoRA GGUFs to the context with llama.cpp's adapter API.
+
+    Llama(lora_path=) takes one adapter and misses a failed load (a NULL pointer is not None), so
+    this uses Llama's model and context handles (private, but llama-cpp-python is pinned).
+    Adapters are freed with the model.
+    """
+    import llama_cpp.llama_cpp as C
+
+    if not loras:
+        return
+    adapters = []
+    for path, _ in loras:
+        with llama_errors() as errors:
+            adapter = C.llama_adapter_lora_init(llm._model.model, str(path).encode())
+        if not adapter:
+            raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(errors)}")
+        adapters.append(adapter)
+    n = len(adapters)
+    array = (C.llama_adapter_lora_p_ctypes * n)(*adapters)
+    scales = (ctypes.c_float * n)(*(s for _, s in loras))
+    if C.llama_set_adapters_lora(llm._ctx.ctx, array, n, scales) != 0:
+        raise EdgeloraError(f"llama.cpp could not attach the LoRA adapters to {model.name}")
+
+
+def _reason(errors: list[str]) -> str:
+    return errors[0] if errors else "llama.cpp's log says more with verbose=True (edgelora -v)"
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class Runtime:
+    """A loaded model. chat() and complete() return the text, or with stream=True an iterator of pieces."""
+
+    llm: Llama
+    device: str
+    n_gpu_layers: int
+    seed: int = 0
+
+    def describe(self) -> str:
+        layers = "all" if self.n_gpu_layers < 0 else self.n_gpu_layers
+        return f"{self.device} ({layers} layers offloaded)"
+
+    def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
+             seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+        """Answer a conversation ({"role", "content"} dicts) using the GGUF's chat template."""
+        if "tokenizer.chat_template" not in self.llm.metadata:
+            raise EdgeloraError("this GGUF has no chat template (tokenizer.chat_template); use plain completion")
+        out = self._generate(self.llm.create_chat_completion, {"messages": messages}, max_tokens, temperature,
+                             top_p, seed, stream)
+        if stream:
+            return (piece for c in out if (piece := c["choices"][0]["delta"].get("content")))
+        return out["choices"][0]["message"]["content"] or ""
+
+    def complete(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
+                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
+        """Continue `prompt` as plain text, without the chat template."""
+        out = self._generate(self.llm.create_completion, {"prompt": prompt}, max_tokens, temperature, top_p, seed,
+                             stream)
+        if stream:
+            return (piece for c in out if (piece := c["choices"][0]["text"]))
+        return out["choices"][0]["text"]
+
+    def timings(self) -> dict:
+        """llama.cpp's counters for the last answer: prompt tokens evaluated, tokens generated, tokens/s."""
+        import llama_cpp.llama_cpp as C
+
+        t = C.llama_perf_context(self.llm._ctx.ctx)
+        return {"prompt_tokens": t.n_p_eval, "prompt_tok_s": t.n_p_eval / t.t_p_eval_ms * 1e3 if t.t_p_eval_ms else 0.0,
+                "gen_tokens": t.n_eval, "gen_tok_s": t.n_eval / t.t_eval_ms * 1e3 if t.t_eval_ms else 0.0}
+
+    def _generate(self, fn, request: dict, max_tokens, temperature, top_p, seed, stream):
+        """fn(**request, ...); llama-cpp-python's ValueErrors (a prompt longer than the context, a
+        template that rejects the messages) become EdgeloraError, in streams too."""
+        import llama_cpp.llama_cpp as C
+
+        C.llama_perf_context_reset(self.llm._ctx.ctx)
+        with _input_errors():
+            out = fn(**request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                     seed=self.seed if seed is None else seed, stream=stream)
+        return _checked_stream(out) if stream else out
+
+
+@contextlib.contextmanager
+def _input_errors():
+    try:
+        yield
+    except ValueError as e:
+        raise EdgeloraError(str(e)) from None
+
+
+def _checked_stream(chunks):
+    with _input_errors():
+        yield from chunks
