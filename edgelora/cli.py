@@ -111,7 +111,7 @@ def train(config, resume, force, **options):
 @friendly_errors
 def export(run_dir, base, quants, lora_gguf, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
-    from .export import export as run_export
+    from .exporter import export as run_export
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force)
     for f in result.files:

@@ -9,7 +9,7 @@ import torch
 
 from edgelora import quant_presets
 from edgelora.config import load_config
-from edgelora.export import export
+from edgelora.exporter import export
 from edgelora.llamacpp import load_llama
 from edgelora.trainer import train
 from test_models import needs_smollm2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgelora.errors import EdgeloraError
-from edgelora.export import export
+from edgelora.exporter import export
 from edgelora.models import file_sha256
 from edgelora.trainer import train
 from test_train import cfg

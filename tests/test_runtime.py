@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from edgelora import runtime
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
-from edgelora.export import export
+from edgelora.exporter import export
 from edgelora.trainer import train
 from test_cli import assert_one_line_error
 from test_models import needs_smollm2
