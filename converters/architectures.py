@@ -1,13 +1,16 @@
 """What differs between the supported HF architectures: a table, not a class hierarchy.
 
-To add one (e.g. qwen3, gemma3): add a row to ARCHITECTURES with its gguf.MODEL_ARCH, the
-HF config keys of each hyper-parameter if they differ from COMMON_HPARAMS, and whether
-llama.cpp wants Q/K re-permuted; tensor names come from gguf-py's TensorNameMap.
+To add one: add a row to ARCHITECTURES with its gguf.MODEL_ARCH, the HF config keys of each
+hyper-parameter if they differ from COMMON_HPARAMS, whether llama.cpp wants Q/K re-permuted,
+and, where needed, the config defaults HF leaves out, a hook for its own GGUF metadata and one
+for weight values llama.cpp's graph wants differently; tensor names come from gguf-py's
+TensorNameMap.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -34,16 +37,95 @@ class Arch:
     # the Q/K rows (of the weights, biases and LoRA B matrices) must be re-ordered.
     permute_qk: bool = False
     hparams: dict[str, tuple[str, ...]] = field(default_factory=lambda: COMMON_HPARAMS)
+    # Config values the HF config class supplies when config.json leaves them out.
+    defaults: dict = field(default_factory=dict)
+    # Writes the architecture's own metadata, refusing what llama.cpp's graph cannot express.
+    add_metadata: Callable[[gguf.GGUFWriter, dict, str], None] | None = None
+    # (HF name, tensor, config) -> the values llama.cpp's graph expects, for base (or merged)
+    # weights; never applied to LoRA pairs, which only target linear layers.
+    adjust: Callable[[str, torch.Tensor, dict], torch.Tensor] | None = None
 
     @property
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
 
+# Gemma3TextConfig's defaults, for config.json files that leave some out (older hub ones do).
+GEMMA3_DEFAULTS = {
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "sliding_window_pattern": 6, "tie_word_embeddings": True,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+}
+
+
+def gemma3_metadata(writer: gguf.GGUFWriter, config: dict, source: str) -> None:
+    """Sliding-window layout, its RoPE base and the final logit soft-cap, as llama.cpp's gemma3 reads them."""
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if config.get(key):
+            raise ConvertError(f"{source}: {key} is not supported by llama.cpp's gemma3")
+    if config["hidden_activation"] != "gelu_pytorch_tanh":
+        raise ConvertError(f"{source}: hidden_activation {config['hidden_activation']!r} is not supported "
+                           "by llama.cpp's gemma3 (gelu_pytorch_tanh)")
+    # What Gemma3 checkpoints use, and what is checked against transformers: linear scaling, global layers only.
+    local, scaling = rope_parameters(config, "sliding_attention"), rope_type(rope_parameters(config))
+    if scaling not in ("default", "linear") or rope_type(local) != "default":
+        raise ConvertError(f"{source}: gemma3 RoPE scaling other than linear on the global layers is not supported")
+    period = swa_period(config, source)
+    if period > 1:  # all global: llama.cpp wants no sliding window at all
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern(period)
+        writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+
+
+def swa_period(config: dict, source: str) -> int:
+    """llama.cpp's gemma3 has every period-th layer global (i % period == period - 1), the
+    others sliding-window: the period reproducing HF's layer_types."""
+    n_layer = config["num_hidden_layers"]
+    layer_types = config.get("layer_types") or [
+        "full_attention" if (i + 1) % config["sliding_window_pattern"] == 0 else "sliding_attention"
+        for i in range(n_layer)]
+    for period in range(1, n_layer + 2):
+        if all((kind == "sliding_attention") == (i % period < period - 1) for i, kind in enumerate(layer_types)):
+            return period
+    raise ConvertError(f"{source}: layer_types {layer_types} is not a repeating pattern of sliding-window layers "
+                       "closed by a global one, which is all llama.cpp's gemma3 can express")
+
+
+def gemma3_adjust(name: str, t: torch.Tensor, config: dict) -> torch.Tensor:
+    """Gemma3's RMSNorms multiply by (1 + w), llama.cpp's by w.
+
+    HF scales the attention scores by query_pre_attn_scalar ** -0.5; llama.cpp by
+    1 / sqrt(head_dim), or 1 / sqrt(hidden_size / heads) for a 62-layer (27B) model, and reads
+    no key to change that: the queries' RMSNorm weight (before RoPE, a rotation) makes up the
+    difference.
+    """
+    if not name.endswith("norm.weight"):
+        return t
+    t = t.float() + 1
+    if name.endswith("self_attn.q_norm.weight"):
+        n_head = config["num_attention_heads"]
+        scale_dim = config["hidden_size"] // n_head if config["num_hidden_layers"] == 62 else config["head_dim"]
+        t = t * math.sqrt(scale_dim / config["query_pre_attn_scalar"])
+    return t
+
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "qwen2": Arch(gguf.MODEL_ARCH.QWEN2),
+    "qwen3": Arch(gguf.MODEL_ARCH.QWEN3),
+    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata,
+                        adjust=gemma3_adjust),
+}
+
+
+# Model types refused with a reason of their own.
+UNSUPPORTED = {
+    "gemma3": "the multimodal Gemma3 (language model under text_config, with a vision tower) is not supported, "
+              "only text-only gemma3_text checkpoints (Gemma3ForCausalLM)",
 }
 
 
@@ -51,7 +133,8 @@ def arch_for(config: dict, source: str) -> Arch:
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         supported = ", ".join(sorted(ARCHITECTURES))
-        raise ConvertError(f"{source}: unsupported model_type {model_type!r}; supported: {supported}")
+        reason = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
+        raise ConvertError(f"{source}: unsupported model_type {model_type!r}{reason}; supported: {supported}")
     return ARCHITECTURES[model_type]
 
 
@@ -91,12 +174,21 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, n_vocab: int,
         writer.add_rope_scaling_factor(float(rope["factor"]))
         original = rope.get("original_max_position_embeddings", config["max_position_embeddings"])
         writer.add_rope_scaling_orig_ctx_len(int(original))
+    if arch.add_metadata is not None:
+        arch.add_metadata(writer, config, source)
+    elif "sliding_attention" in (config.get("layer_types") or ()):
+        raise ConvertError(f"{source}: sliding-window attention layers are not supported for {arch.name}")
 
 
-def rope_parameters(config: dict) -> dict:
-    """transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`."""
-    legacy = {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {})}
-    return {**legacy, **(config.get("rope_parameters") or {})}
+def rope_parameters(config: dict, layer_type: str = "full_attention") -> dict:
+    """transformers >= 5 writes `rope_parameters` (per layer type for gemma3); older configs
+    `rope_theta` + `rope_scaling` (and gemma3 `rope_local_base_freq` for its sliding layers)."""
+    if layer_type == "sliding_attention":
+        legacy = {"rope_theta": config.get("rope_local_base_freq", 10000.0)}
+    else:
+        legacy = {"rope_theta": config.get("rope_theta", 10000.0), **(config.get("rope_scaling") or {})}
+    params = config.get("rope_parameters") or {}
+    return {**legacy, **params.get(layer_type, params)}
 
 
 def rope_type(rope: dict) -> str:

@@ -39,11 +39,12 @@ class HFModel:
         if not config_path.is_file():
             raise ConvertError(f"{self.dir}: no config.json (not a HF model folder)")
         try:
-            self.config: dict = json.loads(config_path.read_text())
+            config = json.loads(config_path.read_text())
         except ValueError as e:
             raise ConvertError(f"{config_path}: not valid JSON: {e}") from None
         self.source = str(config_path)
-        self.arch: Arch = arch_for(self.config, self.source)
+        self.arch: Arch = arch_for(config, self.source)
+        self.config: dict = {**self.arch.defaults, **config}
         self.n_head = hparam(self.config, ("num_attention_heads",), self.source)
         self.n_head_kv = hparam(self.config, self.arch.hparams["head_count_kv"], self.source)
         self.tied = bool(self.config.get("tie_word_embeddings", False))
@@ -116,6 +117,8 @@ def convert(
             t = model.index.load(hf_name)
             if adapter is not None and hf_name in adapter.modules:
                 t = adapter.merge(hf_name, t)
+            if model.arch.adjust is not None:
+                t = model.arch.adjust(hf_name, t, model.config)
             return model.to_gguf_layout(hf_name, t)
         return load
 

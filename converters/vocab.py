@@ -1,8 +1,15 @@
-"""The tokenizer part of a GGUF: byte-level BPE vocab, merges, special tokens, chat template."""
+"""The tokenizer part of a GGUF: vocab, merges or scores, special tokens, chat template.
+
+Two kinds of HF fast tokenizer (tokenizer.json) are supported: byte-level BPE (GPT-2 style:
+SmolLM, Qwen, Llama 3), written as llama.cpp's "gpt2" tokenizer, and SentencePiece-style BPE
+with byte fallback (Gemma, and Llama 2 in its original tokenizer.json), written as llama.cpp's
+"llama" one.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import gguf
@@ -20,6 +27,10 @@ LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+SPACE = "\u2581"  # SentencePiece's visible space
+_SPACES_TO_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # Shape of tokenizer.json's pre_tokenizer (see `_pre_steps`) -> llama.cpp's tokenizer.ggml.pre.
 # llama.cpp itself names them by hashing the tokens of a test string, which only works for
@@ -41,16 +52,25 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     except ValueError as e:
         raise ConvertError(f"{path}: not valid JSON: {e}") from None
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ConvertError(f"{path}: only byte-level BPE tokenizers (GPT-2 style) are supported")
+    sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+    if not sentencepiece and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
+        raise ConvertError(f"{path}: only byte-level BPE (GPT-2 style) and SentencePiece-style BPE with byte "
+                           "fallback (Llama 2, Gemma) tokenizers are supported")
 
     tokens, types = token_table(data, n_vocab, path)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(data, path))
-    writer.add_token_list(tokens)
+    if sentencepiece:
+        space_prefix = sentencepiece_space_prefix(data, path)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(merge_scores(data, tokens))
+        writer.add_add_space_prefix(space_prefix)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre_tokenizer_name(data, path))
+        writer.add_token_list(tokens)
     writer.add_token_types(types)
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+        special = gguf.SpecialVocab(model_dir, load_merges=not sentencepiece, n_vocab=n_vocab)
     except ValueError as e:  # malformed merges or special token ids
         raise ConvertError(f"{path}: {e}") from None
     # HF adds BOS/EOS only when the tokenizer says so; llama.cpp's default differs per type.
@@ -60,7 +80,8 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
 
 
 def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[int]]:
-    """Token texts and types by id; ids the tokenizer does not use become [PADn] (UNUSED)."""
+    """Token texts and types by id; ids the tokenizer does not use become [PADn] (UNUSED).
+    A SentencePiece-style vocabulary also has BYTE (<0xXX>) and UNKNOWN tokens."""
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
 
@@ -69,13 +90,46 @@ def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[i
             raise ConvertError(f"{path}: token {text!r} has id {i}, outside the model's {n_vocab} embeddings")
         tokens[i], types[i] = text, kind
 
+    byte_fallback = bool(data["model"].get("byte_fallback"))
     for text, i in data["model"]["vocab"].items():
-        put(i, text, gguf.TokenType.NORMAL)
+        byte = byte_fallback and _BYTE_TOKEN.fullmatch(text)
+        put(i, text, gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL)
     # Added tokens are matched on raw text (not byte-level encoded) by both HF and llama.cpp.
     for added in data.get("added_tokens") or []:
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
         put(added["id"], added["content"], kind)
+    unk = data["model"].get("unk_token")
+    if byte_fallback and unk in data["model"]["vocab"]:
+        types[data["model"]["vocab"][unk]] = gguf.TokenType.UNKNOWN
     return tokens, types
+
+
+def sentencepiece_space_prefix(data: dict, path: Path) -> bool:
+    """Whether the text gets a leading ▁ (llama.cpp's add_space_prefix) on top of spaces becoming ▁.
+
+    llama.cpp's "llama" tokenizer does that and nothing else, on the whole text between special
+    tokens: the normalizer must be Gemma's (spaces to ▁) or Llama 2's (a ▁ prepended, then the
+    same), with no pre-tokenizer but Gemma's split on spaces (none are left by then).
+    """
+    normalizer, pre = data.get("normalizer") or {}, data.get("pre_tokenizer")
+    steps = (normalizer.get("normalizers") or []) if normalizer.get("type") == "Sequence" else [normalizer]
+    prefix = steps[:1] == [{"type": "Prepend", "prepend": SPACE}]
+    no_split = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})
+    if steps[int(prefix):] != [_SPACES_TO_SPACE] or not no_split:
+        raise ConvertError(f"{path}: SentencePiece-style tokenizer with a normalizer / pre-tokenizer llama.cpp "
+                           "does not reproduce; supported: Gemma's (spaces to ▁) and Llama 2's (▁ prepended too)")
+    return prefix
+
+
+def merge_scores(data: dict, tokens: list[str]) -> list[float]:
+    """llama.cpp's "llama" tokenizer repeatedly joins the adjacent pair whose joined text is the
+    best-scored token: a token scores by the rank of the first merge making it, so that the joins
+    follow the BPE merges. Tokens no merge makes (characters, bytes, specials) score lowest."""
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(data["model"].get("merges") or []):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, i)
+    return [-1.0 - rank.get(text, len(rank)) for text in tokens]
 
 
 def _pre_steps(pre: dict | None) -> tuple:
