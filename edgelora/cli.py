@@ -48,6 +48,7 @@ def main(verbose: bool) -> None:
     edgelora train    --data my.jsonl --out run       # QLoRA/LoRA adapter
     edgelora export   run --quant q4_k_m               # laptop-ready GGUF
     edgelora inspect  run/export/run-q4_k_m.gguf       # types, size, bits/weight
+    edgelora run      run/export/run-q4_k_m.gguf -p "Hi"   # or: edgelora chat FILE
     """
     _setup_logging(verbose)
 
