@@ -26,9 +26,9 @@ a machine busy with other work, set OMP_NUM_THREADS=1: torch's threads otherwise
 other work, and the many small merge operations make times vary 2-8x from run to run.
 
 What to expect: the two-step route's peak grows with the model (step 1 holds all of it), while
-edgelora's is about its baseline plus twice the largest single tensor (the source tensor's pages,
-mapped from the safetensors file, plus its f16 copy) plus what the allocator keeps after the
-merges; so the Qwen2.5-shaped 0.5b (a 152k x 896 embedding) peaks higher than the 1b.
+edgelora's stays near its baseline at every size: large tensors are read, merged and written in
+row blocks of about 8 MiB (converters/gguf_stream.py), so neither the model nor its largest
+tensor (the Qwen2.5-shaped 0.5b has a 152k x 896 embedding) is ever held whole.
 """
 from __future__ import annotations
 

@@ -85,12 +85,21 @@ class Adapter:
     def scale(self, name: str, rank: int) -> float:
         return self.module_alpha(name) / (math.sqrt(rank) if self.rslora else rank)
 
-    def merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """W + s*B@A; for DoRA rescaled so each output row's norm is the learned magnitude."""
+    def merge(self, name: str, weight: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """W + s*B@A; for DoRA rescaled so each output row's norm is the learned magnitude.
+
+        `rows`: `weight` holds only these rows of the base weight (every row is merged on its own).
+        """
         module = self.modules[name]
         a, b = self.index.load(module.a).float(), self.index.load(module.b).float()
-        merged = weight.float() + self.scale(name, a.shape[0]) * (b @ a)
+        if rows is not None:
+            b = b[rows]
+        # one full-size f32 result, updated in place (a fresh copy: `weight` may be the loaded tensor)
+        merged = weight.to(torch.float32, copy=True)
+        merged.addmm_(b, a, alpha=self.scale(name, a.shape[0]))
         if self.dora:
             magnitude = self.index.load(module.magnitude).float()
-            merged *= (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+            if rows is not None:
+                magnitude = magnitude[rows]
+            merged.mul_((magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1))
         return merged

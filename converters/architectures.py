@@ -42,7 +42,8 @@ class Arch:
     # Writes the architecture's own metadata, refusing what llama.cpp's graph cannot express.
     add_metadata: Callable[[gguf.GGUFWriter, dict, str], None] | None = None
     # (HF name, tensor, config) -> the values llama.cpp's graph expects, for base (or merged)
-    # weights; never applied to LoRA pairs, which only target linear layers.
+    # weights; never applied to LoRA pairs, which only target linear layers. Must work row by
+    # row: a large tensor is passed as consecutive blocks of its rows.
     adjust: Callable[[str, torch.Tensor, dict], torch.Tensor] | None = None
 
     @property

@@ -7,10 +7,11 @@ is read) go out first, then each tensor is produced, written and dropped in turn
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import gguf
 import numpy as np
@@ -29,18 +30,25 @@ _ENCODINGS: dict[QType, tuple[int, Callable[[torch.Tensor], np.ndarray]]] = {
     QType.BF16: (2, lambda t: t.to(torch.bfloat16).view(torch.int16).numpy()),
 }
 
+# 2-D tensors larger than this as f32 are produced as row blocks of about this size (as f32).
+CHUNK_BYTES = 8 << 20
+
 # Room for the metadata (vocabulary, merges, chat template) on top of the tensor data.
 METADATA_ALLOWANCE = 64 << 20
 
 
 @dataclass
 class TensorJob:
-    """One output tensor: its GGUF name, shape (HF/torch order) and type, and how to make it."""
+    """One output tensor: its GGUF name, shape (HF/torch order) and type, and how to make it.
+
+    `make` returns the whole tensor, or an iterable of consecutive row blocks (along dim 0)
+    that together make it: each block is encoded and written before the next one is made.
+    """
 
     name: str
     shape: tuple[int, ...]
     qtype: QType
-    make: Callable[[], torch.Tensor]
+    make: Callable[[], torch.Tensor | Iterable[torch.Tensor]]
 
     @property
     def nbytes(self) -> int:
@@ -71,18 +79,42 @@ def write_gguf(
             writer.write_ti_data_to_file()
             done = 0
             for job in jobs:
-                tensor = job.make()
-                if tuple(tensor.shape) != job.shape:
-                    raise ConvertError(f"tensor {job.name}: shape {list(tensor.shape)} is not the announced "
-                                       f"{list(job.shape)}")
-                writer.write_tensor_data(_ENCODINGS[job.qtype][1](tensor.contiguous()))
-                del tensor
+                _write_job(writer, job)
                 done += job.nbytes
                 if progress is not None:
                     progress(done, total)
         finally:
             writer.close()
     return {"tensors": len(jobs), "bytes": out_path.stat().st_size, "arch": arch_name}
+
+
+def _write_job(writer: gguf.GGUFWriter, job: TensorJob) -> None:
+    """What GGUFWriter.write_tensor_data does (align, data, pad), one row block at a time."""
+    made = job.make()
+    blocks = [made] if isinstance(made, torch.Tensor) else made
+    encode = _ENCODINGS[job.qtype][1]
+    fout = writer.fout[0]
+    info = writer.tensors[0].pop(next(iter(writer.tensors[0])))
+    assert info.nbytes == job.nbytes
+    writer.write_padding(fout, fout.tell())
+    rows, written = 0, 0
+    for block in blocks:
+        n_rows = block.shape[0] if block.dim() else 1
+        if tuple(block.shape[1:]) != job.shape[1:] or rows + n_rows > (job.shape[0] if job.shape else 1):
+            raise ConvertError(f"tensor {job.name}: block of shape {list(block.shape)} does not fit the announced "
+                               f"{list(job.shape)}")
+        array = encode(block.contiguous())
+        if sys.byteorder != "little":
+            array = array.byteswap()  # GGUF files written here are little-endian
+        fout.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        rows += n_rows
+        written += array.nbytes
+        del block, array
+    if rows != (job.shape[0] if job.shape else 1) or written != job.nbytes:
+        raise ConvertError(f"tensor {job.name}: made {rows} rows ({written} bytes), not the announced "
+                           f"{list(job.shape)}")
+    writer.write_padding(fout, written)
+    writer.state = gguf.gguf_writer.WriterState.WEIGHTS
 
 
 def check_free_space(out_path: Path, needed: int) -> None:

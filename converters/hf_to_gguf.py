@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import gguf
 import torch
@@ -16,7 +16,7 @@ import torch
 from . import ConvertError
 from .adapter import Adapter
 from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
-from .gguf_stream import QType, TensorJob, write_gguf
+from .gguf_stream import CHUNK_BYTES, QType, TensorJob, write_gguf
 from .tensor_index import TensorIndex, model_weight_files
 from .vocab import add_vocab
 
@@ -69,15 +69,28 @@ class HFModel:
             names[hf_name] = gguf_name
         return names
 
-    def to_gguf_layout(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
-        """Row order llama.cpp expects (Q/K permutation), for a weight, bias or LoRA B."""
+    def _permuted_heads(self, hf_name: str) -> int | None:
+        """The number of heads whose rows are reordered for llama.cpp, or None if none are."""
         if self.arch.permute_qk:
             module = hf_name.rsplit(".", 1)[0]
             if module.endswith("self_attn.q_proj"):
-                return permute_qk(t, self.n_head)
+                return self.n_head
             if module.endswith("self_attn.k_proj"):
-                return permute_qk(t, self.n_head_kv)
-        return t
+                return self.n_head_kv
+        return None
+
+    def row_unit(self, hf_name: str) -> int:
+        """Row blocks of the tensor must hold a multiple of this many rows (whole heads if permuted)."""
+        heads = self._permuted_heads(hf_name)
+        return 1 if heads is None else self.index.shape(hf_name)[0] // heads
+
+    def to_gguf_layout(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        """Row order llama.cpp expects (Q/K permutation), for a weight, bias or LoRA B,
+        or a block of whole heads' rows of one."""
+        heads = self._permuted_heads(hf_name)
+        if heads is None:
+            return t
+        return permute_qk(t, t.shape[0] // self.row_unit(hf_name))
 
     def check_adapter(self, adapter: Adapter) -> None:
         adapter.check_base(self.index)
@@ -112,15 +125,28 @@ def convert(
     if adapter is not None:
         model.check_adapter(adapter)
 
-    def make(hf_name: str) -> Callable[[], torch.Tensor]:
-        def load() -> torch.Tensor:
-            t = model.index.load(hf_name)
-            if adapter is not None and hf_name in adapter.modules:
-                t = adapter.merge(hf_name, t)
-            if model.arch.adjust is not None:
-                t = model.arch.adjust(hf_name, t, model.config)
-            return model.to_gguf_layout(hf_name, t)
-        return load
+    def finish(hf_name: str, t: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        if adapter is not None and hf_name in adapter.modules:
+            t = adapter.merge(hf_name, t, rows)
+        if model.arch.adjust is not None:
+            t = model.arch.adjust(hf_name, t, model.config)
+        return model.to_gguf_layout(hf_name, t)
+
+    def make(hf_name: str) -> Callable[[], torch.Tensor | Iterator[torch.Tensor]]:
+        shape = model.index.shape(hf_name)
+        if len(shape) < 2 or math.prod(shape) * 4 <= CHUNK_BYTES:
+            return lambda: finish(hf_name, model.index.load(hf_name))
+
+        # Large tensors go in row blocks of whole heads, each (as f32) about CHUNK_BYTES: read
+        # from the file, merged, adjusted, reordered and written one block at a time.
+        unit = model.row_unit(hf_name)
+        step = max(1, CHUNK_BYTES // (math.prod(shape[1:]) * 4 * unit)) * unit
+
+        def blocks() -> Iterator[torch.Tensor]:
+            for start in range(0, shape[0], step):
+                rows = slice(start, min(start + step, shape[0]))
+                yield finish(hf_name, model.index.load_rows(hf_name, rows.start, rows.stop), rows)
+        return blocks
 
     jobs = []
     for hf, gguf_name in model.gguf_names.items():

@@ -47,6 +47,15 @@ class TensorIndex:
         except (SafetensorError, OSError) as e:
             raise ConvertError(f"{path}: cannot read tensor {name}: {e}") from None
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, copied out of a handle closed again straight away."""
+        path = self._where[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_slice(name)[start:stop]
+        except (SafetensorError, OSError) as e:
+            raise ConvertError(f"{path}: cannot read tensor {name}: {e}") from None
+
 
 def model_weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of an HF model folder (sharded or not)."""

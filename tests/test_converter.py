@@ -637,7 +637,8 @@ MEASURE_PEAK = textwrap.dedent("""
 
 
 def test_streaming_keeps_memory_bounded(tmp_path, model_dirs):
-    """A ~500 MB (f32) model whose largest tensor is 16 MB converts with a small fraction of that in RAM."""
+    """A ~500 MB (f32) model whose largest tensor is 16 MB converts with a small fraction of that in RAM:
+    large tensors are written in row blocks, so the peak stays under 2x the largest tensor."""
     from safetensors.torch import save_file
     model = tmp_path / "big"
     model.mkdir()
@@ -667,8 +668,45 @@ def test_streaming_keeps_memory_bounded(tmp_path, model_dirs):
     rss = json.loads(run.stdout.splitlines()[-1])
     growth = rss["peak"] - rss["before"]
     print(f"model {size >> 20} MiB, largest tensor {largest >> 20} MiB, peak RSS growth {growth >> 20} MiB")
-    assert growth < 6 * largest, f"peak RSS grew by {growth >> 20} MiB converting a {size >> 20} MiB model"
+    assert growth < 2 * largest, f"peak RSS grew by {growth >> 20} MiB converting a {size >> 20} MiB model"
     assert len(gguf.GGUFReader(tmp_path / "big.gguf").tensors) == len(shapes)
+
+
+@pytest.mark.parametrize("kind, variant", [("llama", None), ("gemma3_text", None), ("llama", "dora"),
+                                           ("qwen2", "patterns")])
+def test_row_blocks_write_the_same_file(tmp_path, monkeypatch, model_dirs, adapters, exports, kind, variant):
+    """Tensors written in row blocks (read, merged, adjusted and Q/K-permuted block by block, whole
+    heads at a time) give the same file as whole tensors."""
+    from edgelora.converters import hf_to_gguf
+    monkeypatch.setattr(hf_to_gguf, "CHUNK_BYTES", 1000)  # every 2-D tensor in blocks of a few rows
+    out = tmp_path / "blocks.gguf"
+    convert(model_dirs[kind], out, outtype="f16", adapter_dir=adapters[kind, variant] if variant else None)
+    whole = exports[kind, "f16", variant]
+    if variant is None:
+        assert out.read_bytes() == whole.read_bytes()
+        return
+    # merged blocks may round differently from the whole-tensor matmul in the last f32 bit
+    blocks, reference = gguf.GGUFReader(out), gguf.GGUFReader(whole)
+    assert [t.name for t in blocks.tensors] == [t.name for t in reference.tensors]
+    for a, b in zip(blocks.tensors, reference.tensors):
+        assert a.data.shape == b.data.shape and a.tensor_type == b.tensor_type
+        np.testing.assert_allclose(a.data.astype(np.float32), b.data.astype(np.float32), rtol=2e-3, atol=1e-5)
+
+
+def test_block_sizes(model_dirs):
+    """Row blocks hold whole heads of permuted Q/K tensors, and a made tensor must fit its announced shape."""
+    from edgelora.converters.gguf_stream import QType, TensorJob, write_gguf
+    from edgelora.converters.hf_to_gguf import HFModel
+    model = HFModel(model_dirs["llama"])
+    q = next(n for n in model.gguf_names if n.endswith("self_attn.q_proj.weight"))
+    assert model.row_unit(q) == model.index.shape(q)[0] // model.n_head
+    assert model.row_unit(q.replace("q_proj", "v_proj")) == 1
+    bad = TensorJob("x", (4, 3), QType.F32, lambda: iter([torch.zeros(2, 3), torch.zeros(3, 3)]))
+    with pytest.raises(ConvertError, match="does not fit"):
+        write_gguf(model_dirs["llama"].parent / "bad.gguf", "llama", lambda w: None, [bad])
+    short = TensorJob("x", (4, 3), QType.F32, lambda: iter([torch.zeros(3, 3)]))
+    with pytest.raises(ConvertError, match="made 3 rows"):
+        write_gguf(model_dirs["llama"].parent / "bad.gguf", "llama", lambda w: None, [short])
 
 
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
