@@ -1,7 +1,6 @@
 """A PEFT LoRA (or DoRA) adapter folder: its pairs, their scales, and merging them."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import ConvertError
+from . import ConvertError, read_json
 from .tensor_index import TensorIndex
 
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -29,12 +28,7 @@ class Adapter:
         self.dir = Path(adapter_dir)
         config_path = self.dir / "adapter_config.json"
         weights = self.dir / "adapter_model.safetensors"
-        if not config_path.is_file():
-            raise ConvertError(f"{self.dir}: no adapter_config.json (not a PEFT adapter folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as e:
-            raise ConvertError(f"{config_path}: not valid JSON: {e}") from None
+        config = read_json(config_path, f"{self.dir}: no adapter_config.json (not a PEFT adapter folder)")
         if config.get("peft_type", "LORA") != "LORA":
             raise ConvertError(f"{config_path}: peft_type {config['peft_type']!r} is not supported, only LORA")
         if not weights.is_file():

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,7 +12,7 @@ from typing import Callable, Iterator
 import gguf
 import torch
 
-from . import ConvertError
+from . import ConvertError, read_json
 from .adapter import Adapter
 from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
 from .gguf_stream import CHUNK_BYTES, QType, TensorJob, write_gguf
@@ -36,12 +35,7 @@ class HFModel:
     def __init__(self, model_dir: Path | str):
         self.dir = Path(model_dir)
         config_path = self.dir / "config.json"
-        if not config_path.is_file():
-            raise ConvertError(f"{self.dir}: no config.json (not a HF model folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as e:
-            raise ConvertError(f"{config_path}: not valid JSON: {e}") from None
+        config = read_json(config_path, f"{self.dir}: no config.json (not a HF model folder)")
         self.source = str(config_path)
         self.arch: Arch = arch_for(config, self.source)
         self.config: dict = {**self.arch.defaults, **config}

@@ -668,7 +668,9 @@ def test_streaming_keeps_memory_bounded(tmp_path, model_dirs):
     rss = json.loads(run.stdout.splitlines()[-1])
     growth = rss["peak"] - rss["before"]
     print(f"model {size >> 20} MiB, largest tensor {largest >> 20} MiB, peak RSS growth {growth >> 20} MiB")
-    assert growth < 2 * largest, f"peak RSS grew by {growth >> 20} MiB converting a {size >> 20} MiB model"
+    # The bound: the largest tensor plus a constant (allocator and writer buffers), far below
+    # the model's size. Measured 19-39 MiB here for a 16 MiB largest tensor in a 496 MiB model.
+    assert growth < largest + (32 << 20), f"peak RSS grew by {growth >> 20} MiB converting a {size >> 20} MiB model"
     assert len(gguf.GGUFReader(tmp_path / "big.gguf").tensors) == len(shapes)
 
 
