@@ -10,7 +10,9 @@ EDGELORA_LLAMA_EXTRA_BUFTS=1 says the machine runs AMX fine.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,3 +59,34 @@ def load_llama(path: str | Path, **kwargs):
 
     with model_params_policy():
         return Llama(model_path=str(path), **kwargs)
+
+
+GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (llama-cpp-python's table is stale)
+
+
+@contextlib.contextmanager
+def captured_log(echo: bool = False):
+    """llama.cpp's log lines as (level, text) while the block runs, echoed to stderr if `echo`;
+    the previous log handler is restored afterwards."""
+    import llama_cpp.llama_cpp as C
+
+    lines: list[tuple[int, str]] = []
+
+    @C.llama_log_callback
+    def collect(level, text, _user_data):
+        lines.append((level, text.decode("utf-8", "replace")))
+        if echo:
+            print(lines[-1][1], end="", file=sys.stderr, flush=True)
+
+    old_cb, old_data = C.llama_log_callback(), ctypes.c_void_p()
+    C.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_data))
+    C.llama_log_set(collect, None)
+    try:
+        yield lines
+    finally:
+        C.llama_log_set(old_cb, old_data)
+
+
+def log_errors(lines: list[tuple[int, str]]) -> list[str]:
+    """The messages of the error lines, without llama.cpp's `function: ` prefix."""
+    return [text.strip().split(": ", 1)[-1] for level, text in lines if level == GGML_LOG_ERROR and text.strip()]

@@ -1,11 +1,9 @@
 """f16/f32 GGUF -> quantised GGUF through llama.cpp's own quantiser (llama-cpp-python); no torch."""
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,9 +15,9 @@ from . import quant_presets
 from .errors import EdgeloraError
 from .inspect import inspect_gguf
 from .io import atomic_path
+from .llamacpp import captured_log, log_errors
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
-_GGML_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types")
 
 
@@ -45,7 +43,7 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, threads: i
     patterns = _tensor_overrides(overrides)  # referenced until the call returns
     params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     start = time.perf_counter()
-    with atomic_path(dst, suffix=".gguf") as tmp, _llama_log(verbose) as log:
+    with atomic_path(dst, suffix=".gguf") as tmp, captured_log(verbose) as log:
         if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)) != 0:
             raise EdgeloraError(f"{src}: llama.cpp could not quantise it to {preset['name']}: {_reason(log)}")
     info = inspect_gguf(dst)
@@ -129,28 +127,10 @@ def fallbacks(info: dict, main: str, overrides: dict[str, str] | None = None) ->
     return {"count": len(names), "by_type": dict(by_type.most_common()), "tensors": names}
 
 
-@contextlib.contextmanager
-def _llama_log(verbose: bool):
-    """Collect llama.cpp's log lines as (level, text) for the block; echo them to stderr if verbose."""
-    lines: list[tuple[int, str]] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, _user_data):
-        lines.append((level, text.decode("utf-8", "replace")))
-        if verbose:
-            print(lines[-1][1], end="", file=sys.stderr, flush=True)
-
-    old_cb, old_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(old_cb), ctypes.byref(old_data))
-    llama_cpp.llama_log_set(collect, None)
-    try:
-        yield lines
-    finally:
-        llama_cpp.llama_log_set(old_cb, old_data)
 
 
 def _reason(log: list[tuple[int, str]]) -> str:
-    errors = [text.strip() for level, text in log if level == _GGML_ERROR and text.strip()]
+    errors = log_errors(log)
     if not errors:
         return "no reason given (run with verbose=True for llama.cpp's log)"
     return errors[-1].split("failed to quantize: ")[-1]

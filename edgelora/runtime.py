@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgeloraError
-from .llamacpp import load_llama
+from .llamacpp import captured_log, load_llama, log_errors
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -33,7 +33,6 @@ _GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_ME
 # ggml backend registry names -> our device names (Metal's registry is "MTL" in newer ggml).
 _REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}
 _GGML_GPU, _GGML_IGPU = 1, 2  # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
-_GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
 # ---------------------------------------------------------------- device
@@ -129,25 +128,6 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
             raise EdgeloraError(f"{what} {p}: truncated or corrupt GGUF header") from None
 
 
-@contextlib.contextmanager
-def llama_errors():
-    """Collects llama.cpp's error log lines (text after `function: `) inside the block."""
-    import llama_cpp._logger as logger
-    import llama_cpp.llama_cpp as C
-
-    errors: list[str] = []
-
-    @C.llama_log_callback
-    def collect(level, text, user_data):
-        if level == _GGML_LOG_ERROR:
-            errors.append(text.decode("utf-8", "replace").strip().split(": ", 1)[-1])
-        logger.llama_log_callback(level, text, user_data)  # llama-cpp-python's own handling
-
-    C.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield errors
-    finally:
-        C.llama_log_set(logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 # ---------------------------------------------------------------- loading
@@ -170,13 +150,13 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
         lora_paths.append((Path(p).expanduser(), float(scale)))
     device, n_gpu_layers = pick_device(device)
     trained = meta.get(f"{meta.get('general.architecture')}.context_length")
-    with llama_errors() as errors:
+    with captured_log(verbose) as log:
         try:
             llm = load_llama(path, n_ctx=min(n_ctx, trained or n_ctx), n_gpu_layers=n_gpu_layers, seed=seed,
                              n_threads=threads, n_threads_batch=threads, verbose=verbose,
                              op_offload=device != "cpu")  # cpu: no GPU even for large prompt batches
         except ValueError:
-            raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(errors)})") from None
+            raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
     _apply_loras(llm, lora_paths, path)
     return Runtime(llm, device, n_gpu_layers, seed)
 
@@ -194,10 +174,10 @@ def _apply_loras(llm, loras: list[tuple[Path, float]], model: Path) -> None:
         return
     adapters = []
     for path, _ in loras:
-        with llama_errors() as errors:
+        with captured_log() as log:
             adapter = C.llama_adapter_lora_init(llm._model.model, str(path).encode())
         if not adapter:
-            raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(errors)}")
+            raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(log)}")
         adapters.append(adapter)
     n = len(adapters)
     array = (C.llama_adapter_lora_p_ctypes * n)(*adapters)
@@ -206,7 +186,8 @@ def _apply_loras(llm, loras: list[tuple[Path, float]], model: Path) -> None:
         raise EdgeloraError(f"llama.cpp could not attach the LoRA adapters to {model.name}")
 
 
-def _reason(errors: list[str]) -> str:
+def _reason(log: list[tuple[int, str]]) -> str:
+    errors = log_errors(log)
     return errors[0] if errors else "llama.cpp's log says more with verbose=True (edgelora -v)"
 
 
