@@ -94,7 +94,10 @@ _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "
 def gguf_metadata(path: str | Path, what: str = "model") -> dict:
     """The scalar and string metadata of a GGUF file (arrays skipped), read with the standard
     library before llama.cpp sees the file; a one-line EdgeloraError naming it if it is
-    missing, not GGUF, or has a cut-off header."""
+    missing, not GGUF, or has a cut-off header.
+
+    Not gguf.GGUFReader (edgelora.inspect): it decodes every token array first, 1.6 s against
+    0.03 s here for SmolLM2's header, and this runs on every `edgelora run` start."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise EdgeloraError(f"{what} {p}: no such file")
