@@ -1,0 +1,293 @@
+"""`edgelora serve`: an OpenAI-compatible HTTP server for one GGUF model and its LoRA adapters.
+
+    models = open_models("base.gguf", loras=[("extract=extract-lora-f16.gguf", 1.0)])
+    app = build_app(models, api_key="secret")      # an ASGI app: POST /v1/chat/completions,
+    run(app, listen("127.0.0.1", 8000))            # POST /v1/completions, GET /v1/models
+
+The base is loaded once (edgelora.runtime.load); each LoRA GGUF is attached to it with llama.cpp's
+adapter API and served as a model of its own, chosen per request by the `model` field. There is
+one llama context, so requests are answered one at a time in arrival order (a lock), and a
+streamed answer holds the lock until it ends or its client goes away.
+
+Why not llama_cpp.server.app.create_app: it keeps its model, settings and locks in module globals
+(one app per process); its LlamaProxy switches models by reloading a whole file and sends an
+unknown name silently to the default model; its auth, validation and streaming errors are not
+OpenAI-shaped (FastAPI's {"detail": ...}, and a streamed request that overflows the context fails
+after the 200 header); a grammar llama.cpp cannot parse segfaults it; and its request types
+default to other sampling settings than `edgelora run` (temperature 0.8, repeat_penalty 1.1). Overriding all that takes more code than
+this Starlette app, which reuses what fits: the server's pydantic request types, and Llama's
+OpenAI-shaped create_chat_completion / create_completion (responses and stream chunks).
+
+Sampling settings a request leaves out take `edgelora run`'s defaults (temperature 0, llama.cpp's
+own for the rest), so an answer at temperature 0 equals edgelora.runtime's for the same files.
+Only llama-cpp-python's `server` extra (starlette, uvicorn, pydantic) and no torch are imported.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp.llama_cpp as C
+from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .errors import EdgeloraError
+from .llamacpp import captured_log
+from .runtime import Runtime, _reason, init_lora, load, lora_file, set_loras
+
+MAX_TOKENS_LIMIT = 512
+MAX_REQUEST_BYTES = 2**20
+# Request fields Llama's methods do not take: llama.cpp-server extras and OpenAI's `user`, `best_of`.
+_NOT_FORWARDED = {"model", "n", "best_of", "user", "min_tokens", "logit_bias_type"}
+
+
+# ---------------------------------------------------------------- models
+
+@dataclass
+class Lora:
+    scale: float
+    handle: C.llama_adapter_lora_p  # owned by the base model, freed with it
+
+
+class Models:
+    """The base Runtime and its LoRA adapters by model name; activate() puts one in the context."""
+
+    def __init__(self, runtime: Runtime, base: str, loras: dict[str, Lora]):
+        self.runtime, self.base, self.loras = runtime, base, loras
+        self.active = base
+
+    @property
+    def names(self) -> list[str]:
+        return [self.base, *self.loras]
+
+    def activate(self, name: str) -> llama_cpp.Llama:
+        """The Llama with `name`'s adapter alone attached (none for the base).
+
+        The KV cache holds the last prompt as computed with the previous adapters, and Llama
+        would reuse its matching prefix: on a switch reset() drops it, so the next call evaluates
+        its prompt from position 0 with the new adapter.
+        """
+        llm = self.runtime.llm
+        if name != self.active:
+            lora = self.loras.get(name)
+            set_loras(llm, [(lora.handle, lora.scale)] if lora else [])
+            llm.reset()
+            self.active = name
+        return llm
+
+
+def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, name: str | None = None,
+                device: str = "auto", n_ctx: int = 4096, threads: int | None = None, verbose: bool = False) -> Models:
+    """Load `model` once and attach each LoRA GGUF to it, served as model NAME.
+
+    A LoRA is given as "NAME=FILE" or "FILE" (named by its file stem), with its scale; the base
+    is named `name` or its file stem. Duplicate names, files that are not LoRA adapters and
+    adapters made for another base are one-line EdgeloraErrors, raised before serving.
+    """
+    base = Path(model).expanduser()
+    names = [name or base.stem]
+    files = []
+    for spec, scale in loras:
+        lora_name, sep, file = spec.partition("=")
+        if not sep or Path(spec).exists():  # a plain FILE, even one with '=' in its name
+            lora_name, file = "", spec
+        path = Path(file).expanduser()
+        lora_name = lora_name or path.stem
+        if lora_name in names:
+            raise EdgeloraError(f"model name '{lora_name}' is used twice (LoRA {path}); name it with --lora NAME=FILE")
+        names.append(lora_name)
+        files.append((lora_file(path), float(scale)))
+    rt = load(base, device=device, n_ctx=n_ctx, threads=threads, verbose=verbose)
+    adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose)) for n, (path, scale) in zip(names[1:], files)}
+    return Models(rt, names[0], adapters)
+
+
+# ---------------------------------------------------------------- HTTP
+
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(status, message)
+        self.code, self.type = code, type
+
+
+async def _error_response(_request: Request, exc: Exception) -> JSONResponse:
+    """Every error, ours, Starlette's (404 route, 405 method) or unexpected (500), in OpenAI's shape."""
+    headers = exc.headers if isinstance(exc, HTTPException) else None  # 405's Allow
+    if not isinstance(exc, ApiError):
+        exc = (ApiError(exc.status_code, exc.detail) if isinstance(exc, HTTPException)
+               else ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+    return JSONResponse({"error": {"message": exc.detail, "type": exc.type, "param": None, "code": exc.code}},
+                        status_code=exc.status_code, headers=headers)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events of Llama's stream chunks, ending with `data: [DONE]`.
+
+    Holds the model lock (calls `release` when done) until the stream ends, fails or the client
+    disconnects: Starlette then cancels the stream, and anyio lets the chunk being computed in
+    its worker thread finish first, so the context is idle when the next request gets it.
+    """
+
+    def __init__(self, first: dict, chunks: Iterator[dict], release):
+        self.chunks, self.release = chunks, release
+        super().__init__(self._events(first), media_type="text/event-stream")
+
+    async def _events(self, first: dict):
+        yield f"data: {json.dumps(first)}\n\n"
+        async for chunk in iterate_in_threadpool(self.chunks):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.chunks.close()
+            self.release()
+
+
+def _grammar(llm: llama_cpp.Llama, text: str) -> llama_cpp.LlamaGrammar:
+    """A request's GBNF grammar, parsed by llama.cpp first: llama-cpp-python would pass one that
+    does not parse on as a NULL sampler, and the whole server would segfault."""
+    vocab = C.llama_model_get_vocab(llm._model.model)
+    with captured_log() as log:
+        sampler = C.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+    if not sampler:
+        raise ApiError(400, f"invalid grammar: {_reason(log)}")
+    C.llama_sampler_free(sampler)
+    return llama_cpp.LlamaGrammar.from_string(text)
+
+
+class _Server:
+    def __init__(self, models: Models, api_key: str | None, max_tokens_limit: int, max_request_bytes: int):
+        self.models, self.api_key = models, api_key
+        self.max_tokens_limit, self.max_request_bytes = max_tokens_limit, max_request_bytes
+        self.lock = asyncio.Lock()  # the one llama context; released by whichever task ends a stream
+        self.started = int(time.time())
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           "invalid_api_key")
+
+    async def _body(self, request: Request, schema: type[BaseModel]) -> BaseModel:
+        data = bytearray()
+        async for piece in request.stream():
+            data += piece
+            if len(data) > self.max_request_bytes:
+                raise ApiError(413, f"request body is over the server's limit of {self.max_request_bytes} bytes",
+                               "request_too_large")
+        try:
+            fields = json.loads(data)
+        except ValueError as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        try:
+            return schema.model_validate(fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ApiError(400, f"invalid request: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    def _arguments(self, body: BaseModel, name: str) -> dict:
+        """Llama keyword arguments for the request: the fields it set, checked against the limits."""
+        if body.n not in (None, 1):
+            raise ApiError(400, "n > 1 is not supported: send one request per answer")
+        kwargs = body.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED)
+        kwargs.update(model=name, stream=body.stream)  # `model`: the name Llama puts in the response
+        kwargs.setdefault("temperature", 0.0)
+        limit = self.max_tokens_limit
+        asked = kwargs.get("max_tokens")
+        if asked is None:
+            kwargs["max_tokens"] = limit
+        elif not 1 <= asked <= limit:
+            raise ApiError(400, f"max_tokens must be between 1 and this server's limit of {limit}, not {asked}",
+                           "max_tokens_over_limit" if asked > limit else None)
+        if isinstance(kwargs.get("prompt"), list):
+            if len(kwargs["prompt"]) != 1:
+                raise ApiError(400, "send exactly one prompt per request")
+            kwargs["prompt"] = kwargs["prompt"][0]
+        if "grammar" in kwargs:
+            kwargs["grammar"] = _grammar(self.models.runtime.llm, kwargs["grammar"])
+        return kwargs
+
+    async def models_list(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.started, "owned_by": "edgelora"}
+            for name in self.models.names]})
+
+    async def chat(self, request: Request):
+        return await self._generate(request, CreateChatCompletionRequest, "create_chat_completion")
+
+    async def completions(self, request: Request):
+        return await self._generate(request, CreateCompletionRequest, "create_completion")
+
+    async def _generate(self, request: Request, schema: type[BaseModel], method: str):
+        self._authorize(request)
+        body = await self._body(request, schema)
+        name = body.model or self.models.base
+        if name not in self.models.names:
+            raise ApiError(404, f"model '{name}' is not served here; served models: {', '.join(self.models.names)}",
+                           "model_not_found")
+        if method == "create_chat_completion" and "tokenizer.chat_template" not in self.models.runtime.llm.metadata:
+            raise ApiError(400, "this GGUF has no chat template (tokenizer.chat_template); use /v1/completions")
+        kwargs = self._arguments(body, name)
+        await self.lock.acquire()
+        held = True
+        try:
+            fn = getattr(self.models.activate(name), method)
+            out = await run_in_threadpool(fn, **kwargs)
+            if not body.stream:
+                return JSONResponse(out)
+            first = await run_in_threadpool(next, out)  # a prompt over the context fails here, before the 200
+            held = False  # the stream releases the lock when it ends
+            return _EventStream(first, out, self.lock.release)
+        except ValueError as e:  # llama-cpp-python's input errors: a prompt longer than the context
+            code = "context_length_exceeded" if "exceed context window" in str(e) else None
+            raise ApiError(400, str(e), code) from None
+        finally:
+            if held:
+                self.lock.release()
+
+
+def build_app(models: Models, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
+              max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+    """The ASGI app serving `models`; with `api_key`, every request needs `Authorization: Bearer KEY`."""
+    server = _Server(models, api_key, max_tokens_limit, max_request_bytes)
+    routes = [Route("/v1/models", server.models_list, methods=["GET"]),
+              Route("/v1/chat/completions", server.chat, methods=["POST"]),
+              Route("/v1/completions", server.completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _error_response, Exception: _error_response})
+
+
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one); a port in use is a one-line EdgeloraError."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise EdgeloraError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def run(app: Starlette, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve `app` on `sock` with uvicorn until SIGINT / SIGTERM (then KeyboardInterrupt is re-raised)."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
