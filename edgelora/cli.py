@@ -45,10 +45,12 @@ def main(verbose: bool) -> None:
     """edgelora: fine-tune a small model on your own data and run it offline on a laptop.
 
     \b
-    edgelora train    --data my.jsonl --out run       # QLoRA/LoRA adapter
-    edgelora export   run --quant q4_k_m               # laptop-ready GGUF
+    edgelora demo     --quick                          # the whole pipeline on the bundled task
+    edgelora train    --data my.jsonl --out run        # QLoRA/LoRA adapter
+    edgelora export   run --quant q4_k_m --lora-gguf   # laptop-ready GGUFs
+    edgelora bench    run/export --eval-data eval.jsonl   # quality vs size ladder
+    edgelora run      run/export/run-q4_k_m.gguf -p "Hi"  # or: chat FILE, serve FILE
     edgelora inspect  run/export/run-q4_k_m.gguf       # types, size, bits/weight
-    edgelora run      run/export/run-q4_k_m.gguf -p "Hi"   # or: edgelora chat FILE
     """
     _setup_logging(verbose)
 
@@ -140,6 +142,73 @@ def inspect(path, tensors, as_json):
         click.echo(format_inspect(info, tensors=tensors))
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="EXPORT_DIR | FILE.gguf...")
+@click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Held-out chat or instruction JSONL.")
+@click.option("--quants", help="Only these merged quants, comma-separated (f16 is always the reference).")
+@click.option("--limit", type=int, help="Only the first N examples (a quick pass).")
+@click.option("--score", type=click.Choice(["exact", "contains", "regex"]), default="exact", show_default=True,
+              help="How a greedy answer is judged against the reference answer.")
+@click.option("--pattern", help="--score regex: the first match (or group 1) must agree with the reference's.")
+@click.option("--threshold", type=float, default=0.97, show_default=True,
+              help="Recommend the smallest file keeping this fraction of the reference's task score.")
+@click.option("--max-tokens", type=int, help="Longest generated answer. [default: longest reference answer + 16]")
+@click.option("--hf/--no-hf", default=None, help="Also measure the HF base + adapter in torch. [default: if installed]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]")
+@click.option("--out", help="Report folder. [default: EXPORT_DIR/bench, or ./bench]")
+@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@friendly_errors
+def bench(inputs, eval_data, quants, limit, score, pattern, threshold, max_tokens, hf, device, threads, out, force):
+    """Quality versus size: every quant of an export (or the GGUF files given) on your eval set.
+
+    Writes report.json, report.md and ladder.png, and recommends the smallest file whose task
+    score stays within --threshold of the f16 reference.
+    """
+    from .bench import bench as run_bench
+    from .report import markdown
+
+    if limit is not None and limit < 1:
+        raise EdgeloraError("--limit must be at least 1")
+    result = run_bench(list(inputs), eval_data, out=out, quants=quants.split(",") if quants else None, limit=limit,
+                       score=score, pattern=pattern, threshold=threshold, max_tokens=max_tokens, device=device,
+                       threads=threads, hf=hf, force=force, progress=sys.stderr.isatty())
+    click.echo(markdown(result.report))
+    click.echo("reports: " + ", ".join(str(p) for p in result.files.values()))
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer steps and eval examples, no torch reference row (< 5 min on 2 cores).")
+@click.option("--out", default="edgelora-demo", show_default=True, help="Folder for the run, the GGUFs and the reports.")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp. [default: llama.cpp's choice]")
+@click.option("--force", is_flag=True, help="Redo every stage (by default finished stages are reused).")
+@friendly_errors
+def demo(quick, out, threads, force):
+    """The whole pipeline on the embedded default: train, export, bench, before vs after.
+
+    QLoRA-trains SmolLM2-135M-Instruct on a bundled extraction task (offline), exports f16,
+    q8_0, q4_k_m and q2_k GGUFs plus a LoRA GGUF, benches them on held-out examples against
+    the untrained base, and prints the ladder with a recommendation.
+    """
+    from .demo import demo as run_demo
+    from .report import markdown
+
+    res = run_demo(out, quick=quick, force=force, threads=threads, progress=sys.stderr.isatty(),
+                   say=lambda line: click.echo(line, err=True))
+    s = res.summary
+    click.echo()
+    click.echo(markdown(res.after_report))
+    scores = ", ".join(f"{q} {v['before']:.0%} -> {v['after']:.0%}" for q, v in s["task_score"].items())
+    click.echo(f"task score on {s['examples']} held-out examples, before -> after training: {scores}")
+    ex = s["example"]
+    click.echo(f"\nexample question: {ex['question']!r}\n  expected: {ex['expected']}\n"
+               f"  before (base q4_k_m):  {ex['before'].strip()!r}\n  after  (tuned q4_k_m): {ex['after'].strip()!r}\n")
+    f = s["files"]
+    click.echo(f"files: {f['export']}  (report: {f['report']}, plot: {f['plot']})")
+    click.echo(f"try it:  edgelora chat {f['q4_k_m']}\n         "
+               f"ollama create extract -f {f['modelfile']} && ollama run extract")
+
+
 def _runtime_options(fn):
     """The options `run` and `chat` share: model, LoRAs, device and sampling."""
     options = [
@@ -162,12 +231,17 @@ def _runtime_options(fn):
     return fn
 
 
+def _lora_scales(loras, lora_scales) -> list[float]:
+    """The n-th --lora-scale for the n-th --lora; 1.0 for those without one."""
+    if len(lora_scales) > len(loras):
+        raise EdgeloraError(f"{len(lora_scales)} --lora-scale values for {len(loras)} --lora files")
+    return list(lora_scales) + [1.0] * (len(loras) - len(lora_scales))
+
+
 def _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads):
     from .runtime import load
 
-    if len(lora_scales) > len(loras):
-        raise EdgeloraError(f"{len(lora_scales)} --lora-scale values for {len(loras)} --lora files")
-    scales = list(lora_scales) + [1.0] * (len(loras) - len(lora_scales))
+    scales = _lora_scales(loras, lora_scales)
     rt = load(model, loras=list(zip(loras, scales)), device=device, n_ctx=n_ctx, seed=seed, threads=threads,
               verbose=log.isEnabledFor(logging.DEBUG))  # `edgelora -v`: llama.cpp's own log too
     click.echo(f"device: {rt.describe()}", err=True)
@@ -248,6 +322,55 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
             click.echo(f"error: {e}; /reset starts a new conversation", err=True)
             continue
         history = turn + [{"role": "assistant", "content": answer}]
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]FILE",
+              help="LoRA GGUF served as model NAME [default: its file stem]; repeatable.")
+@click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
+              help="Scale of the n-th --lora. [default: 1.0]")
+@click.option("--name", help="Model name of MODEL itself. [default: its file stem]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY'. [env: EDGELORA_API_KEY]")
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Most tokens one answer may ask for; also the default.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=2**20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True,
+              help="Context length in tokens (capped to the model's).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
+@click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]")
+@friendly_errors
+def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit, max_request_bytes, n_ctx, device,
+          threads):
+    """Serve a GGUF model, and LoRA GGUFs on it as more models, over an OpenAI-compatible HTTP API.
+
+    \b
+    POST /v1/chat/completions (stream: true for server-sent events), POST /v1/completions,
+    GET /v1/models. The request's `model` picks the base or a LoRA; the base is loaded once.
+    Requests are answered one at a time, in order. Ctrl-C stops the server.
+    """
+    try:
+        from .serve import build_app, listen, open_models, run as run_server
+    except ModuleNotFoundError as e:  # the light install has no HTTP stack
+        raise EdgeloraError(f"edgelora serve needs {e.name.split('.')[0]}: pip install 'edgelora[serve]'") from None
+
+    scales = _lora_scales(loras, lora_scales)
+    verbose = log.isEnabledFor(logging.DEBUG)
+    models = open_models(model, list(zip(loras, scales)), name=name, device=device, n_ctx=n_ctx, threads=threads,
+                         verbose=verbose)
+    sock = listen(host, port)
+    address = f"[{host}]" if ":" in host else host
+    click.echo(f"serving http://{address}:{sock.getsockname()[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
+    click.echo(f"models: {', '.join(models.names)}")
+    click.echo(f"device: {models.runtime.describe()}")
+    try:
+        run_server(build_app(models, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                             max_request_bytes=max_request_bytes), sock, log_level="debug" if verbose else "info")
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the signal
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -146,11 +146,7 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     meta = gguf_metadata(path)
     if meta.get("general.type") == "adapter":
         raise EdgeloraError(f"model {path} is a LoRA adapter: load its base model and pass this file as a LoRA")
-    lora_paths = []
-    for p, scale in loras:
-        if gguf_metadata(p, "LoRA").get("general.type") != "adapter":
-            raise EdgeloraError(f"LoRA {p} is a GGUF model, not a LoRA adapter")
-        lora_paths.append((Path(p).expanduser(), float(scale)))
+    lora_paths = [(lora_file(p), float(scale)) for p, scale in loras]
     device, n_gpu_layers = pick_device(device)
     trained = meta.get(f"{meta.get('general.architecture')}.context_length")
     with captured_log(verbose) as log:
@@ -160,33 +156,42 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
                              op_offload=device != "cpu")  # cpu: no GPU even for large prompt batches
         except ValueError:
             raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
-    _apply_loras(llm, lora_paths, path)
+    if lora_paths:
+        set_loras(llm, [(init_lora(llm, p, path, verbose), scale) for p, scale in lora_paths])
     return Runtime(llm, device, n_gpu_layers, seed)
 
 
-def _apply_loras(llm, loras: list[tuple[Path, float]], model: Path) -> None:
-    """Attach several LoRA GGUFs to the context with llama.cpp's adapter API.
+def lora_file(path: str | Path) -> Path:
+    """`path` if it is a LoRA adapter GGUF; else a one-line EdgeloraError naming it."""
+    path = Path(path).expanduser()
+    if gguf_metadata(path, "LoRA").get("general.type") != "adapter":
+        raise EdgeloraError(f"LoRA {path} is a GGUF model, not a LoRA adapter")
+    return path
+
+
+def init_lora(llm, path: Path, model: Path, verbose: bool = False):
+    """llama.cpp's handle for the LoRA GGUF `path` on llm's model (freed with the model).
 
     Llama(lora_path=) takes one adapter and misses a failed load (a NULL pointer is not None), so
-    this uses Llama's model and context handles (private, but llama-cpp-python is pinned).
-    Adapters are freed with the model.
-    """
+    this uses Llama's model handle (private, but llama-cpp-python is pinned)."""
     import llama_cpp.llama_cpp as C
 
-    if not loras:
-        return
-    adapters = []
-    for path, _ in loras:
-        with captured_log() as log:
-            adapter = C.llama_adapter_lora_init(llm._model.model, str(path).encode())
-        if not adapter:
-            raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(log)}")
-        adapters.append(adapter)
+    with captured_log(verbose) as log:
+        handle = C.llama_adapter_lora_init(llm._model.model, str(path).encode())
+    if not handle:
+        raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(log)}")
+    return handle
+
+
+def set_loras(llm, adapters: Sequence[tuple[object, float]]) -> None:
+    """Make exactly these (handle, scale) adapters active in llm's context (none: the bare model)."""
+    import llama_cpp.llama_cpp as C
+
     n = len(adapters)
-    array = (C.llama_adapter_lora_p_ctypes * n)(*adapters)
-    scales = (ctypes.c_float * n)(*(s for _, s in loras))
+    array = (C.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in adapters)) if n else None
+    scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
     if C.llama_set_adapters_lora(llm._ctx.ctx, array, n, scales) != 0:
-        raise EdgeloraError(f"llama.cpp could not attach the LoRA adapters to {model.name}")
+        raise EdgeloraError("llama.cpp could not attach the LoRA adapters")
 
 
 def _reason(log: list[tuple[int, str]]) -> str:
@@ -228,6 +233,52 @@ class Runtime:
         if stream:
             return (piece for c in out if (piece := c["choices"][0]["text"]))
         return out["choices"][0]["text"]
+
+    def chat_tokens(self, messages: list[dict], answer: str | None = None) -> tuple[list[int], list[int]]:
+        """The prompt's token ids exactly as chat() feeds them to the model, and, given `answer`,
+        the answer's ids as the template closes the turn (its text plus the end-of-turn token):
+        what scoring an answer needs."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template is None:
+            raise EdgeloraError("this GGUF has no chat template (tokenizer.chat_template)")
+        m = self.llm._model
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        specials = dict(eos_token=m.token_get_text(eos) if eos != -1 else "",
+                        bos_token=m.token_get_text(bos) if bos != -1 else "")
+        with _input_errors():
+            head = Jinja2ChatFormatter(template, **specials)(messages=messages)
+            prompt = self.llm.tokenize(head.prompt.encode(), add_bos=not head.added_special, special=True)
+            if answer is None:
+                return prompt, []
+            full = Jinja2ChatFormatter(template, add_generation_prompt=False, **specials)(
+                messages=[*messages, {"role": "assistant", "content": answer}]).prompt
+        if not full.startswith(head.prompt):
+            raise EdgeloraError("the chat template renders the prompt differently once an answer follows it")
+        tail = full[len(head.prompt):].rstrip()  # the answer, the end-of-turn token; not the newline after it
+        return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)
+
+    def logits(self, tokens: Sequence[int]):
+        """Next-token logits (float32 array, one row per token) for `tokens` read from position 0.
+
+        For scoring (perplexity, KL between files): the whole sequence goes through llama.cpp in
+        batches with every row's logits kept, which Llama.eval does only for logits_all models,
+        whose buffer is n_ctx x n_vocab for the model's whole life."""
+        import numpy as np
+
+        llm, n_vocab = self.llm, self.llm.n_vocab()
+        if len(tokens) > llm.n_ctx():
+            raise EdgeloraError(f"{len(tokens)} tokens do not fit the context of {llm.n_ctx()}")
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        llm.reset()  # next generation re-evaluates its prompt: the KV cache will hold these tokens
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        for start in range(0, len(tokens), llm.n_batch):
+            chunk = list(tokens[start:start + llm.n_batch])
+            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+        return out
 
     def timings(self) -> dict:
         """llama.cpp's counters for the last answer: prompt tokens evaluated, tokens generated, tokens/s."""

@@ -1,0 +1,442 @@
+"""`edgelora bench`: what each quantisation level costs on your own eval set.
+
+For every file of an export (or any GGUF files) and, where torch is installed, the unquantised
+HF base + adapter, on the same held-out examples:
+  quality  perplexity of the reference answers; mean KL divergence and top-1 agreement of the
+           next-token distributions against the f16 GGUF at every answer position; the task
+           score of greedy answers generated through the chat template (exact / contains / regex);
+  cost     file size, bits per weight, load time, prompt and generation tokens/s, peak RSS.
+Each model is measured in its own process (spawned, one after the other), so peak RSS is its
+own and one model's memory never counts against the next. The reference (f16) runs first and
+leaves its log-probabilities in a memory-mapped scratch file, which the others are compared
+with position by position. Reports: report.json, report.md and ladder.png, written by
+edgelora.report, with the recommendation: the smallest file whose task score stays within
+the threshold of the reference's.
+
+The GGUF side needs llama-cpp-python only; the HF reference row needs the `train` extra.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import multiprocessing as mp
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .data import read_jsonl
+from .errors import EdgeloraError
+from .runtime import gguf_metadata
+
+log = logging.getLogger("edgelora")
+
+SCORES = ("exact", "contains", "regex")
+
+
+@dataclass
+class Candidate:
+    """One row of the ladder: a GGUF (plus LoRA GGUFs), or the HF base + adapter."""
+
+    label: str
+    route: str  # merged (quantised merged file), lora (base GGUF + LoRA GGUF), file (a GGUF given by name), hf
+    model: str  # GGUF path; for hf, the base spec
+    loras: list[str] = field(default_factory=list)  # LoRA GGUFs; for hf, the PEFT adapter dir
+    size_bytes: int = 0
+    bpw: Optional[float] = None
+    reference: bool = False
+
+
+@dataclass
+class Settings:
+    score: str = "exact"
+    pattern: Optional[str] = None
+    max_tokens: int = 0  # 0: the longest reference answer + 16 tokens
+    device: str = "auto"
+    threads: Optional[int] = None
+    n_ctx: int = 4096
+
+
+# ---------------------------------------------------------------- what to measure
+
+def discover(inputs: list[str], quants: Optional[list[str]] = None, hf: Optional[bool] = None) -> list[Candidate]:
+    """Candidates from an export folder (its manifest.json: merged quants, the LoRA route, the
+    HF reference) or from GGUF files; the f16 merged file (else the most bits per weight) is
+    the reference, first in the list."""
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise EdgeloraError("bench needs an export folder or GGUF files")
+    if len(paths) == 1 and paths[0].is_dir():
+        cands = _from_export(paths[0], quants, hf)
+    else:
+        cands = [_from_file(p) for p in paths]
+    if not any(c.route != "hf" for c in cands):
+        raise EdgeloraError(f"{inputs[0]}: no GGUF model to bench")
+    ggufs = [c for c in cands if c.route != "hf"]
+    ref = next((c for c in ggufs if c.label == "f16"), None) or max(ggufs, key=lambda c: c.bpw or 0)
+    ref.reference = True
+    return [ref] + [c for c in cands if c is not ref]
+
+
+def _from_file(path: Path) -> Candidate:
+    from .inspect import inspect_gguf
+
+    if path.is_dir():
+        raise EdgeloraError(f"{path}: give one export folder, or GGUF files")
+    if gguf_metadata(path).get("general.type") == "adapter":
+        raise EdgeloraError(f"{path} is a LoRA adapter: bench its export folder, which pairs it with its base")
+    info = inspect_gguf(path)
+    return Candidate(path.stem, "file", str(path), size_bytes=info["size_bytes"], bpw=info["bpw"])
+
+
+def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
+    from .inspect import inspect_gguf
+
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        files = sorted(folder.glob("*.gguf"))
+        models = [p for p in files if gguf_metadata(p).get("general.type") != "adapter"]
+        if not models:
+            raise EdgeloraError(f"{folder}: no manifest.json and no GGUF model files")
+        return [_from_file(p) for p in models]
+    manifest = json.loads(manifest_path.read_text())
+    outputs = {o["role"]: o for o in manifest["outputs"]}
+    have = [role.split(":")[1] for role in outputs if role.startswith("merged:")]
+    missing = [q for q in quants or [] if q not in have]
+    if missing:
+        raise EdgeloraError(f"{folder}: {', '.join(missing)} not in the export (it has {', '.join(have)})")
+    wanted = set(quants or []) | {"f16"}
+    cands = []
+    for role, o in outputs.items():
+        kind, _, quant = role.partition(":")
+        if kind == "merged" and (not quants or quant in wanted):
+            cands.append(Candidate(quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"], bpw=o["bpw"]))
+    if "lora" in outputs:
+        lora = outputs["lora"]
+        lora_info = inspect_gguf(folder / lora["file"])
+        base = manifest["inputs"]["base"]
+        if base["kind"] == "gguf":
+            bases = [(_quant_name(inspect_gguf(base["path"])["file_type"]), Path(base["path"]))]
+        else:
+            bases = [(role.split(":")[1], folder / o["file"]) for role, o in outputs.items() if role.startswith("base:")
+                     and (not quants or role.split(":")[1] in wanted)]
+        for quant, path in bases:
+            info = inspect_gguf(path)
+            bits = (info["tensor_bytes"] + lora_info["tensor_bytes"]) * 8 / info["n_params"]
+            cands.append(Candidate(f"{quant}+lora", "lora", str(path), [str(folder / lora["file"])],
+                                   info["size_bytes"] + lora_info["size_bytes"], bits))
+    adapter = manifest["inputs"].get("adapter")
+    torch_ok = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
+    if hf and not torch_ok:
+        raise EdgeloraError("the HF reference needs torch, transformers and peft: pip install 'edgelora[train]'")
+    if adapter and (hf or (hf is None and torch_ok)):
+        cands.append(Candidate("hf", "hf", manifest["inputs"]["base"]["path"], [adapter["path"]]))
+    return cands
+
+
+def _quant_name(file_type: Optional[str]) -> str:
+    """gguf's LlamaFileType name (MOSTLY_Q4_K_M) -> our quant name (q4_k_m)."""
+    return (file_type or "base").removeprefix("MOSTLY_").lower().replace("all_f32", "f32")
+
+
+def read_eval(path: str, limit: Optional[int] = None) -> list[dict]:
+    """Eval examples as {"messages": prompt turns, "answer": the last assistant turn}."""
+    examples, shape = read_jsonl(path)
+    if shape == "text":
+        raise EdgeloraError(f"{path}: bench needs chat or instruction examples (a prompt and its answer), not text")
+    rows = []
+    for ex in examples:
+        msgs = ex.messages
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        rows.append({"source": ex.source, "messages": msgs[:last], "answer": msgs[last]["content"]})
+    return rows[:limit] if limit else rows
+
+
+def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[[str, str], bool]:
+    """(generated, reference) -> correct? exact: equal after stripping whitespace; contains: the
+    reference occurs in the output; regex: PATTERN's first match (group 1 if it has groups) is
+    found in both and is the same."""
+    if mode not in SCORES:
+        raise EdgeloraError(f"unknown score '{mode}' (choose from {', '.join(SCORES)})")
+    if mode == "exact":
+        return lambda out, ref: out.strip() == ref.strip()
+    if mode == "contains":
+        return lambda out, ref: ref.strip() in out
+    if not pattern:
+        raise EdgeloraError("--score regex needs --pattern")
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise EdgeloraError(f"--pattern {pattern!r}: {e}") from None
+
+    def key(text: str):
+        m = rx.search(text)
+        return None if m is None else m.group(1 if rx.groups else 0)
+
+    return lambda out, ref: (k := key(out)) is not None and k == key(ref)
+
+
+# ---------------------------------------------------------------- one model, in its own process
+
+def _peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+class _Compare:
+    """Log-probabilities at every answer position: the reference writes them to a scratch file,
+    the others are compared with it (mean KL(ref || model), top-1 agreement)."""
+
+    def __init__(self, scratch: Path, reference: bool, n_positions: int, n_vocab: int):
+        import numpy as np
+
+        self.np, self.reference, self.row = np, reference, 0
+        shape = (n_positions, n_vocab)
+        path = scratch / "ref-logprobs.f32"
+        if not reference and not path.is_file():
+            raise EdgeloraError("the reference model's log-probabilities are missing")
+        self.ref = np.lib.format.open_memmap(path, mode="w+" if reference else "r", dtype=np.float32, shape=shape)
+        if self.ref.shape != shape:
+            raise EdgeloraError(f"answer positions x vocabulary {shape} differ from the reference's {self.ref.shape}")
+        self.kl_sum, self.agree = 0.0, 0
+
+    def add(self, logprobs) -> None:
+        np = self.np
+        rows = slice(self.row, self.row + len(logprobs))
+        if self.reference:
+            self.ref[rows] = logprobs
+        else:  # both sides rounded to the float32 the reference is stored in: a file against its copy gives 0
+            ref = np.asarray(self.ref[rows], dtype=np.float64)
+            logprobs = logprobs.astype(np.float32).astype(np.float64)
+            self.kl_sum += float((np.exp(ref) * (ref - logprobs)).sum())
+            self.agree += int((ref.argmax(-1) == logprobs.argmax(-1)).sum())
+        self.row += len(logprobs)
+
+    def result(self) -> tuple[float, float]:
+        if self.reference:
+            self.ref.flush()
+            return 0.0, 1.0
+        return self.kl_sum / self.row, self.agree / self.row
+
+
+def _log_softmax(logits):
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
+    from .runtime import load
+
+    score = make_scorer(s.score, s.pattern)
+    t0 = time.perf_counter()
+    rt = load(c.model, loras=[(p, 1.0) for p in c.loras], device=s.device, threads=s.threads, n_ctx=s.n_ctx)
+    load_s = time.perf_counter() - t0
+    tokens = [rt.chat_tokens(r["messages"], r["answer"]) for r in rows]
+    if c.reference:
+        (scratch / "tokens.json").write_text(json.dumps(tokens))
+    elif json.loads((scratch / "tokens.json").read_text()) != [list(map(list, t)) for t in tokens]:
+        raise EdgeloraError(f"{c.model}: tokenises the eval set differently from the reference (another vocabulary?)")
+
+    answers, correct, totals = [], 0, dict(prompt_tokens=0, prompt_s=0.0, gen_tokens=0, gen_s=0.0)
+    for r in rows:
+        out = rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0)
+        t = rt.timings()
+        totals["prompt_tokens"] += t["prompt_tokens"]
+        totals["prompt_s"] += t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
+        totals["gen_tokens"] += t["gen_tokens"]
+        totals["gen_s"] += t["gen_tokens"] / t["gen_tok_s"] if t["gen_tok_s"] else 0.0
+        correct += score(out, r["answer"])
+        answers.append(out)
+        tick()
+    peak = _peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
+
+    cmp = _Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
+    nll = 0.0
+    for prompt, answer in tokens:
+        logits = rt.logits(prompt + answer)[len(prompt) - 1:-1]
+        logprobs = _log_softmax(logits)
+        nll -= float(logprobs[range(len(answer)), answer].sum())
+        cmp.add(logprobs)
+        tick()
+    kl, top1 = cmp.result()
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
+                perplexity=_exp(nll / cmp.row), kl=kl, top1=top1,
+                prompt_tok_s=_rate(totals["prompt_tokens"], totals["prompt_s"]),
+                gen_tok_s=_rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
+
+
+def _measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
+    """The unquantised reference: the HF base (as training saw it) + the PEFT adapter, in torch
+    (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import base_hash, materialise, resolve_base
+    from .trainer import compute_dtype, pick_device
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = pick_device({"metal": "mps"}.get(s.device, s.device))
+    base = resolve_base(c.model)
+    hf_dir = materialise(base, base_hash(base))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype(device))
+    model = PeftModel.from_pretrained(model, c.loras[0]).to(device).eval()
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(c.loras[0])
+    tokens = json.loads((scratch / "tokens.json").read_text())
+    stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
+    score = make_scorer(s.score, s.pattern)
+    answers, correct, gen_tokens, gen_s = [], 0, 0, 0.0
+    with torch.no_grad():
+        for r, (prompt, _) in zip(rows, tokens):
+            ids = torch.tensor([prompt], device=device)
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):]
+            gen_s += time.perf_counter() - t
+            gen_tokens += len(out)
+            text = tok.decode(out, skip_special_tokens=True)
+            correct += score(text, r["answer"])
+            answers.append(text)
+            tick()
+        peak = _peak_rss_mb()
+        cmp = _Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
+        nll, n_prompt, prompt_s = 0.0, 0, 0.0
+        for prompt, answer in tokens:
+            t = time.perf_counter()
+            logits = model(torch.tensor([prompt + answer], device=device)).logits[0, len(prompt) - 1:-1]
+            prompt_s += time.perf_counter() - t
+            n_prompt += len(prompt) + len(answer)
+            logprobs = _log_softmax(logits.float().cpu().numpy())
+            nll -= float(logprobs[np.arange(len(answer)), answer].sum())
+            cmp.add(logprobs)
+            tick()
+    kl, top1 = cmp.result()
+    size = sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
+    adapter_size = sum(f.stat().st_size for f in Path(c.loras[0]).glob("*.safetensors"))
+    n_params = sum(p.numel() for p in model.get_base_model().parameters())
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
+                perplexity=_exp(nll / cmp.row), kl=kl, top1=top1, prompt_tok_s=_rate(n_prompt, prompt_s),
+                gen_tok_s=_rate(gen_tokens, gen_s), device=f"torch {device}", size_bytes=size + adapter_size,
+                bpw=(size + adapter_size) * 8 / n_params)
+
+
+def _exp(x: float) -> float:
+    import math
+
+    return math.exp(min(x, 700.0))
+
+
+def _rate(n: float, seconds: float) -> float:
+    return n / seconds if seconds else 0.0
+
+
+def _worker(c: Candidate, rows: list[dict], s: Settings, scratch: str, queue) -> None:
+    """Process entry point: measure one candidate, report ticks and the result (or the error) on `queue`."""
+    from .llamacpp import captured_log
+
+    logging.disable(logging.WARNING)
+    try:
+        with captured_log():  # llama.cpp's own chatter stays out of the progress display
+            measure = _measure_hf if c.route == "hf" else _measure_gguf
+            queue.put(("done", measure(c, rows, s, Path(scratch), lambda: queue.put(("tick", None)))))
+    except EdgeloraError as e:
+        queue.put(("error", str(e)))
+    except Exception as e:  # noqa: BLE001 - the parent reports it in one line, naming the model
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _run_isolated(c: Candidate, rows: list[dict], s: Settings, scratch: Path, on_tick) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_worker, args=(c, rows, s, str(scratch), queue), daemon=True)
+    proc.start()
+    try:
+        while True:
+            try:
+                kind, payload = queue.get(timeout=1.0)
+            except Exception:  # queue.Empty: is the worker still alive?
+                if not proc.is_alive():
+                    raise EdgeloraError(f"{c.label}: the measuring process died (exit code {proc.exitcode})") from None
+                continue
+            if kind == "tick":
+                on_tick()
+            elif kind == "error":
+                raise EdgeloraError(f"{c.label} ({c.model}): {payload}")
+            else:
+                return payload
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ---------------------------------------------------------------- the ladder
+
+@dataclass
+class BenchResult:
+    out_dir: Path
+    report: dict
+    files: dict[str, Path]
+
+
+def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quants: Optional[list[str]] = None,
+          limit: Optional[int] = None, score: str = "exact", pattern: Optional[str] = None, threshold: float = 0.97,
+          max_tokens: Optional[int] = None, device: str = "auto", threads: Optional[int] = None,
+          hf: Optional[bool] = None, force: bool = False, progress: bool = True) -> BenchResult:
+    """Measure every candidate (see discover) on eval_data; write report.json/.md and ladder.png."""
+    from . import report as rep
+
+    make_scorer(score, pattern)  # bad options fail before any model loads
+    if not 0 < threshold <= 1:
+        raise EdgeloraError(f"--threshold {threshold}: must be in (0, 1]")
+    cands = discover(inputs, quants, hf)
+    rows = read_eval(eval_data, limit)
+    out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
+    files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
+    taken = [p for p in files.values() if p.exists()]
+    if taken and not force:
+        raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
+    settings = Settings(score, pattern, max_tokens or 0, device, threads)
+    results = _measure_all(cands, rows, settings, out_dir, progress)
+    report = rep.build_report(cands, results, rows, eval_data=eval_data, threshold=threshold, settings=asdict(settings))
+    rep.write_report(report, files)
+    return BenchResult(out_dir, report, files)
+
+
+def _measure_all(cands: list[Candidate], rows: list[dict], s: Settings, out_dir: Path, progress: bool) -> list[dict]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scratch = out_dir / ".scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    if not s.max_tokens:  # room for the longest reference answer: a token is at least one byte
+        s.max_tokens = max(len(r["answer"].encode()) for r in rows) + 16
+    results = []
+    columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+            for c in cands:
+                task = bar.add_task(c.label, total=2 * len(rows))
+                results.append(_run_isolated(c, rows, s, scratch, lambda: bar.advance(task)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results

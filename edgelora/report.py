@@ -1,0 +1,129 @@
+"""The bench report: rows, the recommendation, and report.json / report.md / ladder.png.
+
+Pure functions of the measured numbers (edgelora.bench measures them), so the recommendation
+and the files can be tested on constructed rows.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+from pathlib import Path
+from typing import Optional
+
+from .io import atomic_path, atomic_write_json, atomic_write_text
+from .meta import package_versions
+
+log = logging.getLogger("edgelora")
+
+ROUTES = {"merged": "merged", "lora": "base + LoRA GGUF", "file": "file", "hf": "HF + adapter (torch)"}
+
+
+def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str, threshold: float,
+                 settings: dict) -> dict:
+    table = []
+    for c, r in zip(cands, results):
+        row = {"label": c.label, "route": c.route, "model": c.model, "loras": c.loras, "reference": c.reference,
+               "size_bytes": r.get("size_bytes", c.size_bytes), "bpw": r.get("bpw", c.bpw)}
+        row.update({k: v for k, v in r.items() if k not in row})
+        table.append(row)
+    best, text = recommend(table, threshold)
+    return {
+        "eval_data": str(eval_data), "examples": len(rows), "threshold": threshold, "settings": settings,
+        "reference": next(r["label"] for r in table if r["reference"]),
+        "rows": table,
+        "recommendation": {"label": best["label"] if best else None, "model": best["model"] if best else None,
+                           "text": text},
+        "expected": [r["answer"] for r in rows],
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "versions": package_versions(),
+    }
+
+
+def recommend(rows: list[dict], threshold: float) -> tuple[Optional[dict], str]:
+    """The smallest GGUF whose task score is at least `threshold` x the reference's (the f16
+    GGUF). When the reference scores 0 the task says nothing, and top-1 agreement with the
+    reference stands in for it."""
+    ref = next(r for r in rows if r["reference"])
+    ggufs = [r for r in rows if r["route"] != "hf"]
+    if ref["task_score"] > 0:
+        metric, floor = "task score", threshold * ref["task_score"]
+        value = lambda r: r["task_score"]  # noqa: E731
+    else:
+        metric, floor = "top-1 agreement", threshold
+        value = lambda r: r["top1"]  # noqa: E731
+    ok = [r for r in ggufs if value(r) >= floor - 1e-12]
+    if not ok:  # cannot happen while the reference is among the GGUFs, but say so if it does
+        return None, f"no file keeps {metric} >= {floor:.3f}"
+    best = min(ok, key=lambda r: r["size_bytes"])
+    why = (f"{metric} {value(best):.3f} vs {value(ref):.3f} for {ref['label']} (>= {threshold:.0%})"
+           if best is not ref else f"no smaller file keeps {metric} >= {threshold:.0%} of {ref['label']}'s")
+    if metric == "top-1 agreement":
+        why += f"; the reference's task score is 0, so the task cannot tell the files apart"
+    return best, (f"recommended: {best['label']} ({best['size_bytes'] / 2**20:.1f} MiB, {best['bpw']:.2f} bpw): "
+                  f"{why}")
+
+
+def markdown(report: dict) -> str:
+    ref = report["reference"]
+    s = report["settings"]
+    score = s["score"] + (f" `{s['pattern']}`" if s.get("pattern") else "")
+    lines = [
+        f"# edgelora bench: {Path(report['eval_data']).name}",
+        "",
+        f"{report['examples']} examples, task score = {score} match of greedy answers; "
+        f"KL divergence and top-1 agreement against `{ref}` at every answer token; "
+        f"speeds from llama.cpp's counters ({report['machine']['processor']}, {s['threads'] or 'default'} threads).",
+        "",
+        "| model | route | size MiB | bits/weight | task score | perplexity | KL vs " + ref + " | top-1 vs " + ref
+        + " | prompt tok/s | gen tok/s | load s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        name = f"**{r['label']}**" if r["label"] == report["recommendation"]["label"] else r["label"]
+        lines.append(
+            f"| {name} | {ROUTES.get(r['route'], r['route'])} | {r['size_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | "
+            f"{r['task_score']:.3f} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} | "
+            f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", report["recommendation"]["text"], ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    """ladder.png: task score and KL divergence against file size, one labelled point per row.
+    False (and a warning) when matplotlib is missing: `pip install 'edgelora[bench]'`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'edgelora[bench]'): no ladder.png")
+        return False
+    markers = {"merged": "o", "file": "o", "lora": "^", "hf": "s"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "task_score", "task score (higher is better)"),
+                           (axes[1], "kl", f"KL divergence vs {report['reference']} (lower is better)")):
+        for r in report["rows"]:
+            x, y = r["size_bytes"] / 2**20, r[key]
+            chosen = r["label"] == report["recommendation"]["label"]
+            ax.scatter(x, y, marker=markers.get(r["route"], "o"), s=90 if chosen else 45,
+                       color="tab:green" if chosen else ("tab:gray" if r["route"] == "hf" else "tab:blue"), zorder=3)
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("file size (MiB)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_yscale("symlog", linthresh=1e-3)
+    fig.suptitle(f"{Path(report['eval_data']).name}: {report['recommendation']['text']}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict, files: dict[str, Path]) -> None:
+    atomic_write_json(files["json"], report)
+    atomic_write_text(files["md"], markdown(report))
+    if not plot(report, files["png"]):
+        files.pop("png")
