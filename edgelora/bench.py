@@ -23,7 +23,6 @@ import logging
 import multiprocessing as mp
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,14 +182,21 @@ def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[
 # ---------------------------------------------------------------- one model, in its own process
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux VmHWM, not ru_maxrss: a spawned process
+    inherits the parent's ru_maxrss through fork and exec, and the parent may hold a trained model."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
         import psutil
 
         return psutil.Process().memory_info().peak_wset / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
 
 
 class _Compare:

@@ -16,7 +16,7 @@ log = logging.getLogger("edgelora")
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(format="%(message)s", level=logging.INFO if not verbose else logging.DEBUG, stream=sys.stderr)
-    for noisy in ("bitsandbytes", "transformers", "peft", "accelerate", "httpx"):
+    for noisy in ("bitsandbytes", "transformers", "peft", "accelerate", "httpx", "gguf"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*autograd kernel was not registered.*")
@@ -24,8 +24,13 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+# Modules of the optional extras: the light install (the runtime) has none of them.
+EXTRAS = {**dict.fromkeys(["torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors"], "train"),
+          **dict.fromkeys(["starlette", "uvicorn", "pydantic", "sse_starlette", "fastapi"], "serve")}
+
+
 def friendly_errors(fn):
-    """Bad input -> `error: <one line>` on stderr, exit 1, no traceback."""
+    """Bad input -> `error: <one line>` on stderr, exit 1, no traceback. So is a missing extra."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,6 +38,13 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except EdgeloraError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRAS:
+                raise
+            click.echo(f"error: edgelora {click.get_current_context().info_name} needs {top}: "
+                       f"pip install 'edgelora[{EXTRAS[top]}]'", err=True)
             sys.exit(1)
 
     return wrapper
@@ -352,10 +364,7 @@ def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit
     GET /v1/models. The request's `model` picks the base or a LoRA; the base is loaded once.
     Requests are answered one at a time, in order. Ctrl-C stops the server.
     """
-    try:
-        from .serve import build_app, listen, open_models, run as run_server
-    except ModuleNotFoundError as e:  # the light install has no HTTP stack
-        raise EdgeloraError(f"edgelora serve needs {e.name.split('.')[0]}: pip install 'edgelora[serve]'") from None
+    from .serve import build_app, listen, open_models, run as run_server
 
     scales = _lora_scales(loras, lora_scales)
     verbose = log.isEnabledFor(logging.DEBUG)

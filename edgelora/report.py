@@ -46,17 +46,17 @@ def recommend(rows: list[dict], threshold: float) -> tuple[Optional[dict], str]:
     ref = next(r for r in rows if r["reference"])
     ggufs = [r for r in rows if r["route"] != "hf"]
     if ref["task_score"] > 0:
-        metric, floor = "task score", threshold * ref["task_score"]
+        metric, floor, bar = "task score", threshold * ref["task_score"], f"{threshold:.0%} of {ref['label']}'s"
         value = lambda r: r["task_score"]  # noqa: E731
     else:
-        metric, floor = "top-1 agreement", threshold
+        metric, floor, bar = "top-1 agreement", threshold, f"{threshold:.0%}"
         value = lambda r: r["top1"]  # noqa: E731
     ok = [r for r in ggufs if value(r) >= floor - 1e-12]
     if not ok:  # cannot happen while the reference is among the GGUFs, but say so if it does
         return None, f"no file keeps {metric} >= {floor:.3f}"
     best = min(ok, key=lambda r: r["size_bytes"])
     why = (f"{metric} {value(best):.3f} vs {value(ref):.3f} for {ref['label']} (>= {threshold:.0%})"
-           if best is not ref else f"no smaller file keeps {metric} >= {threshold:.0%} of {ref['label']}'s")
+           if best is not ref else f"no smaller file keeps {metric} >= {bar}")
     if metric == "top-1 agreement":
         why += f"; the reference's task score is 0, so the task cannot tell the files apart"
     return best, (f"recommended: {best['label']} ({best['size_bytes'] / 2**20:.1f} MiB, {best['bpw']:.2f} bpw): "
@@ -82,7 +82,7 @@ def markdown(report: dict) -> str:
         name = f"**{r['label']}**" if r["label"] == report["recommendation"]["label"] else r["label"]
         lines.append(
             f"| {name} | {ROUTES.get(r['route'], r['route'])} | {r['size_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | "
-            f"{r['task_score']:.3f} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} | "
+            f"{r['task_score']:.3f} | {r['perplexity']:.4f} | {r['kl']:.3g} | {r['top1']:.3f} | "
             f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", report["recommendation"]["text"], ""]
     return "\n".join(lines)
@@ -93,6 +93,7 @@ def plot(report: dict, path: Path) -> bool:
     False (and a warning) when matplotlib is missing: `pip install 'edgelora[bench]'`."""
     try:
         import matplotlib
+        import matplotlib.ticker
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -103,17 +104,25 @@ def plot(report: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "task_score", "task score (higher is better)"),
                            (axes[1], "kl", f"KL divergence vs {report['reference']} (lower is better)")):
-        for r in report["rows"]:
+        for i, r in enumerate(sorted(report["rows"], key=lambda r: r["size_bytes"])):
             x, y = r["size_bytes"] / 2**20, r[key]
             chosen = r["label"] == report["recommendation"]["label"]
             ax.scatter(x, y, marker=markers.get(r["route"], "o"), s=90 if chosen else 45,
                        color="tab:green" if chosen else ("tab:gray" if r["route"] == "hf" else "tab:blue"), zorder=3)
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        ax.set_xlabel("file size (MiB)")
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 7 if i % 2 else -13), fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("file size (MiB, log scale)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.05, 1.05)
-    axes[1].set_yscale("symlog", linthresh=1e-3)
+    routes = sorted({r["route"] for r in report["rows"]}, key=list(markers).index)
+    axes[0].legend(handles=[plt.Line2D([], [], marker=markers[k], linestyle="", color="tab:blue", label=ROUTES[k])
+                            for k in routes], loc="lower right", fontsize=8)
+    axes[1].set_yscale("symlog", linthresh=1e-5)
+    axes[1].set_ylim(0, max(1e-4, 3 * max(r["kl"] for r in report["rows"])))
     fig.suptitle(f"{Path(report['eval_data']).name}: {report['recommendation']['text']}", fontsize=9)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:

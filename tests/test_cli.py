@@ -108,3 +108,13 @@ def test_inspect_rejects_non_gguf(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"not a gguf at all")
     assert_one_line_error(run_cli("inspect", bad), "model.gguf")
+
+
+def test_a_missing_extra_is_one_line_naming_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; from edgelora.cli import main; "
+            "main(['train', '--data', 'd.jsonl', '--out', 'o'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert (out.returncode, out.stderr) == (1, "error: edgelora train needs torch: pip install 'edgelora[train]'\n")

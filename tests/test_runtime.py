@@ -208,11 +208,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(gguf, merged, monkeypatch):
     assert calls[1] == [{"role": "user", "content": "hi"}]
 
 
-def test_runtime_and_cli_import_neither_torch_nor_transformers(tmp_path):
-    code = ("import sys, edgelora.runtime, edgelora.cli\n"
+@pytest.mark.parametrize("module, command, option", [("edgelora.runtime", "run", "--lora"),
+                                                     ("edgelora.serve", "serve", "--api-key"),
+                                                     ("edgelora.bench", "bench", "--eval-data")])
+def test_the_laptop_side_imports_neither_torch_nor_transformers(module, command, option):
+    code = (f"import sys, {module}, edgelora.cli\n"
             "from click.testing import CliRunner\n"
-            "r = CliRunner().invoke(edgelora.cli.main, ['run', '--help'])\n"
-            "assert r.exit_code == 0 and '--lora' in r.output, r.output\n"
+            f"r = CliRunner().invoke(edgelora.cli.main, ['{command}', '--help'])\n"
+            f"assert r.exit_code == 0 and '{option}' in r.output, r.output\n"
             "print([m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,124 @@
+"""`edgelora demo`: the whole product on the embedded default, offline, in one command.
+
+    base SmolLM2-135M-Instruct (shipped GGUF)  --train-->  QLoRA adapter on the bundled
+    extraction task  --export-->  f16 / q8_0 / q4_k_m / q2_k GGUFs + a LoRA GGUF
+    --bench-->  the quality-versus-size ladder, and the base model's own score beside it.
+
+Each stage leaves a finished marker (the run's summary.json, the export's manifest.json, the
+bench's report.json) and a rerun skips what is finished; a training run cut off part-way
+resumes from its last checkpoint; --force redoes everything. The stages are the same
+functions `edgelora train / export / bench` call.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import EdgeloraError
+from .io import atomic_write_json
+
+QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
+TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
+MODES = {  # steps of 8 examples; eval loss while training (quick: none); examples benched (None: all 60); torch row
+    "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=12, hf=False),
+    "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True),
+}
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    summary: dict
+    after_report: dict
+    before_report: dict
+
+
+def demo_data() -> tuple[Path, Path]:
+    """The bundled task (examples/data, installed as edgelora.demo_data): train and eval JSONL."""
+    root = resources.files("edgelora.demo_data")
+    train, evals = root / "extract_train.jsonl", root / "extract_eval.jsonl"
+    if not (train.is_file() and evals.is_file()):
+        raise EdgeloraError("the demo dataset is missing from this installation (edgelora.demo_data)")
+    return Path(str(train)), Path(str(evals))
+
+
+def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False, threads: Optional[int] = None,
+         progress: bool = True, say: Callable[[str], None] = print) -> DemoResult:
+    from .bench import bench, read_eval
+    from .config import load_config
+    from .exporter import export
+    from .trainer import last_checkpoint, train
+
+    mode = "quick" if quick else "full"
+    m = MODES[mode]
+    out_dir = Path(out)
+    state_path = out_dir / "demo.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state and state.get("mode") != mode and not force:
+        say(f"{out_dir} holds a {state.get('mode')} demo: starting over for the {mode} one")
+        force = True
+    if force and out_dir.exists():
+        if not state_path.is_file() and any(out_dir.iterdir()):
+            raise EdgeloraError(f"{out_dir} exists and is not an edgelora demo folder; refusing to delete it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = state.get("timings", {}) if state.get("mode") == mode else {}
+    atomic_write_json(state_path, {"mode": mode, "timings": timings})
+    train_file, eval_file = demo_data()
+    run_dir, base_dir = out_dir / "run", out_dir / "base"
+    export_dir = run_dir / "export"
+
+    def stage(name: str, done: bool, what: str, fn) -> None:
+        if done:
+            say(f"[{name}] done already ({what}); --force redoes it")
+            return
+        say(f"[{name}] {what} ...")
+        t0 = time.time()
+        fn()
+        timings[name] = round(time.time() - t0, 1)
+        atomic_write_json(state_path, {"mode": mode, "timings": timings})
+
+    def do_train():
+        resume = last_checkpoint(run_dir) is not None
+        evals = {"eval_data": str(eval_file), "eval_every": m["eval_every"]} if m["eval_every"] else {}
+        cfg = load_config(None, {**TRAIN, **evals, "data": str(train_file), "out": str(run_dir),
+                                 "max_steps": m["max_steps"], "lr": m["lr"], "save_every": m["save_every"]})
+        train(cfg, resume=resume, force=not resume)
+
+    bench_opts = dict(limit=m["limit"], threads=threads, progress=progress, force=True)
+    stage("train", (run_dir / "summary.json").is_file(),
+          f"QLoRA on {TRAIN['base']}, {m['max_steps']} steps of {TRAIN['batch_size']} examples", do_train)
+    stage("export", (export_dir / "manifest.json").is_file(), f"merged {', '.join(QUANTS)} + LoRA GGUF",
+          lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True))
+    stage("before", (base_dir / "bench" / "report.json").is_file(), "the untrained base at f16 and q4_k_m, benched",
+          lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
+                   bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))
+    stage("bench", (export_dir / "bench" / "report.json").is_file(), "the trained ladder on the held-out set",
+          lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], **bench_opts))
+
+    before = json.loads((base_dir / "bench" / "report.json").read_text())
+    after = json.loads((export_dir / "bench" / "report.json").read_text())
+    summary = _summary(mode, timings, before, after, export_dir)
+    summary["example"]["question"] = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
+    atomic_write_json(state_path, summary)
+    return DemoResult(out_dir, summary, after, before)
+
+
+def _summary(mode: str, timings: dict, before: dict, after: dict, export_dir: Path) -> dict:
+    score = lambda report, label: next(r["task_score"] for r in report["rows"] if r["label"] == label)  # noqa: E731
+    first = 0  # the before/after example shown: the first held-out question
+    pick = lambda report, label: next(r["answers"][first] for r in report["rows"] if r["label"] == label)  # noqa: E731
+    return {
+        "mode": mode, "timings": timings, "examples": after["examples"],
+        "task_score": {q: {"before": score(before, q), "after": score(after, q)} for q in ("f16", "q4_k_m")},
+        "example": {"expected": after["expected"][first], "before": pick(before, "q4_k_m"),
+                    "after": pick(after, "q4_k_m")},
+        "recommendation": after["recommendation"]["text"],
+        "files": {"export": str(export_dir), "q4_k_m": next(r["model"] for r in after["rows"] if r["label"] == "q4_k_m"), "report": str(export_dir / "bench" / "report.md"),
+                  "plot": str(export_dir / "bench" / "ladder.png"), "modelfile": str(export_dir / "Modelfile")},
+    }

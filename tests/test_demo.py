@@ -1,0 +1,63 @@
+"""`edgelora demo --quick` end to end on the embedded SmolLM2, as CI runs it: the tuned files
+beat the untrained base on held-out examples, reports are written, a rerun reuses every stage."""
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from edgelora.cli import main
+from edgelora.demo import demo_data
+from test_models import needs_smollm2
+
+pytestmark = [pytest.mark.slow, needs_smollm2]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    t0 = time.time()
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out, r.output, time.time() - t0
+
+
+def test_training_beats_the_base_for_f16_and_q4_k_m(quick_demo):
+    out, _, _ = quick_demo
+    summary = json.loads((out / "demo.json").read_text())
+    for quant in ("f16", "q4_k_m"):
+        s = summary["task_score"][quant]
+        assert s["after"] > s["before"], (quant, s)
+        assert s["after"] >= 0.75, (quant, s)
+    before = json.loads((out / "base" / "bench" / "report.json").read_text())
+    after = json.loads((out / "run" / "export" / "bench" / "report.json").read_text())
+    assert before["expected"] == after["expected"] and after["examples"] == summary["examples"] == 12
+    assert {r["label"] for r in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora"}
+    assert summary["example"]["after"].strip() == summary["example"]["expected"]
+
+
+def test_outputs_and_printed_report(quick_demo):
+    out, output, _ = quick_demo
+    export = out / "run" / "export"
+    for name in ("run-f16.gguf", "run-q8_0.gguf", "run-q4_k_m.gguf", "run-q2_k.gguf", "run-lora-f16.gguf",
+                 "Modelfile", "Modelfile.lora", "manifest.json", "bench/report.md", "bench/ladder.png"):
+        assert (export / name).is_file(), name
+    assert "| **" in output and "recommended: " in output
+    assert "before -> after training: f16 " in output and "example question: " in output
+    assert str(export / "run-q4_k_m.gguf") in output
+
+
+def test_a_rerun_reuses_every_stage(quick_demo):
+    out, _, first = quick_demo
+    report = (out / "run" / "export" / "bench" / "report.json").read_bytes()
+    t0 = time.time()
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("done already") == 4
+    assert (out / "run" / "export" / "bench" / "report.json").read_bytes() == report
+    assert time.time() - t0 < first / 5
+
+
+def test_demo_data_is_packaged():
+    train, evals = demo_data()
+    assert sum(1 for _ in train.open()) == 300 and sum(1 for _ in evals.open()) == 60

@@ -1,0 +1,28 @@
+"""The README stays true: its CLI reference is the commands' --help, its set-up commands are the two CI uses."""
+import re
+from pathlib import Path
+
+from edgelora import clidoc
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_cli_reference_is_generated_from_help():
+    block = re.search(re.escape(clidoc.START) + ".*?" + re.escape(clidoc.END), README, re.S)
+    assert block, "README has no CLI reference block"
+    assert block.group(0) == clidoc.render(), "README's CLI reference is stale: python -m edgelora.clidoc --write README.md"
+
+
+def test_every_command_is_in_the_reference():
+    from edgelora.cli import main
+
+    for name in main.commands:
+        assert f"$ edgelora {name} --help" in README
+
+
+def test_exactly_two_setup_commands_and_ci_runs_the_second():
+    setup = [line for line in README.splitlines() if line.startswith("bash .ci/setup")]
+    assert setup == ["bash .ci/setup && .venv/bin/edgelora demo",
+                     "bash .ci/setup && .venv/bin/python -m pytest -q -rs"]
+    assert setup[1] in (ROOT / ".ci" / "run").read_text()
