@@ -12,10 +12,9 @@ script, no third-party text).
     python examples/make_chat_dataset.py              # rewrites examples/data/support_chat.jsonl
     python examples/make_chat_dataset.py --out DIR    # writes DIR/support_chat.jsonl instead
 """
-import argparse
-import json
 import random
-from pathlib import Path
+
+from dataset_files import distinct, output_dir, write_jsonl
 
 SYSTEM = "You are the support assistant for the Lumo K2 smart kettle. Answer briefly and only about the K2."
 OPEN, CLOSE = "Lumo Support here.", "Anything else about your K2?"
@@ -75,17 +74,8 @@ def conversation(rng: random.Random) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "data", help="folder to write into")
-    out = p.parse_args().out
-    rng = random.Random(2026)
-    rows: list[dict] = []
-    while len(rows) < 96:  # 96 distinct rows
-        r = conversation(rng)
-        if r not in rows:
-            rows.append(r)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "support_chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = output_dir(__doc__)
+    write_jsonl(out / "support_chat.jsonl", distinct(conversation, 96, random.Random(2026)))
 
 
 if __name__ == "__main__":

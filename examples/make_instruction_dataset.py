@@ -12,11 +12,10 @@ script, no third-party text).
     python examples/make_instruction_dataset.py             # rewrites examples/data/units_instruction.jsonl
     python examples/make_instruction_dataset.py --out DIR   # writes DIR/units_instruction.jsonl instead
 """
-import argparse
-import json
 import random
 from decimal import Decimal
-from pathlib import Path
+
+from dataset_files import distinct, output_dir, write_jsonl
 
 INSTRUCTION = "Convert the quantity to the unit asked for. Answer with the number and the unit symbol only."
 # (from symbol, from name, to symbol, to name, factor): value_in_to = value_in_from * factor. All exact.
@@ -68,17 +67,8 @@ def row(rng: random.Random) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "data", help="folder to write into")
-    out = p.parse_args().out
-    rng = random.Random(2026)
-    rows: list[dict] = []
-    while len(rows) < 120:  # 120 distinct rows
-        r = row(rng)
-        if r not in rows:
-            rows.append(r)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "units_instruction.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = output_dir(__doc__)
+    write_jsonl(out / "units_instruction.jsonl", distinct(row, 120, random.Random(2026)))
 
 
 if __name__ == "__main__":
