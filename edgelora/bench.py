@@ -13,7 +13,8 @@ with position by position. Reports: report.json, report.md and ladder.png, writt
 edgelora.report, with the recommendation: the smallest file whose task score stays within
 the threshold of the reference's.
 
-The GGUF side needs llama-cpp-python only; the HF reference row needs the `train` extra.
+The GGUF side needs llama-cpp-python only; the HF reference row (edgelora.bench_torch) needs the
+`train` extra.
 """
 from __future__ import annotations
 
@@ -181,7 +182,7 @@ def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[
 
 # ---------------------------------------------------------------- one model, in its own process
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory. On Linux VmHWM, not ru_maxrss: a spawned process
     inherits the parent's ru_maxrss through fork and exec, and the parent may hold a trained model."""
     try:
@@ -199,7 +200,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
 
 
-class _Compare:
+class Compare:
     """Log-probabilities at every answer position: the reference writes them to a scratch file,
     the others are compared with it (mean KL(ref || model), top-1 agreement)."""
 
@@ -235,7 +236,7 @@ class _Compare:
         return self.kl_sum / self.row, self.agree / self.row
 
 
-def _log_softmax(logits):
+def log_softmax(logits):
     import numpy as np
 
     x = np.asarray(logits, dtype=np.float64)
@@ -267,89 +268,30 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
         correct += score(out, r["answer"])
         answers.append(out)
         tick()
-    peak = _peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
+    peak = peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
 
-    cmp = _Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
+    cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
     nll = 0.0
     for prompt, answer in tokens:
         logits = rt.logits(prompt + answer)[len(prompt) - 1:-1]
-        logprobs = _log_softmax(logits)
+        logprobs = log_softmax(logits)
         nll -= float(logprobs[range(len(answer)), answer].sum())
         cmp.add(logprobs)
         tick()
     kl, top1 = cmp.result()
     return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
-                perplexity=_exp(nll / cmp.row), kl=kl, top1=top1,
-                prompt_tok_s=_rate(totals["prompt_tokens"], totals["prompt_s"]),
-                gen_tok_s=_rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
+                perplexity=capped_exp(nll / cmp.row), kl=kl, top1=top1,
+                prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
+                gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
 
 
-def _measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
-    """The unquantised reference: the HF base (as training saw it) + the PEFT adapter, in torch
-    (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
-    import numpy as np
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import base_hash, materialise, resolve_base
-    from .trainer import compute_dtype, pick_device
-
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    device = pick_device({"metal": "mps"}.get(s.device, s.device))
-    base = resolve_base(c.model)
-    hf_dir = materialise(base, base_hash(base))
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype(device))
-    model = PeftModel.from_pretrained(model, c.loras[0]).to(device).eval()
-    load_s = time.perf_counter() - t0
-    tok = AutoTokenizer.from_pretrained(c.loras[0])
-    tokens = json.loads((scratch / "tokens.json").read_text())
-    stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
-    score = make_scorer(s.score, s.pattern)
-    answers, correct, gen_tokens, gen_s = [], 0, 0, 0.0
-    with torch.no_grad():
-        for r, (prompt, _) in zip(rows, tokens):
-            ids = torch.tensor([prompt], device=device)
-            t = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):]
-            gen_s += time.perf_counter() - t
-            gen_tokens += len(out)
-            text = tok.decode(out, skip_special_tokens=True)
-            correct += score(text, r["answer"])
-            answers.append(text)
-            tick()
-        peak = _peak_rss_mb()
-        cmp = _Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
-        nll, n_prompt, prompt_s = 0.0, 0, 0.0
-        for prompt, answer in tokens:
-            t = time.perf_counter()
-            logits = model(torch.tensor([prompt + answer], device=device)).logits[0, len(prompt) - 1:-1]
-            prompt_s += time.perf_counter() - t
-            n_prompt += len(prompt) + len(answer)
-            logprobs = _log_softmax(logits.float().cpu().numpy())
-            nll -= float(logprobs[np.arange(len(answer)), answer].sum())
-            cmp.add(logprobs)
-            tick()
-    kl, top1 = cmp.result()
-    size = sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
-    adapter_size = sum(f.stat().st_size for f in Path(c.loras[0]).glob("*.safetensors"))
-    n_params = sum(p.numel() for p in model.get_base_model().parameters())
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
-                perplexity=_exp(nll / cmp.row), kl=kl, top1=top1, prompt_tok_s=_rate(n_prompt, prompt_s),
-                gen_tok_s=_rate(gen_tokens, gen_s), device=f"torch {device}", size_bytes=size + adapter_size,
-                bpw=(size + adapter_size) * 8 / n_params)
-
-
-def _exp(x: float) -> float:
+def capped_exp(x: float) -> float:
     import math
 
     return math.exp(min(x, 700.0))
 
 
-def _rate(n: float, seconds: float) -> float:
+def rate(n: float, seconds: float) -> float:
     return n / seconds if seconds else 0.0
 
 
@@ -360,7 +302,10 @@ def _worker(c: Candidate, rows: list[dict], s: Settings, scratch: str, queue) ->
     logging.disable(logging.WARNING)
     try:
         with captured_log():  # llama.cpp's own chatter stays out of the progress display
-            measure = _measure_hf if c.route == "hf" else _measure_gguf
+            if c.route == "hf":
+                from .bench_torch import measure_hf as measure
+            else:
+                measure = _measure_gguf
             queue.put(("done", measure(c, rows, s, Path(scratch), lambda: queue.put(("tick", None)))))
     except EdgeloraError as e:
         queue.put(("error", str(e)))

@@ -1,0 +1,71 @@
+"""The bench's torch row: the HF base + PEFT adapter, the unquantised model the GGUFs come from.
+
+Kept apart from edgelora.bench so that benching GGUF files needs no torch (the `train` extra);
+it runs in its own process like every other row.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .bench import Candidate, Compare, Settings, capped_exp, log_softmax, make_scorer, peak_rss_mb, rate
+
+
+def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
+    """The unquantised reference: the HF base (as training saw it) + the PEFT adapter, in torch
+    (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import base_hash, materialise, resolve_base
+    from .trainer import compute_dtype, pick_device
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = pick_device({"metal": "mps"}.get(s.device, s.device))
+    base = resolve_base(c.model)
+    hf_dir = materialise(base, base_hash(base))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype(device))
+    model = PeftModel.from_pretrained(model, c.loras[0]).to(device).eval()
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(c.loras[0])
+    tokens = json.loads((scratch / "tokens.json").read_text())
+    stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
+    score = make_scorer(s.score, s.pattern)
+    answers, correct, gen_tokens, gen_s = [], 0, 0, 0.0
+    with torch.no_grad():
+        for r, (prompt, _) in zip(rows, tokens):
+            ids = torch.tensor([prompt], device=device)
+            t = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):]
+            gen_s += time.perf_counter() - t
+            gen_tokens += len(out)
+            text = tok.decode(out, skip_special_tokens=True)
+            correct += score(text, r["answer"])
+            answers.append(text)
+            tick()
+        peak = peak_rss_mb()
+        cmp = Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
+        nll, n_prompt, prompt_s = 0.0, 0, 0.0
+        for prompt, answer in tokens:
+            t = time.perf_counter()
+            logits = model(torch.tensor([prompt + answer], device=device)).logits[0, len(prompt) - 1:-1]
+            prompt_s += time.perf_counter() - t
+            n_prompt += len(prompt) + len(answer)
+            logprobs = log_softmax(logits.float().cpu().numpy())
+            nll -= float(logprobs[np.arange(len(answer)), answer].sum())
+            cmp.add(logprobs)
+            tick()
+    kl, top1 = cmp.result()
+    size = sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
+    adapter_size = sum(f.stat().st_size for f in Path(c.loras[0]).glob("*.safetensors"))
+    n_params = sum(p.numel() for p in model.get_base_model().parameters())
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
+                perplexity=capped_exp(nll / cmp.row), kl=kl, top1=top1, prompt_tok_s=rate(n_prompt, prompt_s),
+                gen_tok_s=rate(gen_tokens, gen_s), device=f"torch {device}", size_bytes=size + adapter_size,
+                bpw=(size + adapter_size) * 8 / n_params)
