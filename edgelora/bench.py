@@ -25,6 +25,7 @@ import multiprocessing as mp
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -300,6 +301,7 @@ def _worker(c: Candidate, rows: list[dict], s: Settings, scratch: str, queue) ->
     from .llamacpp import captured_log
 
     logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # a fresh process: the CLI's filters are not here
     try:
         with captured_log():  # llama.cpp's own chatter stays out of the progress display
             if c.route == "hf":
