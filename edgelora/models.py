@@ -133,7 +133,8 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
     if base.kind != "gguf":
         return base.path
     digest = digest or file_sha256(base.path)
-    out = cache_dir() / "bases" / f"{base.name}-{digest[:12]}-v{MATERIALISE_VERSION}"
+    # Keyed by the file, not by how it was named: the alias and its path share one copy.
+    out = cache_dir() / "bases" / f"{base.path.stem}-{digest[:12]}-v{MATERIALISE_VERSION}"
     if (out / ".complete").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -31,10 +31,13 @@ def chat_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows())
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """edgelora's base-model cache goes to a per-session temp dir, never ~/.cache."""
-    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "edgelora-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """edgelora's base-model cache goes to a per-session temp dir, never ~/.cache; session-scoped,
+    so module-scoped fixtures (trained runs, the demo) use it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDGELORA_CACHE", str(tmp_path_factory.getbasetemp() / "edgelora-cache"))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -79,6 +79,7 @@ def test_gguf_base_is_dequantised_once_and_answers(tmp_path):
     hf_dir = materialise(b)
     assert (hf_dir / "model.safetensors").is_file() and (hf_dir / ".complete").is_file()
     assert materialise(b) == hf_dir  # cached
+    assert materialise(resolve_base(str(b.path))) == hf_dir  # one copy, however the file is named
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     assert getattr(model.config, "quantization_config", None) is None
