@@ -34,8 +34,6 @@ from .data import read_jsonl
 from .errors import EdgeloraError
 from .runtime import gguf_metadata
 
-log = logging.getLogger("edgelora")
-
 SCORES = ("exact", "contains", "regex")
 
 
@@ -56,10 +54,9 @@ class Candidate:
 class Settings:
     score: str = "exact"
     pattern: Optional[str] = None
-    max_tokens: int = 0  # 0: the longest reference answer + 16 tokens
+    max_tokens: int = 0  # bench() makes 0 the longest reference answer's bytes + 16
     device: str = "auto"
     threads: Optional[int] = None
-    n_ctx: int = 4096
 
 
 # ---------------------------------------------------------------- what to measure
@@ -75,9 +72,9 @@ def discover(inputs: list[str], quants: Optional[list[str]] = None, hf: Optional
         cands = _from_export(paths[0], quants, hf)
     else:
         cands = [_from_file(p) for p in paths]
-    if not any(c.route != "hf" for c in cands):
-        raise EdgeloraError(f"{inputs[0]}: no GGUF model to bench")
     ggufs = [c for c in cands if c.route != "hf"]
+    if not ggufs:
+        raise EdgeloraError(f"{inputs[0]}: no GGUF model to bench")
     ref = next((c for c in ggufs if c.label == "f16"), None) or max(ggufs, key=lambda c: c.bpw or 0)
     ref.reference = True
     return [ref] + [c for c in cands if c is not ref]
@@ -121,12 +118,13 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
         lora_info = inspect_gguf(folder / lora["file"])
         base = manifest["inputs"]["base"]
         if base["kind"] == "gguf":
-            bases = [(_quant_name(inspect_gguf(base["path"])["file_type"]), Path(base["path"]))]
+            bases = [(None, Path(base["path"]))]  # the base GGUF itself: named by its file type below
         else:
             bases = [(role.split(":")[1], folder / o["file"]) for role, o in outputs.items() if role.startswith("base:")
                      and (not quants or role.split(":")[1] in wanted)]
         for quant, path in bases:
             info = inspect_gguf(path)
+            quant = quant or _quant_name(info["file_type"])
             bits = (info["tensor_bytes"] + lora_info["tensor_bytes"]) * 8 / info["n_params"]
             cands.append(Candidate(f"{quant}+lora", "lora", str(path), [str(folder / lora["file"])],
                                    info["size_bytes"] + lora_info["size_bytes"], bits))
@@ -202,8 +200,9 @@ def peak_rss_mb() -> float:
 
 
 class Compare:
-    """Log-probabilities at every answer position: the reference writes them to a scratch file,
-    the others are compared with it (mean KL(ref || model), top-1 agreement)."""
+    """Scores next-token logits at every answer position: the answers' negative log-likelihood
+    (-> perplexity), and against the reference, whose log-probabilities it writes to a scratch
+    file that the others read: mean KL(ref || model) and top-1 agreement."""
 
     def __init__(self, scratch: Path, reference: bool, n_positions: int, n_vocab: int):
         import numpy as np
@@ -216,10 +215,13 @@ class Compare:
         self.ref = np.lib.format.open_memmap(path, mode="w+" if reference else "r", dtype=np.float32, shape=shape)
         if self.ref.shape != shape:
             raise EdgeloraError(f"answer positions x vocabulary {shape} differ from the reference's {self.ref.shape}")
-        self.kl_sum, self.agree = 0.0, 0
+        self.nll, self.kl_sum, self.agree = 0.0, 0.0, 0
 
-    def add(self, logprobs) -> None:
+    def add(self, logits, answer: list[int]) -> None:
+        """`logits`: one row per answer token, each predicting that token."""
         np = self.np
+        logprobs = log_softmax(logits)
+        self.nll -= float(logprobs[np.arange(len(answer)), answer].sum())
         rows = slice(self.row, self.row + len(logprobs))
         if self.reference:
             self.ref[rows] = logprobs
@@ -230,11 +232,13 @@ class Compare:
             self.agree += int((ref.argmax(-1) == logprobs.argmax(-1)).sum())
         self.row += len(logprobs)
 
-    def result(self) -> tuple[float, float]:
+    def result(self) -> dict:
+        """perplexity, kl and top1 over all the answer tokens added."""
+        perplexity = capped_exp(self.nll / self.row)
         if self.reference:
             self.ref.flush()
-            return 0.0, 1.0
-        return self.kl_sum / self.row, self.agree / self.row
+            return dict(perplexity=perplexity, kl=0.0, top1=1.0)
+        return dict(perplexity=perplexity, kl=self.kl_sum / self.row, top1=self.agree / self.row)
 
 
 def log_softmax(logits):
@@ -250,7 +254,7 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
 
     score = make_scorer(s.score, s.pattern)
     t0 = time.perf_counter()
-    rt = load(c.model, loras=[(p, 1.0) for p in c.loras], device=s.device, threads=s.threads, n_ctx=s.n_ctx)
+    rt = load(c.model, loras=[(p, 1.0) for p in c.loras], device=s.device, threads=s.threads)
     load_s = time.perf_counter() - t0
     tokens = [rt.chat_tokens(r["messages"], r["answer"]) for r in rows]
     if c.reference:
@@ -258,30 +262,22 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
     elif json.loads((scratch / "tokens.json").read_text()) != [list(map(list, t)) for t in tokens]:
         raise EdgeloraError(f"{c.model}: tokenises the eval set differently from the reference (another vocabulary?)")
 
-    answers, correct, totals = [], 0, dict(prompt_tokens=0, prompt_s=0.0, gen_tokens=0, gen_s=0.0)
+    answers, correct, totals = [], 0, dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
     for r in rows:
         out = rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0)
         t = rt.timings()
-        totals["prompt_tokens"] += t["prompt_tokens"]
-        totals["prompt_s"] += t["prompt_tokens"] / t["prompt_tok_s"] if t["prompt_tok_s"] else 0.0
-        totals["gen_tokens"] += t["gen_tokens"]
-        totals["gen_s"] += t["gen_tokens"] / t["gen_tok_s"] if t["gen_tok_s"] else 0.0
+        for key in totals:
+            totals[key] += t[key]
         correct += score(out, r["answer"])
         answers.append(out)
         tick()
     peak = peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
 
     cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
-    nll = 0.0
     for prompt, answer in tokens:
-        logits = rt.logits(prompt + answer)[len(prompt) - 1:-1]
-        logprobs = log_softmax(logits)
-        nll -= float(logprobs[range(len(answer)), answer].sum())
-        cmp.add(logprobs)
+        cmp.add(rt.logits(prompt + answer)[len(prompt) - 1:-1], answer)
         tick()
-    kl, top1 = cmp.result()
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
-                perplexity=capped_exp(nll / cmp.row), kl=kl, top1=top1,
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows), **cmp.result(),
                 prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
                 gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
 
@@ -366,7 +362,8 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
     taken = [p for p in files.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
-    settings = Settings(score, pattern, max_tokens or 0, device, threads)
+    longest = max(len(r["answer"].encode()) for r in rows) + 16  # room for any reference answer: a token >= 1 byte
+    settings = Settings(score, pattern, max_tokens or longest, device, threads)
     results = _measure_all(cands, rows, settings, out_dir, progress)
     report = rep.build_report(cands, results, rows, eval_data=eval_data, threshold=threshold, settings=asdict(settings))
     rep.write_report(report, files)
@@ -381,8 +378,6 @@ def _measure_all(cands: list[Candidate], rows: list[dict], s: Settings, out_dir:
     scratch = out_dir / ".scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    if not s.max_tokens:  # room for the longest reference answer: a token is at least one byte
-        s.max_tokens = max(len(r["answer"].encode()) for r in rows) + 16
     results = []
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:

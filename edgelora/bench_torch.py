@@ -9,13 +9,12 @@ import json
 import time
 from pathlib import Path
 
-from .bench import Candidate, Compare, Settings, capped_exp, log_softmax, make_scorer, peak_rss_mb, rate
+from .bench import Candidate, Compare, Settings, make_scorer, peak_rss_mb, rate
 
 
 def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
     """The unquantised reference: the HF base (as training saw it) + the PEFT adapter, in torch
     (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
-    import numpy as np
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,21 +50,18 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
             tick()
         peak = peak_rss_mb()
         cmp = Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
-        nll, n_prompt, prompt_s = 0.0, 0, 0.0
+        n_prompt, prompt_s = 0, 0.0
         for prompt, answer in tokens:
             t = time.perf_counter()
             logits = model(torch.tensor([prompt + answer], device=device)).logits[0, len(prompt) - 1:-1]
             prompt_s += time.perf_counter() - t
             n_prompt += len(prompt) + len(answer)
-            logprobs = log_softmax(logits.float().cpu().numpy())
-            nll -= float(logprobs[np.arange(len(answer)), answer].sum())
-            cmp.add(logprobs)
+            cmp.add(logits.float().cpu().numpy(), answer)
             tick()
-    kl, top1 = cmp.result()
     size = sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
     adapter_size = sum(f.stat().st_size for f in Path(c.loras[0]).glob("*.safetensors"))
     n_params = sum(p.numel() for p in model.get_base_model().parameters())
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows),
-                perplexity=capped_exp(nll / cmp.row), kl=kl, top1=top1, prompt_tok_s=rate(n_prompt, prompt_s),
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows), **cmp.result(),
+                prompt_tok_s=rate(n_prompt, prompt_s),
                 gen_tok_s=rate(gen_tokens, gen_s), device=f"torch {device}", size_bytes=size + adapter_size,
                 bpw=(size + adapter_size) * 8 / n_params)

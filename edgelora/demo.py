@@ -103,22 +103,25 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
 
     before = json.loads((base_dir / "bench" / "report.json").read_text())
     after = json.loads((export_dir / "bench" / "report.json").read_text())
-    summary = _summary(mode, timings, before, after, export_dir)
-    summary["example"]["question"] = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
+    question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
+    summary = _summary(mode, timings, before, after, export_dir, question)
     atomic_write_json(state_path, summary)
     return DemoResult(out_dir, summary, after, before)
 
 
-def _summary(mode: str, timings: dict, before: dict, after: dict, export_dir: Path) -> dict:
-    score = lambda report, label: next(r["task_score"] for r in report["rows"] if r["label"] == label)  # noqa: E731
-    first = 0  # the before/after example shown: the first held-out question
-    pick = lambda report, label: next(r["answers"][first] for r in report["rows"] if r["label"] == label)  # noqa: E731
+def _summary(mode: str, timings: dict, before: dict, after: dict, export_dir: Path, question: str) -> dict:
+    """Scores before -> after, the first held-out question answered by both q4_k_m files, the files."""
+    def row(report: dict, label: str) -> dict:
+        return next(r for r in report["rows"] if r["label"] == label)
+
     return {
         "mode": mode, "timings": timings, "examples": after["examples"],
-        "task_score": {q: {"before": score(before, q), "after": score(after, q)} for q in ("f16", "q4_k_m")},
-        "example": {"expected": after["expected"][first], "before": pick(before, "q4_k_m"),
-                    "after": pick(after, "q4_k_m")},
+        "task_score": {q: {"before": row(before, q)["task_score"], "after": row(after, q)["task_score"]}
+                       for q in ("f16", "q4_k_m")},
+        "example": {"question": question, "expected": after["expected"][0],
+                    "before": row(before, "q4_k_m")["answers"][0], "after": row(after, "q4_k_m")["answers"][0]},
         "recommendation": after["recommendation"]["text"],
-        "files": {"export": str(export_dir), "q4_k_m": next(r["model"] for r in after["rows"] if r["label"] == "q4_k_m"), "report": str(export_dir / "bench" / "report.md"),
-                  "plot": str(export_dir / "bench" / "ladder.png"), "modelfile": str(export_dir / "Modelfile")},
+        "files": {"export": str(export_dir), "q4_k_m": row(after, "q4_k_m")["model"],
+                  "report": str(export_dir / "bench" / "report.md"), "plot": str(export_dir / "bench" / "ladder.png"),
+                  "modelfile": str(export_dir / "Modelfile")},
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import platform
 from pathlib import Path
-from typing import Optional
 
 from .io import atomic_path, atomic_write_json, atomic_write_text
 from .meta import package_versions
@@ -31,18 +30,17 @@ def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str
         "eval_data": str(eval_data), "examples": len(rows), "threshold": threshold, "settings": settings,
         "reference": next(r["label"] for r in table if r["reference"]),
         "rows": table,
-        "recommendation": {"label": best["label"] if best else None, "model": best["model"] if best else None,
-                           "text": text},
+        "recommendation": {"label": best["label"], "model": best["model"], "text": text},
         "expected": [r["answer"] for r in rows],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "versions": package_versions(),
     }
 
 
-def recommend(rows: list[dict], threshold: float) -> tuple[Optional[dict], str]:
+def recommend(rows: list[dict], threshold: float) -> tuple[dict, str]:
     """The smallest GGUF whose task score is at least `threshold` x the reference's (the f16
     GGUF). When the reference scores 0 the task says nothing, and top-1 agreement with the
-    reference stands in for it."""
+    reference stands in for it. The reference itself always qualifies (threshold <= 1)."""
     ref = next(r for r in rows if r["reference"])
     ggufs = [r for r in rows if r["route"] != "hf"]
     if ref["task_score"] > 0:
@@ -51,14 +49,11 @@ def recommend(rows: list[dict], threshold: float) -> tuple[Optional[dict], str]:
     else:
         metric, floor, bar = "top-1 agreement", threshold, f"{threshold:.0%}"
         value = lambda r: r["top1"]  # noqa: E731
-    ok = [r for r in ggufs if value(r) >= floor - 1e-12]
-    if not ok:  # cannot happen while the reference is among the GGUFs, but say so if it does
-        return None, f"no file keeps {metric} >= {floor:.3f}"
-    best = min(ok, key=lambda r: r["size_bytes"])
+    best = min((r for r in ggufs if value(r) >= floor - 1e-12), key=lambda r: r["size_bytes"])
     why = (f"{metric} {value(best):.3f} vs {value(ref):.3f} for {ref['label']} (>= {threshold:.0%})"
            if best is not ref else f"no smaller file keeps {metric} >= {bar}")
     if metric == "top-1 agreement":
-        why += f"; the reference's task score is 0, so the task cannot tell the files apart"
+        why += "; the reference's task score is 0, so the task cannot tell the files apart"
     return best, (f"recommended: {best['label']} ({best['size_bytes'] / 2**20:.1f} MiB, {best['bpw']:.2f} bpw): "
                   f"{why}")
 

@@ -281,12 +281,15 @@ class Runtime:
         return out
 
     def timings(self) -> dict:
-        """llama.cpp's counters for the last answer: prompt tokens evaluated, tokens generated, tokens/s."""
+        """llama.cpp's counters for the last answer: prompt tokens evaluated, tokens generated, the
+        seconds each took and the tokens/s."""
         import llama_cpp.llama_cpp as C
 
         t = C.llama_perf_context(self.llm._ctx.ctx)
-        return {"prompt_tokens": t.n_p_eval, "prompt_tok_s": t.n_p_eval / t.t_p_eval_ms * 1e3 if t.t_p_eval_ms else 0.0,
-                "gen_tokens": t.n_eval, "gen_tok_s": t.n_eval / t.t_eval_ms * 1e3 if t.t_eval_ms else 0.0}
+        return {"prompt_tokens": t.n_p_eval, "prompt_s": t.t_p_eval_ms / 1e3,
+                "prompt_tok_s": t.n_p_eval / t.t_p_eval_ms * 1e3 if t.t_p_eval_ms else 0.0,
+                "gen_tokens": t.n_eval, "gen_s": t.t_eval_ms / 1e3,
+                "gen_tok_s": t.n_eval / t.t_eval_ms * 1e3 if t.t_eval_ms else 0.0}
 
     def _generate(self, fn, request: dict, max_tokens, temperature, top_p, seed, stream):
         """fn(**request, ...); llama-cpp-python's ValueErrors (a prompt longer than the context, a
