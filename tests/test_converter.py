@@ -464,7 +464,9 @@ def test_sentencepiece_vocab(tmp_path, space_prefix):
     assert types[:7] == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 2 \
         + [gguf.TokenType.BYTE]
     hf = AutoTokenizer.from_pretrained(model_dir)
-    assert "<0xE6>" in hf.tokenize("日本語")  # byte fallback
+    # byte fallback, on a character absent from the training corpus: which rare corpus characters
+    # make limit_alphabet's cut is a tie the tokenizers trainer breaks differently run to run
+    assert [t for t in hf.tokenize("Ω") if t != "\u2581"] == ["<0xCE>", "<0xA9>"]
     texts = TRICKY + ["<start_of_turn>user\nhi there<end_of_turn>\n<start_of_turn>model\n", "<bos>aaaa  aaa 🦙"]
     assert_same_tokens(out, model_dir, texts)
     tokens = prompt_tokens(model_dir)
