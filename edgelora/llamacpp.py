@@ -54,9 +54,10 @@ def model_params_policy():
 
 
 def load_llama(path: str | Path, **kwargs):
-    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above."""
+    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded."""
     from llama_cpp import Llama
 
+    guard_grammar_samplers()
     with model_params_policy():
         return Llama(model_path=str(path), **kwargs)
 
@@ -90,3 +91,40 @@ def captured_log(echo: bool = False):
 def log_errors(lines: list[tuple[int, str]]) -> list[str]:
     """The messages of the error lines, without llama.cpp's `function: ` prefix."""
     return [text.strip().split(": ", 1)[-1] for level, text in lines if level == GGML_LOG_ERROR and text.strip()]
+
+
+_grammar_guard_installed = False
+
+
+def grammar_sampler(vocab, text: str, root: str = "root"):
+    """llama.cpp's grammar sampler for GBNF `text` on `vocab`; ValueError with llama.cpp's reason
+    when it cannot parse the grammar. The caller owns the sampler (a chain frees what it holds)."""
+    import llama_cpp.llama_cpp as C
+
+    with captured_log() as log:
+        sampler = C.llama_sampler_init_grammar(vocab, text.encode("utf-8"), root.encode("utf-8"))
+    if not sampler:
+        errors = log_errors(log)
+        raise ValueError(f"invalid grammar: {errors[0] if errors else 'llama.cpp cannot parse it'}")
+    return sampler
+
+
+def guard_grammar_samplers() -> None:
+    """Make a grammar llama.cpp cannot parse an error instead of a crash, process-wide.
+
+    llama-cpp-python adds the sampler llama.cpp returns for a grammar to its chain without
+    checking it: for a grammar llama.cpp rejects that is NULL, and the first token sampled kills
+    the process (SIGSEGV). Grammars reach it from many request fields (grammar, response_format,
+    tools / functions with tool_choice), so the check sits where they all meet: after this,
+    LlamaSampler.add_grammar raises ValueError with llama.cpp's reason. Idempotent."""
+    global _grammar_guard_installed
+    if _grammar_guard_installed:
+        return
+    import llama_cpp.llama_cpp as C
+    from llama_cpp._internals import LlamaSampler
+
+    def add_grammar(self, model, grammar) -> None:
+        C.llama_sampler_chain_add(self.sampler, grammar_sampler(model.vocab, grammar._grammar, grammar._root))
+
+    LlamaSampler.add_grammar = add_grammar
+    _grammar_guard_installed = True

@@ -7,17 +7,19 @@ is enough to run a fine-tuned model offline.
     print(rt.chat([{"role": "user", "content": "Hi"}]))
     for piece in rt.chat(messages, stream=True): ...
 
-Chat prompts are built by the chat template stored in the GGUF (tokenizer.chat_template),
-rendered by llama-cpp-python's Jinja2 formatter; generation stops at the model's
+Chat prompts are built by the chat template stored in the GGUF (tokenizer.chat_template), or,
+for a base GGUF without one, by the template a LoRA GGUF of edgelora's carries (the one the run
+trained with), rendered by llama-cpp-python's Jinja2 formatter; generation stops at the model's
 end-of-generation tokens. Temperature 0 (the default) is greedy and reproducible.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +35,9 @@ _GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_ME
 # ggml backend registry names -> our device names (Metal's registry is "MTL" in newer ggml).
 _REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}
 _GGML_GPU, _GGML_IGPU = 1, 2  # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
+CHAT_TEMPLATE = "tokenizer.chat_template"
+NO_TEMPLATE = "this GGUF has no chat template (tokenizer.chat_template), nor does any LoRA applied to it"
+log = logging.getLogger("edgelora")
 
 
 # ---------------------------------------------------------------- device
@@ -102,19 +107,30 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
     if not p.is_file():
         raise EdgeloraError(f"{what} {p}: no such file")
 
+    size = p.stat().st_size
+
     def read(fmt):
         fmt = "<" + fmt
         return struct.unpack(fmt, f.read(struct.calcsize(fmt)))
 
+    def length(n: int, item_bytes: int = 1) -> int:
+        """A length field, checked against what is left of the file: a damaged or hostile header
+        must not make this allocate gigabytes or loop for ever."""
+        if n * item_bytes > size - f.tell():
+            raise EdgeloraError(f"{what} {p}: truncated or corrupt GGUF header (a length of {n:,} at byte {f.tell():,} "
+                                f"runs past the end of the {size:,}-byte file)")
+        return n
+
     def value(vtype):
         if vtype == 8:  # string
-            return f.read(read("Q")[0]).decode("utf-8", "replace")
+            return f.read(length(read("Q")[0])).decode("utf-8", "replace")
         if vtype == 9:  # array
             itype, n = read("IQ")
             if itype in _SCALAR:
-                f.seek(n * struct.calcsize(_SCALAR[itype]), 1)
+                item = struct.calcsize(_SCALAR[itype])
+                f.seek(length(n, item) * item, 1)
             else:
-                for _ in range(n):
+                for _ in range(length(n, 8)):  # every string or array item takes 8 bytes at least
                     value(itype)
             return None
         return read(_SCALAR[vtype])[0]
@@ -126,11 +142,9 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
             version, _, n_kv = read("IQQ")
             if version not in (2, 3):
                 raise EdgeloraError(f"{what} {p}: GGUF version {version} is not supported (2 or 3)")
-            return {value(8): value(read("I")[0]) for _ in range(n_kv)}
+            return {value(8): value(read("I")[0]) for _ in range(length(n_kv, 12))}  # key length + type
         except (struct.error, KeyError):  # short reads, unknown value types
             raise EdgeloraError(f"{what} {p}: truncated or corrupt GGUF header") from None
-
-
 
 
 # ---------------------------------------------------------------- loading
@@ -147,6 +161,7 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     if meta.get("general.type") == "adapter":
         raise EdgeloraError(f"model {path} is a LoRA adapter: load its base model and pass this file as a LoRA")
     lora_paths = [(lora_file(p), float(scale)) for p, scale in loras]
+    lora_templates = [lora_template(p) for p, _ in lora_paths]
     device, n_gpu_layers = pick_device(device)
     trained = meta.get(f"{meta.get('general.architecture')}.context_length")
     with captured_log(verbose) as log:
@@ -156,9 +171,18 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
                              op_offload=device != "cpu")  # cpu: no GPU even for large prompt batches
         except ValueError:
             raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
+    if llm.n_ctx() > n_ctx:
+        log.warning("context of %d tokens is below llama.cpp's minimum: using %d", n_ctx, llm.n_ctx())
+    rt = Runtime(llm, device, n_gpu_layers, seed)
     if lora_paths:
         set_loras(llm, [(init_lora(llm, p, path, verbose), scale) for p, scale in lora_paths])
-    return Runtime(llm, device, n_gpu_layers, seed)
+        rt.use_chat_template(next((t for t in lora_templates if t), None))
+    return rt
+
+
+def lora_template(path: Path) -> str | None:
+    """The chat template a LoRA GGUF carries (edgelora writes the one its run trained with)."""
+    return gguf_metadata(path, "LoRA").get(CHAT_TEMPLATE)
 
 
 def lora_file(path: str | Path) -> Path:
@@ -209,6 +233,26 @@ class Runtime:
     device: str
     n_gpu_layers: int
     seed: int = 0
+    _template: str | None = field(default=None, init=False, repr=False)  # set by use_chat_template
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template chat() renders with: a LoRA's (use_chat_template), else the GGUF's."""
+        return self._template or self.llm.metadata.get(CHAT_TEMPLATE)
+
+    def use_chat_template(self, template: str | None) -> None:
+        """Render chats with `template` (the template a LoRA was trained with); None: the GGUF's own."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._template = template
+        self.llm.chat_handler = None if template is None else Jinja2ChatFormatter(
+            template, stop_token_ids=[self.llm.token_eos()], **self._specials()).to_chat_handler()
+
+    def _specials(self) -> dict:
+        """The eos_token / bos_token texts a chat template may use, as llama-cpp-python passes them."""
+        m, eos, bos = self.llm._model, self.llm.token_eos(), self.llm.token_bos()
+        return dict(eos_token=m.token_get_text(eos) if eos != -1 else "",
+                    bos_token=m.token_get_text(bos) if bos != -1 else "")
 
     def describe(self) -> str:
         layers = "all" if self.n_gpu_layers < 0 else self.n_gpu_layers
@@ -216,9 +260,9 @@ class Runtime:
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
              seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
-        """Answer a conversation ({"role", "content"} dicts) using the GGUF's chat template."""
-        if "tokenizer.chat_template" not in self.llm.metadata:
-            raise EdgeloraError("this GGUF has no chat template (tokenizer.chat_template); use plain completion")
+        """Answer a conversation ({"role", "content"} dicts) using the chat template."""
+        if self.chat_template is None:
+            raise EdgeloraError(NO_TEMPLATE + "; use plain completion")
         out = self._generate(self.llm.create_chat_completion, {"messages": messages}, max_tokens, temperature,
                              top_p, seed, stream)
         if stream:
@@ -240,13 +284,10 @@ class Runtime:
         what scoring an answer needs."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        template = self.llm.metadata.get("tokenizer.chat_template")
+        template = self.chat_template
         if template is None:
-            raise EdgeloraError("this GGUF has no chat template (tokenizer.chat_template)")
-        m = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        specials = dict(eos_token=m.token_get_text(eos) if eos != -1 else "",
-                        bos_token=m.token_get_text(bos) if bos != -1 else "")
+            raise EdgeloraError(NO_TEMPLATE)
+        specials = self._specials()
         with _input_errors():
             head = Jinja2ChatFormatter(template, **specials)(messages=messages)
             prompt = self.llm.tokenize(head.prompt.encode(), add_bos=not head.added_special, special=True)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import secrets
 import socket
 import time
@@ -40,16 +42,19 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import EdgeloraError
-from .llamacpp import captured_log
-from .runtime import Runtime, _reason, init_lora, load, lora_file, set_loras
+from .llamacpp import grammar_sampler
+from .runtime import CHAT_TEMPLATE, NO_TEMPLATE, Runtime, init_lora, load, lora_file, lora_template, set_loras
 
 MAX_TOKENS_LIMIT = 512
 MAX_REQUEST_BYTES = 2**20
+BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this
+KEEP_ALIVE_S = 5  # an idle connection is closed after this
+SHUTDOWN_TIMEOUT_S = 10  # on SIGTERM / Ctrl-C, running requests get this long before they are cancelled
 # Request fields Llama's methods do not take: llama.cpp-server extras and OpenAI's `user`, `best_of`.
 _NOT_FORWARDED = {"model", "n", "best_of", "user", "min_tokens", "logit_bias_type"}
 
@@ -60,6 +65,7 @@ _NOT_FORWARDED = {"model", "n", "best_of", "user", "min_tokens", "logit_bias_typ
 class Lora:
     scale: float
     handle: C.llama_adapter_lora_p  # owned by the base model, freed with it
+    template: str | None = None  # the chat template its run trained with, if the file carries one
 
 
 class Models:
@@ -73,6 +79,10 @@ class Models:
     def names(self) -> list[str]:
         return [self.base, *self.loras]
 
+    def has_chat_template(self, name: str) -> bool:
+        lora = self.loras.get(name)
+        return bool(lora and lora.template) or CHAT_TEMPLATE in self.runtime.llm.metadata
+
     def activate(self, name: str) -> llama_cpp.Llama:
         """The Llama with `name`'s adapter alone attached (none for the base).
 
@@ -84,6 +94,7 @@ class Models:
         if name != self.active:
             lora = self.loras.get(name)
             set_loras(llm, [(lora.handle, lora.scale)] if lora else [])
+            self.runtime.use_chat_template(lora.template if lora else None)
             llm.reset()
             self.active = name
         return llm
@@ -111,7 +122,8 @@ def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, n
         names.append(lora_name)
         files.append((lora_file(path), float(scale)))
     rt = load(base, device=device, n_ctx=n_ctx, threads=threads, verbose=verbose)
-    adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose)) for n, (path, scale) in zip(names[1:], files)}
+    adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose), lora_template(path))
+                for n, (path, scale) in zip(names[1:], files)}
     return Models(rt, names[0], adapters)
 
 
@@ -120,9 +132,10 @@ def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, n
 class ApiError(HTTPException):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, type: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str | None = None, type: str = "invalid_request_error",
+                 param: str | None = None):
         super().__init__(status, message)
-        self.code, self.type = code, type
+        self.code, self.type, self.param = code, type, param
 
 
 async def _error_response(_request: Request, exc: Exception) -> JSONResponse:
@@ -131,7 +144,7 @@ async def _error_response(_request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ApiError):
         exc = (ApiError(exc.status_code, exc.detail) if isinstance(exc, HTTPException)
                else ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
-    return JSONResponse({"error": {"message": exc.detail, "type": exc.type, "param": None, "code": exc.code}},
+    return JSONResponse({"error": {"message": exc.detail, "type": exc.type, "param": exc.param, "code": exc.code}},
                         status_code=exc.status_code, headers=headers)
 
 
@@ -161,22 +174,137 @@ class _EventStream(StreamingResponse):
             self.release()
 
 
-def _grammar(llm: llama_cpp.Llama, text: str) -> llama_cpp.LlamaGrammar:
-    """A request's GBNF grammar, parsed by llama.cpp first: llama-cpp-python would pass one that
-    does not parse on as a NULL sampler, and the whole server would segfault."""
-    vocab = C.llama_model_get_vocab(llm._model.model)
-    with captured_log() as log:
-        sampler = C.llama_sampler_init_grammar(vocab, text.encode(), b"root")
-    if not sampler:
-        raise ApiError(400, f"invalid grammar: {_reason(log)}")
-    C.llama_sampler_free(sampler)
+# A grammar nested deeper than this is refused: llama.cpp's parser recurses once per level and
+# overflows its thread's stack (SIGSEGV) on a few thousand; real grammars nest a handful deep.
+MAX_GRAMMAR_DEPTH = 256
+
+
+def _grammar_depth(text: str) -> int:
+    """How deep the parentheses of a GBNF grammar nest, outside its strings, classes and comments."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "\"[":  # a literal or a character class: skip to its unescaped end
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def _checked_grammar(llm: llama_cpp.Llama, text: str, field: str) -> llama_cpp.LlamaGrammar:
+    """A request's GBNF grammar, checked before any sampler uses it: nesting bounded (llama.cpp's
+    parser would overflow the stack), then parsed by llama.cpp itself; a 400 naming `field` if not."""
+    if _grammar_depth(text) > MAX_GRAMMAR_DEPTH:
+        raise ApiError(400, f"{field}: grammar nested more than {MAX_GRAMMAR_DEPTH} levels deep", param=field)
+    try:
+        C.llama_sampler_free(grammar_sampler(llm._model.vocab, text))
+    except ValueError as e:
+        raise ApiError(400, f"{field}: {e}", param=field) from None
     return llama_cpp.LlamaGrammar.from_string(text)
 
 
+def _schema_grammar(llm: llama_cpp.Llama, schema, field: str) -> llama_cpp.LlamaGrammar:
+    """The grammar of a JSON schema, as llama-cpp-python makes it, checked; where it cannot be made
+    (llama-cpp-python would silently fall back to any JSON) a 400 naming `field`."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{field}: a JSON schema must be an object", param=field)
+    try:
+        text = json_schema_to_gbnf(json.dumps(schema))
+    except RecursionError:
+        raise ApiError(400, f"{field}: JSON schema nested too deeply", param=field) from None
+    except Exception as e:  # noqa: BLE001 - the converter raises many types for schemas it cannot express
+        raise ApiError(400, f"{field}: this JSON schema cannot be turned into a grammar "
+                            f"({type(e).__name__}: {e})", param=field) from None
+    return _checked_grammar(llm, text, field)
+
+
+def _request_grammar(llm: llama_cpp.Llama, kwargs: dict) -> None:
+    """Check, before llama.cpp sees them, every request field that becomes a grammar: `grammar`,
+    `response_format` (json_object, with or without a schema) and the parameter schemas of `tools`
+    / `functions`. The grammar to use is left in kwargs["grammar"] as a parsed LlamaGrammar."""
+    if "grammar" in kwargs:
+        kwargs["grammar"] = _checked_grammar(llm, kwargs["grammar"], "grammar")
+    response_format = kwargs.pop("response_format", None) or {}
+    if response_format.get("type") == "json_object":
+        if "grammar" in kwargs:
+            raise ApiError(400, "give either grammar or response_format, not both", param="response_format")
+        schema = response_format.get("schema")
+        kwargs["grammar"] = (_schema_grammar(llm, schema, "response_format.schema") if schema is not None
+                             else llama_cpp.LlamaGrammar.from_string(llama_cpp.llama_grammar.JSON_GBNF))
+    for key in ("tools", "functions"):
+        for i, tool in enumerate(kwargs.get(key) or []):
+            function = tool.get("function", {}) if key == "tools" else tool
+            if "parameters" in function:
+                _schema_grammar(llm, function["parameters"], f"{key}[{i}].parameters")
+
+
+def _logit_bias(bias: dict, n_vocab: int) -> dict:
+    """OpenAI's logit_bias ({"token id": bias}) checked: llama-cpp-python drops unknown ids silently."""
+    checked = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id", param="logit_bias") from None
+        if not 0 <= token < n_vocab:
+            raise ApiError(400, f"logit_bias: token id {token} is outside this model's vocabulary of {n_vocab}",
+                           param="logit_bias")
+        if not math.isfinite(value):
+            raise ApiError(400, f"logit_bias: the bias of token {token} must be a finite number", param="logit_bias")
+        checked[str(token)] = value
+    return checked
+
+
+def _text_messages(messages: list[dict]) -> list[dict]:
+    """Messages with text-part lists ([{"type": "text", "text": ...}]) joined into one string, as
+    chat templates expect; a 400 for an empty list and for parts other than text (images)."""
+    if not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            kinds = {part.get("type") for part in content}
+            if kinds - {"text"}:
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported, not "
+                                    f"{', '.join(sorted(map(str, kinds - {'text'})))}", param="messages")
+            m = {**m, "content": "".join(part.get("text", "") for part in content)}
+        out.append(m)
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class _ClientGone(Exception):
+    """The client hung up before its request body was complete: nothing to answer."""
+
+
+async def _client_gone(request: Request, _exc: Exception) -> Response:
+    logging.getLogger("uvicorn.error").info("%s:%s hung up before sending its whole request",
+                                            *(request.client or ("?", "?")))
+    return Response(status_code=400)  # never delivered
+
+
 class _Server:
-    def __init__(self, models: Models, api_key: str | None, max_tokens_limit: int, max_request_bytes: int):
+    def __init__(self, models: Models, api_key: str | None, max_tokens_limit: int, max_request_bytes: int,
+                 body_timeout: float):
         self.models, self.api_key = models, api_key
-        self.max_tokens_limit, self.max_request_bytes = max_tokens_limit, max_request_bytes
+        self.max_tokens_limit, self.max_request_bytes, self.body_timeout = max_tokens_limit, max_request_bytes, body_timeout
         self.lock = asyncio.Lock()  # the one llama context; released by whichever task ends a stream
         self.started = int(time.time())
 
@@ -188,17 +316,31 @@ class _Server:
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                            "invalid_api_key")
 
-    async def _body(self, request: Request, schema: type[BaseModel]) -> BaseModel:
+    async def _read(self, request: Request) -> bytearray:
         data = bytearray()
         async for piece in request.stream():
             data += piece
             if len(data) > self.max_request_bytes:
                 raise ApiError(413, f"request body is over the server's limit of {self.max_request_bytes} bytes",
                                "request_too_large")
+        return data
+
+    async def _body(self, request: Request, schema: type[BaseModel]) -> BaseModel:
+        """The request's JSON body as `schema`; it must arrive whole within the body timeout (a
+        client stalling mid-body would otherwise hold its connection, and a shutdown, for ever)."""
         try:
-            fields = json.loads(data)
+            data = await asyncio.wait_for(self._read(request), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                           "request_timeout") from None
+        except ClientDisconnect:
+            raise _ClientGone() from None
+        try:
+            fields = json.loads(data, parse_constant=_no_constant)
         except ValueError as e:
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
         try:
             return schema.model_validate(fields)
         except ValidationError as e:
@@ -223,8 +365,12 @@ class _Server:
             if len(kwargs["prompt"]) != 1:
                 raise ApiError(400, "send exactly one prompt per request")
             kwargs["prompt"] = kwargs["prompt"][0]
-        if "grammar" in kwargs:
-            kwargs["grammar"] = _grammar(self.models.runtime.llm, kwargs["grammar"])
+        llm = self.models.runtime.llm
+        if isinstance(body, CreateChatCompletionRequest):
+            kwargs["messages"] = _text_messages(kwargs.get("messages") or [])
+        if kwargs.get("logit_bias"):
+            kwargs["logit_bias"] = _logit_bias(kwargs["logit_bias"], llm.n_vocab())
+        _request_grammar(llm, kwargs)
         return kwargs
 
     async def models_list(self, request: Request) -> JSONResponse:
@@ -246,8 +392,8 @@ class _Server:
         if name not in self.models.names:
             raise ApiError(404, f"model '{name}' is not served here; served models: {', '.join(self.models.names)}",
                            "model_not_found")
-        if method == "create_chat_completion" and "tokenizer.chat_template" not in self.models.runtime.llm.metadata:
-            raise ApiError(400, "this GGUF has no chat template (tokenizer.chat_template); use /v1/completions")
+        if method == "create_chat_completion" and not self.models.has_chat_template(name):
+            raise ApiError(400, f"{NO_TEMPLATE}; use /v1/completions")
         kwargs = self._arguments(body, name)
         await self.lock.acquire()
         held = True
@@ -268,13 +414,14 @@ class _Server:
 
 
 def build_app(models: Models, *, api_key: str | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT,
-              max_request_bytes: int = MAX_REQUEST_BYTES) -> Starlette:
+              max_request_bytes: int = MAX_REQUEST_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
     """The ASGI app serving `models`; with `api_key`, every request needs `Authorization: Bearer KEY`."""
-    server = _Server(models, api_key, max_tokens_limit, max_request_bytes)
+    server = _Server(models, api_key, max_tokens_limit, max_request_bytes, body_timeout)
     routes = [Route("/v1/models", server.models_list, methods=["GET"]),
               Route("/v1/chat/completions", server.chat, methods=["POST"]),
               Route("/v1/completions", server.completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _error_response, Exception: _error_response})
+    return Starlette(routes=routes, exception_handlers={HTTPException: _error_response, _ClientGone: _client_gone,
+                                                        Exception: _error_response})
 
 
 def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -287,7 +434,13 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def run(app: Starlette, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve `app` on `sock` with uvicorn until SIGINT / SIGTERM (then KeyboardInterrupt is re-raised)."""
+    """Serve `app` on `sock` with uvicorn until SIGINT / SIGTERM (then KeyboardInterrupt is re-raised).
+
+    Idle keep-alive connections close after a few seconds; on a signal, requests still running
+    get SHUTDOWN_TIMEOUT_S to finish before they are cancelled, so a stalled client cannot keep
+    the process alive."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S,
+                            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
+    uvicorn.Server(config).run(sockets=[sock])
