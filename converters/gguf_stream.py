@@ -6,7 +6,6 @@ is read) go out first, then each tensor is produced, written and dropped in turn
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
 from math import prod
@@ -17,6 +16,7 @@ import gguf
 import numpy as np
 import torch
 
+from edgelora import io
 from edgelora.io import atomic_path
 
 from . import ConvertError
@@ -67,7 +67,7 @@ def write_gguf(
     if out_path.is_dir():
         raise ConvertError(f"{out_path}: is a directory; give the path of the .gguf file to write")
     total = sum(job.nbytes for job in jobs)
-    check_free_space(out_path, total + METADATA_ALLOWANCE)
+    io.check_free_space(out_path, total + METADATA_ALLOWANCE)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch_name)
         try:
@@ -115,11 +115,3 @@ def _write_job(writer: gguf.GGUFWriter, job: TensorJob) -> None:
                            f"{list(job.shape)}")
     writer.write_padding(fout, written)
     writer.state = gguf.gguf_writer.WriterState.WEIGHTS
-
-
-def check_free_space(out_path: Path, needed: int) -> None:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out_path.parent).free
-    if free < needed:
-        raise ConvertError(f"{out_path}: not enough disk space ({free >> 20} MiB free, "
-                           f"about {needed >> 20} MiB needed)")

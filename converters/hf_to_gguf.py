@@ -17,7 +17,7 @@ from .adapter import Adapter
 from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
 from .gguf_stream import CHUNK_BYTES, QType, TensorJob, write_gguf
 from .tensor_index import TensorIndex, model_weight_files
-from .vocab import add_vocab
+from .vocab import add_vocab, chat_template
 
 OUTTYPES: dict[str, tuple[QType, gguf.LlamaFileType]] = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
@@ -153,7 +153,7 @@ def convert(
         model.add_model_metadata(writer, Path(adapter_dir or model_dir).name)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(writer, model.dir, model.n_vocab)
+        add_vocab(writer, model.dir, model.n_vocab, template_dir=adapter.dir if adapter is not None else None)
 
     return write_gguf(Path(out_path), model.arch.name, add_metadata, jobs, progress)
 
@@ -205,5 +205,8 @@ def convert_lora(
         writer.add_name(adapter.dir.name)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        template = chat_template(adapter.dir)
+        if template:  # llama.cpp ignores it; edgelora's runtime uses it when the base GGUF has none
+            writer.add_chat_template(template)
 
     return write_gguf(Path(out_path), model.arch.name, add_metadata, jobs)

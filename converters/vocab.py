@@ -43,7 +43,29 @@ PRE_TOKENIZERS: dict[tuple, str] = {
 }
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
+def chat_template(folder: Path) -> str | None:
+    """The chat template a HF tokenizer folder holds, wherever transformers stored it:
+    chat_template.jinja (transformers 5), or tokenizer_config.json's `chat_template` (a string,
+    or a list of named templates, of which "default" is the one used)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:
+        raise ConvertError(f"{config}: not a valid tokenizer config: {e}") from None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) and template else None
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_dir: Path | None = None) -> None:
+    """The vocabulary of `model_dir`'s tokenizer; the chat template of `template_dir`'s when given
+    (the tokenizer a run trained with: it may have added a template the base lacks)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")
@@ -76,6 +98,8 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int) -> None:
     # HF adds BOS/EOS only when the tokenizer says so; llama.cpp's default differs per type.
     special.add_special_token.setdefault("bos", False)
     special.add_special_token.setdefault("eos", False)
+    if template_dir is not None:
+        special.chat_template = chat_template(template_dir) or special.chat_template
     special.add_to_gguf(writer, quiet=True)
 
 

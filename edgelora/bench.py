@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 from .data import read_jsonl
 from .errors import EdgeloraError
+from .io import output_folder, read_json
 from .runtime import gguf_metadata
 
 SCORES = ("exact", "contains", "regex")
@@ -92,8 +93,6 @@ def _from_file(path: Path) -> Candidate:
 
 
 def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
-    from .inspect import inspect_gguf
-
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         files = sorted(folder.glob("*.gguf"))
@@ -101,7 +100,16 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
         if not models:
             raise EdgeloraError(f"{folder}: no manifest.json and no GGUF model files")
         return [_from_file(p) for p in models]
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path, "export manifest", ("inputs", "outputs"))
+    try:
+        return _manifest_candidates(folder, manifest, quants, hf)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong kind
+        raise EdgeloraError(f"{manifest_path}: damaged export manifest ({type(e).__name__}: {e})") from None
+
+
+def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str]], hf: Optional[bool]):
+    from .inspect import inspect_gguf
+
     outputs = {o["role"]: o for o in manifest["outputs"]}
     have = [role.split(":")[1] for role in outputs if role.startswith("merged:")]
     missing = [q for q in quants or [] if q not in have]
@@ -355,10 +363,13 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
     make_scorer(score, pattern)  # bad options fail before any model loads
     if not 0 < threshold <= 1:
         raise EdgeloraError(f"--threshold {threshold}: must be in (0, 1]")
+    if limit is not None and limit < 1:
+        raise EdgeloraError(f"--limit {limit}: must be at least 1")
     cands = discover(inputs, quants, hf)
     rows = read_eval(eval_data, limit)
     out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
     files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
+    output_folder(out_dir, "report folder")
     taken = [p for p in files.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
@@ -374,7 +385,6 @@ def _measure_all(cands: list[Candidate], rows: list[dict], s: Settings, out_dir:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     scratch = out_dir / ".scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()

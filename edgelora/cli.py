@@ -10,6 +10,7 @@ import warnings
 import click
 
 from .errors import EdgeloraError
+from .io import os_error
 
 log = logging.getLogger("edgelora")
 
@@ -30,7 +31,8 @@ EXTRAS = {**dict.fromkeys(["torch", "transformers", "peft", "bitsandbytes", "acc
 
 
 def friendly_errors(fn):
-    """Bad input -> `error: <one line>` on stderr, exit 1, no traceback. So is a missing extra."""
+    """Bad input -> `error: <one line>` on stderr, exit 1, no traceback. So are a missing extra and
+    an OS error (naming the path); Ctrl-C exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -39,12 +41,18 @@ def friendly_errors(fn):
         except EdgeloraError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
         except ModuleNotFoundError as e:
             top = (e.name or "").split(".")[0]
             if top not in EXTRAS:
                 raise
             click.echo(f"error: edgelora {click.get_current_context().info_name} needs {top}: "
                        f"pip install 'edgelora[{EXTRAS[top]}]'", err=True)
+            sys.exit(1)
+        except OSError as e:  # a full disk, a read-only folder, a missing file: the path and the reason
+            click.echo(f"error: {os_error(e)}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -158,16 +166,16 @@ def inspect(path, tensors, as_json):
 @click.argument("inputs", nargs=-1, required=True, metavar="EXPORT_DIR | FILE.gguf...")
 @click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Held-out chat or instruction JSONL.")
 @click.option("--quants", help="Only these merged quants, comma-separated (f16 is always the reference).")
-@click.option("--limit", type=int, help="Only the first N examples (a quick pass).")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N examples (a quick pass).")
 @click.option("--score", type=click.Choice(["exact", "contains", "regex"]), default="exact", show_default=True,
               help="How a greedy answer is judged against the reference answer.")
 @click.option("--pattern", help="--score regex: the first match (or group 1) must agree with the reference's.")
 @click.option("--threshold", type=float, default=0.97, show_default=True,
               help="Recommend the smallest file keeping this fraction of the reference's task score.")
-@click.option("--max-tokens", type=int, help="Longest generated answer. [default: longest reference answer + 16]")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Longest generated answer. [default: longest reference answer + 16]")
 @click.option("--hf/--no-hf", default=None, help="Also measure the HF base + adapter in torch. [default: if installed]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
 @click.option("--out", help="Report folder. [default: EXPORT_DIR/bench, or ./bench]")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @friendly_errors
@@ -180,8 +188,6 @@ def bench(inputs, eval_data, quants, limit, score, pattern, threshold, max_token
     from .bench import bench as run_bench
     from .report import markdown
 
-    if limit is not None and limit < 1:
-        raise EdgeloraError("--limit must be at least 1")
     result = run_bench(list(inputs), eval_data, out=out, quants=quants.split(",") if quants else None, limit=limit,
                        score=score, pattern=pattern, threshold=threshold, max_tokens=max_tokens, device=device,
                        threads=threads, hf=hf, force=force, progress=sys.stderr.isatty())
@@ -192,7 +198,7 @@ def bench(inputs, eval_data, quants, limit, score, pattern, threshold, max_token
 @main.command()
 @click.option("--quick", is_flag=True, help="Fewer steps and eval examples, no torch reference row (< 5 min on 2 cores).")
 @click.option("--out", default="edgelora-demo", show_default=True, help="Folder for the run, the GGUFs and the reports.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp. [default: llama.cpp's choice]")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for llama.cpp. [default: llama.cpp's choice]")
 @click.option("--force", is_flag=True, help="Redo every stage (by default finished stages are reused).")
 @friendly_errors
 def demo(quick, out, threads, force):
@@ -229,14 +235,15 @@ def _runtime_options(fn):
         click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
                      help="Scale of the n-th --lora. [default: 1.0]"),
         click.option("--system", help="System message (chat template only)."),
-        click.option("--max-tokens", type=int, default=512, show_default=True, help="Longest answer in tokens."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Longest answer in tokens."),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy, reproducible."),
         click.option("--top-p", type=float, default=0.95, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True),
-        click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True,
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
                      help="Context length in tokens (capped to the model's)."),
-        click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]"),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -344,19 +351,21 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
               help="Scale of the n-th --lora. [default: 1.0]")
 @click.option("--name", help="Model name of MODEL itself. [default: its file stem]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port; 0 picks a free one.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY'. [env: EDGELORA_API_KEY]")
 @click.option("--max-tokens-limit", type=click.IntRange(min=1), default=512, show_default=True,
               help="Most tokens one answer may ask for; also the default.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=2**20, show_default=True,
               help="Larger request bodies get 413.")
-@click.option("--ctx", "n_ctx", type=int, default=4096, show_default=True,
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (then 408).")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length in tokens (capped to the model's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
-@click.option("--threads", type=int, help="CPU threads. [default: llama.cpp's choice]")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
 @friendly_errors
-def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit, max_request_bytes, n_ctx, device,
-          threads):
+def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit, max_request_bytes, request_timeout,
+          n_ctx, device, threads):
     """Serve a GGUF model, and LoRA GGUFs on it as more models, over an OpenAI-compatible HTTP API.
 
     \b
@@ -377,7 +386,8 @@ def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit
     click.echo(f"device: {models.runtime.describe()}")
     try:
         run_server(build_app(models, api_key=api_key, max_tokens_limit=max_tokens_limit,
-                             max_request_bytes=max_request_bytes), sock, log_level="debug" if verbose else "info")
+                             max_request_bytes=max_request_bytes, body_timeout=request_timeout), sock,
+                   log_level="debug" if verbose else "info")
     except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the signal
         sys.exit(130)
 

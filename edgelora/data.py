@@ -66,15 +66,21 @@ def read_jsonl(path: str | Path, shape: str = "auto") -> tuple[list[Example], st
     if not path.is_file():
         raise EdgeloraError(f"{path}: data file not found")
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as e:
+                raise EdgeloraError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EdgeloraError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise EdgeloraError(f"{where}: JSON nested too deeply") from None
             if not isinstance(record, dict):
                 raise EdgeloraError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
             if shape == "auto":

@@ -11,7 +11,6 @@ functions `edgelora train / export / bench` call.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import EdgeloraError
-from .io import atomic_write_json
+from .io import atomic_write_json, output_folder, read_json
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
@@ -52,21 +51,27 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     from .bench import bench, read_eval
     from .config import load_config
     from .exporter import export
-    from .trainer import last_checkpoint, train
+    from .trainer import checkpoints, train
 
     mode = "quick" if quick else "full"
     m = MODES[mode]
     out_dir = Path(out)
     state_path = out_dir / "demo.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    try:
+        state = read_json(state_path, "demo state") if state_path.is_file() else {}
+    except EdgeloraError:
+        if not force:
+            raise EdgeloraError(f"{state_path}: damaged demo state; --force starts the demo over") from None
+        state = {}
     if state and state.get("mode") != mode and not force:
         say(f"{out_dir} holds a {state.get('mode')} demo: starting over for the {mode} one")
         force = True
+    output_folder(out_dir, "demo folder")
     if force and out_dir.exists():
         if not state_path.is_file() and any(out_dir.iterdir()):
             raise EdgeloraError(f"{out_dir} exists and is not an edgelora demo folder; refusing to delete it")
         shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir, "demo folder")
     timings = state.get("timings", {}) if state.get("mode") == mode else {}
     atomic_write_json(state_path, {"mode": mode, "timings": timings})
     train_file, eval_file = demo_data()
@@ -84,7 +89,7 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
         atomic_write_json(state_path, {"mode": mode, "timings": timings})
 
     def do_train():
-        resume = last_checkpoint(run_dir) is not None
+        resume = bool(checkpoints(run_dir))
         evals = {"eval_data": str(eval_file), "eval_every": m["eval_every"]} if m["eval_every"] else {}
         cfg = load_config(None, {**TRAIN, **evals, "data": str(train_file), "out": str(run_dir),
                                  "max_steps": m["max_steps"], "lr": m["lr"], "save_every": m["save_every"]})
@@ -101,8 +106,8 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     stage("bench", (export_dir / "bench" / "report.json").is_file(), "the trained ladder on the held-out set",
           lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], **bench_opts))
 
-    before = json.loads((base_dir / "bench" / "report.json").read_text())
-    after = json.loads((export_dir / "bench" / "report.json").read_text())
+    before = read_json(base_dir / "bench" / "report.json", "bench report", ("rows",))
+    after = read_json(export_dir / "bench" / "report.json", "bench report", ("rows",))
     question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
     summary = _summary(mode, timings, before, after, export_dir, question)
     atomic_write_json(state_path, summary)

@@ -11,7 +11,7 @@ renamed; existing outputs are kept unless force=True.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import quant_presets
 from .errors import EdgeloraError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .meta import package_versions
 from .models import BaseModel, base_hash, file_sha256, materialise, resolve_base
 
@@ -69,7 +69,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
         summary_path = run / "summary.json"
         if not (run / "adapter" / "adapter_config.json").is_file() or not summary_path.is_file():
             raise EdgeloraError(f"{run}: not a finished edgelora run (no adapter/ or summary.json)")
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path, "run summary", ("base", "base_sha256"))
         adapter_dir = run / "adapter"
         resolved = resolve_base(base or summary["base"])
         digest = base_hash(resolved)
@@ -109,14 +109,15 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     taken = [p for p in plan.outputs.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(plan.out_dir)
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
         wanted = {q: plan.outputs[f"{role}:{q}"] for q in plan.quants}
-        f16 = wanted.get("f16") or plan.out_dir / f".{plan.name}-{role}-f16.tmp.gguf"
+        f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{role}-f16'))}gguf.tmp"
         log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
-        convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=_progress(f16.name))
+        with _progress(f16.name) as progress:
+            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress)
         try:
             for q, path in wanted.items():
                 if q != "f16":
@@ -159,14 +160,17 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
 
 # ---------------------------------------------------------------- Ollama Modelfile
 
-def _template_parts(hf_dir: Path) -> tuple[Optional[str], Optional[str], list[str]]:
+def _trained_template(plan: ExportPlan) -> Optional[str]:
+    """The chat template the run trained with (its adapter folder's tokenizer), else the base's."""
+    from .converters.vocab import chat_template
+
+    return (chat_template(plan.adapter_dir) if plan.adapter_dir else None) or chat_template(plan.hf_dir)
+
+
+def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str], list[str]]:
     """(Ollama TEMPLATE, default SYSTEM, stop strings) for the chat template families we know."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    cfg_path, jinja_path = hf_dir / "tokenizer_config.json", hf_dir / "chat_template.jinja"
-    source = jinja_path.read_text() if jinja_path.is_file() else None
-    if source is None and cfg_path.is_file():
-        source = json.loads(cfg_path.read_text()).get("chat_template")
     if not source or "<|im_start|>" not in source:
         return None, None, []
     rendered = ImmutableSandboxedEnvironment().from_string(source).render(
@@ -195,7 +199,7 @@ def modelfile_text(model: str, template: Optional[str], system: Optional[str], s
 
 
 def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path]) -> None:
-    template, system, stops = _template_parts(plan.hf_dir)
+    template, system, stops = _template_parts(_trained_template(plan))
     main = plan.outputs[f"merged:{_laptop_pick(plan.quants)}"]
     atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops))
     if plan.lora_gguf and base_file is not None:
@@ -216,7 +220,10 @@ def _relative(path: Path, start: Path) -> str:
 
 # ---------------------------------------------------------------- helpers
 
+@contextlib.contextmanager
 def _progress(label: str):
+    """A byte progress bar for one file, fed by `update(done, total)`; closed however the write ends,
+    so an error message never lands on the bar's line."""
     from tqdm.auto import tqdm
 
     bar = None
@@ -226,8 +233,9 @@ def _progress(label: str):
         if bar is None:
             bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
         bar.update(done - bar.n)
-        if done >= total:
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
             bar.close()
-
-    return update
-

@@ -14,6 +14,7 @@ import llama_cpp
 from . import quant_presets
 from .errors import EdgeloraError
 from .inspect import inspect_gguf
+from . import io
 from .io import atomic_path
 from .llamacpp import captured_log, log_errors
 
@@ -42,10 +43,13 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, threads: i
     params.nthread = threads
     patterns = _tensor_overrides(overrides)  # referenced until the call returns
     params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    most_bits = preset.get("expected_bpw", [0, 16])[1]
+    io.check_free_space(dst, int(source["n_params"] * most_bits / 8) + source["size_bytes"] - source["tensor_bytes"])
     start = time.perf_counter()
     with atomic_path(dst, suffix=".gguf") as tmp, captured_log(verbose) as log:
         if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)) != 0:
-            raise EdgeloraError(f"{src}: llama.cpp could not quantise it to {preset['name']}: {_reason(log)}")
+            reason = "No space left on device" if io.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
+            raise EdgeloraError(f"{dst}: llama.cpp could not quantise {src.name} to {preset['name']}: {reason}")
     info = inspect_gguf(dst)
     return {**{k: info[k] for k in _SUMMARY}, "preset": preset["name"],
             "seconds": round(time.perf_counter() - start, 3), "fallbacks": fallbacks(info, main, overrides)}

@@ -36,8 +36,9 @@ _GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_ME
 _REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}
 _GGML_GPU, _GGML_IGPU = 1, 2  # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
 CHAT_TEMPLATE = "tokenizer.chat_template"
+CTX_STEP = 256  # llama.cpp rounds a context up to a multiple of this; Llama's own buffers must agree
 NO_TEMPLATE = "this GGUF has no chat template (tokenizer.chat_template), nor does any LoRA applied to it"
-log = logging.getLogger("edgelora")
+logger = logging.getLogger("edgelora")
 
 
 # ---------------------------------------------------------------- device
@@ -153,7 +154,8 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
          n_ctx: int = 4096, seed: int = 0, threads: int | None = None, verbose: bool = False) -> Runtime:
     """Open a GGUF model, with LoRA GGUFs applied at the given scales, on `device`.
 
-    n_ctx is capped to the context the model was trained with. Every problem with the files
+    n_ctx is capped to the context the model was trained with, and rounded up (with a warning) to
+    the multiple of 256 llama.cpp allocates. Every problem with the files
     (missing, not GGUF, an adapter made for another base) is a one-line EdgeloraError.
     """
     path = Path(model).expanduser()
@@ -163,16 +165,19 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     lora_paths = [(lora_file(p), float(scale)) for p, scale in loras]
     lora_templates = [lora_template(p) for p, _ in lora_paths]
     device, n_gpu_layers = pick_device(device)
+    if n_ctx < 1:
+        raise EdgeloraError(f"context length must be at least 1 token, not {n_ctx}")
     trained = meta.get(f"{meta.get('general.architecture')}.context_length")
+    ctx = -(-min(n_ctx, trained or n_ctx) // CTX_STEP) * CTX_STEP
+    if ctx > n_ctx:
+        logger.warning("context of %d tokens raised to %d: llama.cpp allocates it in steps of %d", n_ctx, ctx, CTX_STEP)
     with captured_log(verbose) as log:
         try:
-            llm = load_llama(path, n_ctx=min(n_ctx, trained or n_ctx), n_gpu_layers=n_gpu_layers, seed=seed,
+            llm = load_llama(path, n_ctx=ctx, n_gpu_layers=n_gpu_layers, seed=seed,
                              n_threads=threads, n_threads_batch=threads, verbose=verbose,
                              op_offload=device != "cpu")  # cpu: no GPU even for large prompt batches
         except ValueError:
             raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
-    if llm.n_ctx() > n_ctx:
-        log.warning("context of %d tokens is below llama.cpp's minimum: using %d", n_ctx, llm.n_ctx())
     rt = Runtime(llm, device, n_gpu_layers, seed)
     if lora_paths:
         set_loras(llm, [(init_lora(llm, p, path, verbose), scale) for p, scale in lora_paths])

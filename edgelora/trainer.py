@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .config import TrainConfig, save_config
+from .config import TrainConfig, save_config, target_names
 from .errors import EdgeloraError
-from .io import atomic_path, atomic_write_json
+from .io import atomic_path, atomic_write_json, atomic_write_text, output_folder
 from .meta import package_versions
 from .models import base_hash, materialise, resolve_base
 
@@ -102,7 +102,7 @@ def target_modules(spec: str, model) -> list[str] | str:
     if spec == "all-linear":
         return "all-linear"
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or "Linear" in type(m).__name__}
-    wanted = list(ATTN_TARGETS) if spec == "attn" else [s.strip() for s in spec.split(",") if s.strip()]
+    wanted = list(ATTN_TARGETS) if spec == "attn" else target_names(spec)
     missing = [w for w in wanted if w not in names]
     if missing:
         raise EdgeloraError(f"--targets: no linear layer named {', '.join(missing)} (the model has: {', '.join(sorted(names))})")
@@ -235,22 +235,51 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
     return final
 
 
-def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file())
-    return found[-1] if found else None
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, newest first."""
+    return sorted((p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.pt").is_file()), reverse=True)
 
 
-def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
-    from peft import set_peft_model_state_dict
+def read_checkpoint(ckpt: Path, device: str) -> tuple[dict, dict]:
+    """(adapter weights, optimizer/scheduler/RNG state) of a checkpoint, both read before either
+    is used; EdgeloraError naming the file if one is damaged (truncated, not what we wrote)."""
     from safetensors.torch import load_file
 
-    weights = load_file(ckpt / "adapter" / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    set_peft_model_state_dict(model, weights)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
+    weights_path, state_path = ckpt / "adapter" / "adapter_model.safetensors", ckpt / "state.pt"
+
+    def read(path: Path, load: Callable[[], object]):
+        try:
+            return load()
+        except Exception as e:  # safetensors, zipfile, pickle and EOF errors all mean a damaged file
+            raise EdgeloraError(f"{path}: damaged checkpoint ({type(e).__name__})") from None
+
+    weights = read(weights_path, lambda: load_file(weights_path, device=device))
+    state = read(state_path, lambda: torch.load(state_path, weights_only=False))
+    if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "rng"} <= set(state):
+        raise EdgeloraError(f"{state_path}: damaged checkpoint (not an edgelora training state)")
+    return weights, state
+
+
+def restore_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, Path]:
+    """Load the newest checkpoint that reads whole into model, optimizer and scheduler; a damaged
+    one is reported and the one before it used. Returns (step, checkpoint)."""
+    from peft import set_peft_model_state_dict
+
+    device, damaged = str(next(model.parameters()).device), []
+    for ckpt in checkpoints(run_dir):
+        try:
+            weights, state = read_checkpoint(ckpt, device)
+        except EdgeloraError as e:
+            log.warning("%s; trying an older checkpoint", e)
+            damaged.append(str(e))
+            continue
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        return int(state["step"]), ckpt
+    raise EdgeloraError(f"--resume: no usable checkpoint in {run_dir / 'checkpoints'}"
+                        + (f" ({damaged[0]})" if damaged else ""))
 
 
 def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
@@ -259,21 +288,26 @@ def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise EdgeloraError(f"--resume: {run_dir} has no config.yaml (not an edgelora run directory)")
-    saved = yaml.safe_load(saved_path.read_text()) or {}
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EdgeloraError(f"{saved_path}: damaged run config ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise EdgeloraError(f"{saved_path}: damaged run config (not a mapping)")
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != getattr(cfg, key):
             raise EdgeloraError(f"--resume: '{key}' was {saved.get(key)!r} in {saved_path}, now {getattr(cfg, key)!r}")
 
 
 def prepare_run_dir(out: Path, force: bool, resume: bool) -> None:
-    exists = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
-    if exists and not (force or resume):
+    output_folder(out, "run directory")
+    if any(out.iterdir()) and not (force or resume):
         raise EdgeloraError(f"{out} already exists; use --force to overwrite it or --resume to continue it")
-    if out.exists() and force and not resume:
+    if force and not resume:
         if not (out / "config.yaml").is_file() and any(out.iterdir()):
             raise EdgeloraError(f"{out} exists and is not an edgelora run directory; refusing to delete it")
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "run directory")
 
 
 # ---------------------------------------------------------------- memory and progress
@@ -323,7 +357,9 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     if not cfg.data or not cfg.out:
         raise EdgeloraError("train needs --data FILE.jsonl and --out RUN_DIR")
     run_dir = Path(cfg.out)
-    if resume and not last_checkpoint(run_dir):
+    if resume and run_dir.exists() and not run_dir.is_dir():
+        raise EdgeloraError(f"run directory {run_dir} is a file, not a folder")
+    if resume and not checkpoints(run_dir):
         raise EdgeloraError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
     if resume:
         check_resume_config(run_dir, cfg)
@@ -376,8 +412,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        ckpt = last_checkpoint(run_dir)
-        step = restore_checkpoint(ckpt, model, optimizer, scheduler)
+        step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler)
         log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
         _truncate_metrics(metrics_path, step)
     else:
@@ -473,12 +508,25 @@ def _log_metric(path: Path, rows: list, row: dict) -> None:
 
 
 def _read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of metrics.jsonl; a line that does not parse (torn by a kill mid-write) is skipped
+    with a warning naming it: the rows are a record, and training does not depend on them."""
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s:%d: damaged metrics row skipped", path, lineno)
+            continue
+        rows.append(row)
+    return rows
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget metric rows written after the checkpoint (they will be redone)."""
     if path.is_file():
-        keep = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
+        keep = [r for r in _read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tiny import build_model, build_tokenizer, chat_rows, write_jsonl  # noqa: E402
+from tiny import build_model, build_tokenizer, cfg, chat_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,19 @@ def tiny_qwen2(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def chat_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows())
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_llama, chat_file) -> dict:
+    """role -> path of `edgelora export tiny-run --quant f16 --quant q8_0 --lora-gguf` after 6 quick
+    LoRA steps on the tiny llama: merged:f16, merged:q8_0, lora, base:f16, base:q8_0."""
+    from edgelora.exporter import export
+    from edgelora.trainer import train
+
+    run = tmp_path_factory.mktemp("tiny-export") / "tiny-run"
+    train(cfg(tiny_llama, chat_file, run, max_steps=6, lr=2e-2, eval_split=0.0))
+    res = export(str(run), quants=["f16", "q8_0"], lora_gguf=True)
+    return {f["role"]: res.out_dir / f["file"] for f in res.files}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ from edgelora.exporter import export
 from edgelora.report import recommend
 from edgelora.trainer import train
 from test_cli import assert_one_line_error
-from test_train import cfg
+from tiny import cfg
 from tiny import chat_rows, write_jsonl
 
 LIMIT = 5

@@ -611,7 +611,7 @@ def test_missing_files(tmp_path, model_dirs, missing):
 def test_not_enough_disk_space(tmp_path, model_dirs, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30, free=1 << 20))
     out = tmp_path / "out.gguf"
-    with pytest.raises(ConvertError, match=f"{out}: not enough disk space"):
+    with pytest.raises(EdgeloraError, match=f"{out}: not enough disk space"):
         convert(model_dirs["qwen2"], out)
     assert_nothing_written(out)
 

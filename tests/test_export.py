@@ -9,7 +9,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.models import file_sha256
 from edgelora.trainer import train
-from test_train import cfg
+from tiny import cfg
 from tiny import build_model
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]

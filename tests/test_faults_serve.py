@@ -138,6 +138,18 @@ def raw_connection(server) -> socket.socket:
     return socket.create_connection(("127.0.0.1", server.port), timeout=30)
 
 
+def read_response(s: socket.socket) -> str:
+    """One whole HTTP response from a raw socket: headers, then Content-Length bytes of body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+    while len(body) < length:
+        body += s.recv(65536)
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def partial_request(body_announced: int, body_sent: bytes) -> bytes:
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {body_announced}\r\n\r\n").encode() + body_sent
@@ -147,10 +159,8 @@ def test_a_client_stalling_mid_body_gets_408_after_the_timeout(server):
     with raw_connection(server) as s:
         s.sendall(partial_request(1000, b'{"messages": ['))
         t0 = time.monotonic()
-        reply = s.recv(65536).decode()
+        reply = read_response(s)
         waited = time.monotonic() - t0
-        while not reply.endswith("}"):
-            reply += s.recv(65536).decode()
     assert reply.startswith("HTTP/1.1 408"), reply
     assert "did not arrive within 2 s" in reply
     assert REQUEST_TIMEOUT - 0.5 < waited < REQUEST_TIMEOUT + 10
@@ -172,7 +182,7 @@ def test_a_client_hanging_up_mid_body_is_one_log_line(server):
 def test_an_idle_connection_is_closed(server):
     with raw_connection(server) as s:
         s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
-        s.recv(65536)  # answered; the connection is kept alive, then closed for idling
+        assert read_response(s).startswith("HTTP/1.1 200")  # the connection is kept alive, then closed for idling
         t0 = time.monotonic()
         s.settimeout(30)
         assert s.recv(1) == b""

@@ -201,7 +201,7 @@ def test_bad_source_names_the_file_and_writes_nothing(f16_file, tmp_path, make):
     assert not dst.parent.exists() or folder_names(dst.parent) == []
 
 
-def test_llama_cpp_failure_names_the_source_and_leaves_nothing(tmp_path):
+def test_llama_cpp_failure_names_both_files_and_leaves_nothing(tmp_path):
     src = tmp_path / "alien.gguf"
     writer = gguf.GGUFWriter(src, "nonesuch")
     writer.add_tensor("blk.0.ffn_up.weight", np.ones((8, 256), dtype=np.float16))
@@ -209,9 +209,10 @@ def test_llama_cpp_failure_names_the_source_and_leaves_nothing(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    reason = rf"{re.escape(str(src))}: llama.cpp could not quantise it to q8_0: unknown model architecture"
+    dst = tmp_path / "alien-q8_0.gguf"
+    reason = rf"{re.escape(str(dst))}: llama.cpp could not quantise alien.gguf to q8_0: unknown model architecture"
     with pytest.raises(EdgeloraError, match=reason):
-        quantize(src, tmp_path / "alien-q8_0.gguf", "q8_0")
+        quantize(src, dst, "q8_0")
     assert folder_names(tmp_path) == ["alien.gguf"]
 
 

@@ -15,22 +15,16 @@ from edgelora import runtime
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
-from edgelora.trainer import train
 from test_cli import assert_one_line_error
 from test_models import needs_smollm2
-from test_train import cfg
 from tiny import build_model
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory, tiny_llama, chat_file):
-    """role -> path: merged:f16, merged:q8_0, lora, base:f16, base:q8_0 (as `edgelora export --lora-gguf` writes)."""
-    run = tmp_path_factory.mktemp("runtime") / "tiny-run"
-    train(cfg(tiny_llama, chat_file, run, max_steps=6, lr=2e-2, eval_split=0.0))
-    res = export(str(run), quants=["f16", "q8_0"], lora_gguf=True)
-    return {f["role"]: res.out_dir / f["file"] for f in res.files}
+def gguf(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,7 @@ from edgelora import runtime
 from edgelora.cli import main
 from edgelora.exporter import export
 from edgelora.serve import build_app, listen, open_models
-from edgelora.trainer import train
 from test_cli import assert_one_line_error
-from test_train import cfg
 from tiny import build_model
 
 KEY = "sk-test-key"
@@ -35,12 +33,8 @@ QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
 
 @pytest.fixture(scope="module")
-def gguf(tmp_path_factory, tiny_llama, chat_file):
-    """role -> path: merged:f16, lora, base:f16 (as `edgelora export --lora-gguf --quant f16` writes)."""
-    run = tmp_path_factory.mktemp("serve") / "tiny-run"
-    train(cfg(tiny_llama, chat_file, run, max_steps=6, lr=2e-2, eval_split=0.0))
-    res = export(str(run), quants=["f16"], lora_gguf=True)
-    return {f["role"]: res.out_dir / f["file"] for f in res.files}
+def gguf(tiny_export):
+    return tiny_export
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ import torch
 from edgelora.config import load_config
 from edgelora.errors import EdgeloraError
 from edgelora.trainer import TrainingInterrupted, train
-
-
-def cfg(base, data, out, **kw):
-    opts = dict(base=str(base), data=str(data), out=str(out), max_steps=6, batch_size=4, seq_len=64, lr=5e-3,
-                eval_split=0.25, eval_every=3, save_every=100, method="lora", rank=4, dropout=0.0)
-    opts.update(kw)
-    return load_config(None, opts)
+from tiny import cfg
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])

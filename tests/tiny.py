@@ -74,3 +74,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def chat_rows(n: int = 24) -> list[dict]:
     return [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                           {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]} for i in range(n)]
+
+
+def cfg(base, data, out, **kw):
+    """A training config for the tiny models: a few fast LoRA steps, overridable."""
+    from edgelora.config import load_config
+
+    opts = dict(base=str(base), data=str(data), out=str(out), max_steps=6, batch_size=4, seq_len=64, lr=5e-3,
+                eval_split=0.25, eval_every=3, save_every=100, method="lora", rank=4, dropout=0.0)
+    opts.update(kw)
+    return load_config(None, opts)
