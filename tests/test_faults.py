@@ -5,7 +5,6 @@ one-line message and what it names, no traceback, and the file system afterwards
 (`edgelora serve` against hostile clients: test_faults_serve.py.)"""
 import contextlib
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from edgelora.cli import main
 from test_cli import assert_one_line_error, run_cli
 from tiny import build_model, build_tokenizer, cfg, chat_rows, write_jsonl
 
@@ -124,7 +122,7 @@ def test_a_killed_exports_temporaries_are_swept_by_the_next_run(run_dir, tmp_pat
     left = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert left, "the export finished before it could be killed"
     assert not (out / "tiny-run-q8_0.gguf").exists()
-    alive = out / f".tiny-run-q8_0.gguf.1.abcdefgh.tmp"  # pid 1 lives: a run still writing keeps its temporary
+    alive = out / ".tiny-run-q8_0.gguf.1.abcdefgh.tmp"  # pid 1 lives: a run still writing keeps its temporary
     alive.mkdir()
     r = run_cli("export", run_dir, "--quant", "q8_0", "--out", out)
     assert r.exit_code == 0, r.output
