@@ -129,14 +129,22 @@ def train(config, resume, force, **options):
 @click.option("--quant", "quants", multiple=True, metavar="NAME",
               help="f16, q8_0, q4_k_m, q2_k or all; repeatable. [default: q4_k_m]")
 @click.option("--lora-gguf", is_flag=True, help="Also write the adapter as a llama.cpp LoRA GGUF (and the base beside it).")
+@click.option("--imatrix", default="auto", show_default=True, metavar="auto|none|FILE",
+              help="Importance matrix for the quantiser: auto = measured on the run's own training examples; "
+                   "FILE = a llama.cpp imatrix (.gguf or .dat).")
+@click.option("--imatrix-data", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
+              help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
+@click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
+              help="Most calibration tokens for --imatrix auto.")
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, out, force):
+def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
 
-    result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force)
+    result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
+                        imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens)
     for f in result.files:
         click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
     click.echo(f"manifest: {result.manifest}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import imatrix as IM
 from . import quant_presets
 from .errors import EdgeloraError
 from .io import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
@@ -99,17 +100,25 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
 
 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
-           lora_gguf: bool = False, out: Optional[str] = None, force: bool = False) -> ExportResult:
-    """Export as the module docstring says; returns the files written and the manifest path."""
+           lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
+           imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS) -> ExportResult:
+    """Export as the module docstring says; returns the files written and the manifest path.
+
+    imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
+    conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat)."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
     from .quantize import quantize
 
     plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out)
+    if imatrix_tokens < 1:
+        raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
     taken = [p for p in plan.outputs.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
     output_folder(plan.out_dir)
+    importance, importance_info = _importance(plan, imatrix, imatrix_data, imatrix_tokens)
+    results: dict[str, dict] = {}  # role -> quantize()'s summary
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
@@ -122,7 +131,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             for q, path in wanted.items():
                 if q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
-                    quantize(f16, path, q)
+                    results[f"{role}:{q}"] = quantize(f16, path, q, imatrix=importance)
         finally:
             if "f16" not in wanted:
                 f16.unlink(missing_ok=True)
@@ -137,9 +146,13 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     files = []
     for role, path in plan.outputs.items():
         info = inspect_gguf(path)
+        quantised = results.get(role)
         files.append({"role": role, "file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
                       "bpw": round(info["bpw"], 3), "quant": role.split(":")[-1] if ":" in role else "f16",
-                      "file_type": info.get("file_type"), "tensor_types": info["tensor_types"]})
+                      "file_type": info.get("file_type"), "tensor_types": info["tensor_types"],
+                      "imatrix": bool(quantised and importance is not None),
+                      "fallbacks": {k: v for k, v in quantised["fallbacks"].items() if k != "tensors"}
+                      if quantised else None})
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
     _write_modelfiles(plan, base_file)
     manifest = plan.out_dir / "manifest.json"
@@ -153,9 +166,68 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
         },
         "outputs": files,
+        "imatrix": importance_info,
         "versions": package_versions(),
     })
     return ExportResult(plan.out_dir, files, manifest)
+
+
+# ---------------------------------------------------------------- importance matrix
+
+def _importance(plan: ExportPlan, choice: str, data: Optional[str], budget: int):
+    """(IMatrix or None, its manifest entry): read from a file, or computed on the run's own training
+    examples (or `data` for a plain conversion) and written beside the GGUFs."""
+    if choice == "none" or plan.quants == ["f16"]:
+        return None, None
+    if choice != "auto":
+        imatrix = IM.read(choice)
+        return imatrix, {"file": str(Path(choice).resolve()), "sha256": file_sha256(Path(choice)), "computed": False,
+                         "datasets": imatrix.datasets, "entries": len(imatrix.sums)}
+    if plan.adapter_dir is None and data is None:
+        log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): quantising without one")
+        return None, None
+    sequences, source = _calibration(plan, data)
+    chosen = IM.calibration_tokens(sequences, budget)
+    n_tokens = sum(map(len, chosen))
+    log.info("importance matrix: %d tokens of %s (%d sequences)", n_tokens, source, len(chosen))
+    with _progress("imatrix", unit="tok") as progress:
+        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, chosen, datasets=[source],
+                             chunk_size=max(map(len, chosen)), progress=progress)
+    path = plan.out_dir / f"{plan.name}-imatrix.gguf"
+    IM.write(imatrix, path, _arch(plan.hf_dir))
+    return imatrix, {"file": path.name, "sha256": file_sha256(path), "computed": True, "datasets": [source],
+                     "tokens": n_tokens, "sequences": len(chosen), "entries": len(imatrix.sums)}
+
+
+def _calibration(plan: ExportPlan, data: Optional[str]) -> tuple[list[list[int]], str]:
+    """Token ids of the calibration examples, rendered and tokenised exactly as training did: the
+    run's own training examples (never its eval split) through its tokenizer and chat template."""
+    from . import data as D
+    from .config import load_config
+    from .trainer import load_tokenizer
+
+    if data is not None:
+        cfg_source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir
+    else:
+        cfg = load_config(str(plan.adapter_dir.parent / "config.yaml"), {})
+        cfg_source, fmt, seq_len, seed, tok_dir = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed, plan.adapter_dir
+        split = 0.0 if cfg.eval_data else cfg.eval_split
+        if not Path(cfg_source).is_file():
+            raise EdgeloraError(f"importance matrix: the run's training data {cfg_source} is not found; "
+                                "pass --imatrix-data FILE.jsonl, or --imatrix none")
+    examples, shape = D.read_jsonl(cfg_source, fmt)
+    examples = D.split_eval(examples, split, seed)[0]
+    tok = load_tokenizer(tok_dir)
+    if shape != "text":
+        D.ensure_chat_template(tok)
+    tokenized, _ = D.tokenize_all(tok, examples, seq_len, what=str(cfg_source))
+    return [t.input_ids for t in tokenized], Path(cfg_source).name
+
+
+def _arch(hf_dir: Path) -> str:
+    from .converters.hf_to_gguf import HFModel
+
+    return HFModel(hf_dir).arch.name
 
 
 # ---------------------------------------------------------------- Ollama Modelfile
@@ -221,7 +293,7 @@ def _relative(path: Path, start: Path) -> str:
 # ---------------------------------------------------------------- helpers
 
 @contextlib.contextmanager
-def _progress(label: str):
+def _progress(label: str, unit: str = "B"):
     """A byte progress bar for one file, fed by `update(done, total)`; closed however the write ends,
     so an error message never lands on the bar's line."""
     from tqdm.auto import tqdm
@@ -231,7 +303,7 @@ def _progress(label: str):
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=label, unit="B", unit_scale=True, dynamic_ncols=True, leave=False)
+            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
         bar.update(done - bar.n)
 
     try:

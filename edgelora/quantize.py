@@ -13,6 +13,8 @@ import llama_cpp
 
 from . import quant_presets
 from .errors import EdgeloraError
+from .imatrix import IMatrix, quantizer_array
+from .imatrix import check as check_imatrix
 from .inspect import inspect_gguf
 from . import io
 from .io import atomic_path
@@ -22,15 +24,16 @@ _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types")
 
 
-def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, threads: int = 0,
-             verbose: bool = False) -> dict:
+def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, imatrix: IMatrix | None = None,
+             threads: int = 0, verbose: bool = False) -> dict:
     """Quantise the float GGUF `src` into `dst` with `preset` (a name such as "q4_k_m", or a preset dict).
 
     `dst` appears only when complete (temporary name, then rename); an existing `dst` is
     replaced. The f16 preset goes through the quantiser too: f16 tensors are copied as they are,
     f32/bf16 ones converted, and the file type recorded by llama.cpp. Returns inspect_gguf's
     summary of `dst` plus the preset name, the seconds taken and `fallbacks` (see `fallbacks`).
-    llama.cpp's log is shown only if `verbose`; `threads` 0 means all cores.
+    llama.cpp's log is shown only if `verbose`; `threads` 0 means all cores. An importance matrix
+    (edgelora.imatrix) is checked against the source's weights first, then given to the quantiser.
     """
     src, dst = Path(src), Path(dst)
     preset = _load_preset(preset)
@@ -43,6 +46,10 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, threads: i
     params.nthread = threads
     patterns = _tensor_overrides(overrides)  # referenced until the call returns
     params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if imatrix is not None:
+        check_imatrix(imatrix, source)
+        importance, _buffers = quantizer_array(imatrix)  # referenced until the call returns
+        params.imatrix = ctypes.cast(importance, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     most_bits = preset.get("expected_bpw", [0, 16])[1]
     io.check_free_space(dst, int(source["n_params"] * most_bits / 8) + source["size_bytes"] - source["tensor_bytes"])
     start = time.perf_counter()

@@ -1,0 +1,282 @@
+"""Importance matrices: how much each input column of each weight matters, measured on your data.
+
+For every weight llama.cpp quantises (the `blk.*` matrices), the sum over calibration tokens of
+each input column's squared activation, and the token count: what llama.cpp's imatrix tool
+collects (tools/imatrix), here measured in torch on the fine-tuned model (base + adapter merged,
+the weights the merged GGUF holds) running the run's own training examples, rendered exactly as
+in training. llama.cpp's quantiser then spends its rounding error where activations are small.
+
+Files are llama.cpp's own format, so `llama-quantize --imatrix` takes ours and we take theirs:
+a GGUF with general.type = imatrix, `<tensor>.in_sum2` (F32, [n_mat, n_cols]) and `<tensor>.counts`
+(F32, [n_mat, 1]) per weight, imatrix.datasets / chunk_count / chunk_size; or the legacy .dat.
+Reading, checking and handing one to the quantiser need no torch; `compute` does.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .errors import EdgeloraError
+from .io import atomic_path
+
+KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
+SUMS, COUNTS = ".in_sum2", ".counts"
+DEFAULT_TOKENS = 32768
+
+
+@dataclass
+class IMatrix:
+    """Per weight name: sums of squared activations, shape (n_mat, n_cols), and token counts (n_mat,)."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+    origin: str = "computed"  # the file it was read from, for messages
+
+    def importance(self, name: str) -> np.ndarray:
+        """The flat float32 vector the quantiser takes for `name`: each expert's sums / its count,
+        1 where an expert saw no token (as llama-quantize does)."""
+        sums, counts = self.sums[name], self.counts[name]
+        mean = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 1.0)
+        return np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
+
+
+# ---------------------------------------------------------------- files
+
+def write(imatrix: IMatrix, path: Path | str, arch: str) -> Path:
+    """Write `imatrix` as llama.cpp's GGUF imatrix file (atomically); `arch` is recorded too."""
+    import gguf
+
+    path = Path(path)
+    with atomic_path(path, suffix=".gguf") as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type("imatrix")
+        writer.add_array(KEY_DATASETS, imatrix.datasets)
+        writer.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
+        writer.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+        for name in sorted(imatrix.sums):
+            writer.add_tensor(name + SUMS, imatrix.sums[name].astype(np.float32))
+            writer.add_tensor(name + COUNTS, imatrix.counts[name].astype(np.float32).reshape(-1, 1))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return path
+
+
+def read(path: Path | str) -> IMatrix:
+    """A llama.cpp importance matrix, GGUF or legacy .dat; one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeloraError(f"imatrix {path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    try:
+        imatrix = _read_gguf(path) if magic == b"GGUF" else _read_dat(path)
+        imatrix.origin = str(path)
+        return imatrix
+    except EdgeloraError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways
+        raise EdgeloraError(f"imatrix {path}: damaged or not an imatrix file ({type(e).__name__}: {e})") from None
+
+
+def _read_gguf(path: Path) -> IMatrix:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def value(key, default):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    if value("general.type", None) != "imatrix":
+        raise EdgeloraError(f"imatrix {path}: a GGUF, but not an importance matrix (general.type is "
+                            f"{value('general.type', None)!r})")
+    tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    sums, counts = {}, {}
+    for name, data in tensors.items():
+        if name.endswith(SUMS):
+            base = name[:-len(SUMS)]
+            if base + COUNTS not in tensors:
+                raise EdgeloraError(f"imatrix {path}: {base} has sums but no counts")
+            counts[base] = tensors[base + COUNTS].reshape(-1)
+            sums[base] = data.reshape(len(counts[base]), -1)
+    if not sums:
+        raise EdgeloraError(f"imatrix {path}: no entries")
+    return IMatrix(sums, counts, list(value(KEY_DATASETS, [])), int(value(KEY_CHUNK_COUNT, 0)),
+                   int(value(KEY_CHUNK_SIZE, 0)))
+
+
+def _read_dat(path: Path) -> IMatrix:
+    """The legacy format: n_entries, then per entry name length, name, ncall, nval, nval floats
+    holding (sum / count) * ncall; optionally the chunk count and a dataset name."""
+    data = path.read_bytes()
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out
+
+    (n_entries,) = take("i")
+    if not 0 < n_entries < 1 << 20:
+        raise EdgeloraError(f"imatrix {path}: not an importance matrix (neither GGUF nor a legacy .dat)")
+    sums, counts = {}, {}
+    for _ in range(n_entries):
+        (length,) = take("i")
+        name = data[pos:pos + length].decode("utf-8")
+        pos += length
+        ncall, nval = take("ii")
+        if nval < 1 or pos + 4 * nval > len(data):
+            raise EdgeloraError(f"imatrix {path}: entry {name} is cut off")
+        sums[name] = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32).reshape(1, -1)
+        counts[name] = np.array([ncall], dtype=np.float32)
+        pos += 4 * nval
+    chunks, datasets = 0, []
+    if pos + 8 <= len(data):
+        chunks, length = take("ii")
+        datasets = [data[pos:pos + length].decode("utf-8", "replace")] if length > 0 else []
+    return IMatrix(sums, counts, datasets, chunks, 0)
+
+
+# ---------------------------------------------------------------- checking, and handing it to llama.cpp
+
+def check(imatrix: IMatrix, source: dict) -> None:
+    """Every entry must name a weight of `source` (inspect_gguf's summary of the model to quantise),
+    with one value per input column (per expert), finite and >= 0: else one line naming the tensor.
+    Weights without an entry are quantised without one, as llama.cpp does."""
+    where = imatrix.origin
+    shapes = {t["name"]: t["shape"] for t in source["tensors"] if len(t["shape"]) >= 2}
+    for name, sums in imatrix.sums.items():
+        if name not in shapes:
+            raise EdgeloraError(f"imatrix {where}: '{name}' is not a weight of {source['path']} "
+                                "(an imatrix made for another model?)")
+        shape = shapes[name]
+        want = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        if sums.size != want:
+            raise EdgeloraError(f"imatrix {where}: '{name}' has {sums.size} values, the tensor needs {want} "
+                                f"(one per input column; shape {shape})")
+        if not (np.isfinite(sums).all() and np.isfinite(imatrix.counts[name]).all()):
+            raise EdgeloraError(f"imatrix {where}: '{name}' holds NaN or infinite values")
+        if (sums < 0).any() or (imatrix.counts[name] < 0).any():
+            raise EdgeloraError(f"imatrix {where}: '{name}' holds negative values (sums of squares cannot be)")
+
+
+def quantizer_array(imatrix: IMatrix) -> tuple[ctypes.Array, list]:
+    """The NULL-terminated llama_model_imatrix_data array for llama_model_quantize_params.imatrix,
+    and the buffers it points into (keep both referenced until the quantiser returns)."""
+    import llama_cpp
+
+    _check_struct_layout()
+    keep, entries = [], []
+    for name in sorted(imatrix.sums):
+        values = imatrix.importance(name)
+        keep.append(values)
+        entries.append(llama_cpp.llama_model_imatrix_data(
+            name.encode(), values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size))
+    entries.append(llama_cpp.llama_model_imatrix_data(None, None, 0))
+    return (llama_cpp.llama_model_imatrix_data * len(entries))(*entries), keep
+
+
+def _check_struct_layout() -> None:
+    """The quantiser reads the array through llama-cpp-python's ctypes mirror of llama.h: refuse
+    to pass it if the installed version's mirror is not the layout this code was written for."""
+    import llama_cpp
+
+    data = getattr(llama_cpp, "llama_model_imatrix_data", None)
+    params = dict(getattr(llama_cpp.llama_model_quantize_params, "_fields_", []))
+    want = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
+    if data is None or list(data._fields_) != want or params.get("imatrix") is not ctypes.POINTER(data):
+        raise EdgeloraError("the installed llama-cpp-python passes importance matrices differently from "
+                            f"the 0.3.36 this was written for (it is {llama_cpp.__version__}); "
+                            "export with --imatrix none, or install llama-cpp-python==0.3.36")
+
+
+# ---------------------------------------------------------------- computing one (torch)
+
+def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[int]], *, datasets: list[str],
+            chunk_size: int, batch_size: int = 8,
+            progress: Optional[Callable[[int, int], None]] = None) -> IMatrix:
+    """Run `token_ids` (the calibration sequences, as training saw them) through the model with the
+    adapter merged, collecting every blk.* weight's input sums of squares at every real token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .converters.hf_to_gguf import HFModel
+
+    gguf_names = HFModel(model_dir).gguf_names  # HF tensor name -> GGUF tensor name
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:  # merged: the weights the merged GGUF holds
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    mask: list[torch.Tensor] = []  # the current batch's real-token mask, read by the hooks
+
+    def hook_for(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0][mask[0]].double()  # (real tokens, n_cols)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return hook
+
+    hooks = [m.register_forward_hook(hook_for(gguf_names[f"{n}.weight"])) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and gguf_names.get(f"{n}.weight", "").startswith("blk.")]
+    if not hooks:
+        raise EdgeloraError(f"{model_dir}: no blk.* weights found to measure")
+    body = model.get_decoder()  # no LM head: its output is not needed, and llama.cpp's imatrix skips it too
+    total = sum(map(len, token_ids))
+    done = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(token_ids), batch_size):
+                batch = token_ids[start:start + batch_size]
+                width = max(map(len, batch))
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                for i, seq in enumerate(batch):
+                    ids[i, :len(seq)] = torch.tensor(seq)
+                    attention[i, :len(seq)] = 1
+                mask[:] = [attention.bool()]
+                body(input_ids=ids, attention_mask=attention)
+                done += sum(map(len, batch))
+                if progress:
+                    progress(done, total)
+    finally:
+        for h in hooks:
+            h.remove()
+    return IMatrix({n: s.numpy().astype(np.float32)[None, :] for n, s in sums.items()},
+                   {n: np.array([c], dtype=np.float32) for n, c in counts.items()},
+                   datasets, chunk_count=len(token_ids), chunk_size=chunk_size)
+
+
+def calibration_tokens(token_ids: list[list[int]], budget: int, seed: int = 0) -> list[list[int]]:
+    """Whole sequences, in a fixed-seed shuffled order, until `budget` tokens are reached."""
+    import random
+
+    order = list(range(len(token_ids)))
+    random.Random(seed).shuffle(order)
+    chosen, n = [], 0
+    for i in order:
+        if n >= budget:
+            break
+        chosen.append(token_ids[i])
+        n += len(token_ids[i])
+    return chosen
+
+
+def describe(imatrix: IMatrix) -> str:
+    tokens = max((int(c.max()) for c in imatrix.counts.values()), default=0)
+    return f"{len(imatrix.sums)} weights, {tokens:,} tokens, {math.ceil(imatrix.chunk_count)} sequences"

@@ -1,0 +1,187 @@
+"""Importance matrices (edgelora.imatrix): llama.cpp's file format both ways, values equal to a direct
+computation on a tiny model, llama.cpp's quantiser really using them, and one-line errors for
+malformed or mismatched ones."""
+import json
+import struct
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from edgelora import imatrix as IM
+from edgelora.errors import EdgeloraError
+from edgelora.quantize import quantize
+from test_cli import assert_one_line_error, run_cli
+
+SEQUENCES = [[1, 5, 9, 13, 2, 7], [3, 4, 4, 8], [6, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+
+
+@pytest.fixture(scope="module")
+def computed(tiny_llama):
+    return IM.compute(tiny_llama, None, SEQUENCES, datasets=["unit"], chunk_size=10, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def f16(tiny_llama, tmp_path_factory) -> Path:
+    from edgelora.converters.hf_to_gguf import convert
+
+    out = tmp_path_factory.mktemp("imatrix") / "tiny-f16.gguf"
+    convert(tiny_llama, out)
+    return out
+
+
+def test_values_equal_a_direct_computation(tiny_llama, computed):
+    """Layer 0's q/k/v see the input norm of the embeddings, layer 1's the input norm of layer 0's
+    output: sums of squares over every real token (padding excluded), counts = the tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    expect0, expect1 = 0, 0
+    with torch.no_grad():
+        for seq in SEQUENCES:
+            out = model(torch.tensor([seq]), output_hidden_states=True)
+            x0 = model.model.layers[0].input_layernorm(out.hidden_states[0])[0].double()
+            x1 = model.model.layers[1].input_layernorm(out.hidden_states[1])[0].double()
+            expect0, expect1 = expect0 + (x0 * x0).sum(0), expect1 + (x1 * x1).sum(0)
+    tokens = sum(map(len, SEQUENCES))
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
+        np.testing.assert_allclose(computed.sums[name][0], expect0.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(computed.sums["blk.1.attn_q.weight"][0], expect1.numpy(), rtol=1e-4)
+    assert all(c.tolist() == [tokens] for c in computed.counts.values())
+    names = set(computed.sums)
+    assert names == {f"blk.{i}.{w}.weight" for i in range(2) for w in
+                     ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert computed.sums["blk.0.ffn_down.weight"].shape == (1, 512)  # the intermediate size: ffn_down's rows
+
+
+def test_gguf_file_round_trips_in_llama_cpps_format(computed, tmp_path):
+    path = IM.write(computed, tmp_path / "m.imatrix.gguf", "llama")
+    reader = gguf.GGUFReader(path)
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.type"] == "imatrix"
+    assert (fields["imatrix.datasets"], fields["imatrix.chunk_count"], fields["imatrix.chunk_size"]) == (["unit"], 3, 10)
+    tensors = {t.name: t for t in reader.tensors}
+    q = tensors["blk.0.attn_q.weight.in_sum2"]
+    assert q.tensor_type == gguf.GGMLQuantizationType.F32 and list(q.shape) == [256, 1]  # ne0 = columns, ne1 = n_mat
+    assert list(tensors["blk.0.attn_q.weight.counts"].shape) == [1, 1]
+    assert len(tensors) == 2 * len(computed.sums)
+    again = IM.read(path)
+    assert again.datasets == ["unit"] and again.origin == str(path)
+    for name in computed.sums:
+        np.testing.assert_array_equal(again.sums[name], computed.sums[name])
+        np.testing.assert_array_equal(again.counts[name], computed.counts[name])
+        np.testing.assert_allclose(again.importance(name), computed.sums[name][0] / computed.counts[name][0], rtol=1e-6)
+
+
+def test_legacy_dat_is_read_as_llama_cpp_reads_it(tmp_path):
+    """The legacy format stores (sum / count) * ncall; the quantiser gets that / ncall."""
+    values = np.array([2.0, 4.0, 6.0, 8.0], dtype=np.float32)
+    name = b"blk.0.attn_q.weight"
+    data = struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 2, 4) + values.tobytes()
+    data += struct.pack("<ii", 7, 4) + b"demo"
+    path = tmp_path / "old.dat"
+    path.write_bytes(data)
+    m = IM.read(path)
+    np.testing.assert_allclose(m.importance("blk.0.attn_q.weight"), values / 2)
+    assert (m.chunk_count, m.datasets) == (7, ["demo"])
+
+
+def weighted_error(f16: Path, quantised: Path, imatrix: IM.IMatrix) -> float:
+    """sum over blk weights of sum_ij importance_j * (w_ij - w_hat_ij)^2: what the quantiser minimises."""
+    original = {t.name: t for t in gguf.GGUFReader(f16).tensors}
+    total = 0.0
+    for t in gguf.GGUFReader(quantised).tensors:
+        if t.name in imatrix.sums:
+            w = np.asarray(original[t.name].data, dtype=np.float64)
+            w_hat = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(w.shape)
+            total += float((imatrix.importance(t.name) * (w - w_hat) ** 2).sum())
+    return total
+
+
+def test_llama_cpp_uses_it(f16, computed, tmp_path):
+    plain = quantize(f16, tmp_path / "plain.gguf", "q4_k_m")
+    guided = quantize(f16, tmp_path / "guided.gguf", "q4_k_m", imatrix=computed)
+    assert plain["tensor_types"] == guided["tensor_types"]
+    assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "guided.gguf").read_bytes()
+    assert weighted_error(f16, tmp_path / "guided.gguf", computed) < weighted_error(f16, tmp_path / "plain.gguf",
+                                                                                    computed)
+
+
+@pytest.mark.parametrize("mangle, message", [
+    (lambda m: (m.sums.update({"blk.9.attn_q.weight": m.sums["blk.0.attn_q.weight"]}),
+                m.counts.update({"blk.9.attn_q.weight": m.counts["blk.0.attn_q.weight"]})),
+     "'blk.9.attn_q.weight' is not a weight of"),
+    (lambda m: m.sums.update({"blk.0.attn_q.weight": m.sums["blk.0.attn_q.weight"][:, :100]}),
+     "'blk.0.attn_q.weight' has 100 values, the tensor needs 256"),
+    (lambda m: m.sums["blk.1.ffn_up.weight"].__setitem__((0, 3), np.nan), "'blk.1.ffn_up.weight' holds NaN"),
+    (lambda m: m.sums["blk.1.ffn_up.weight"].__setitem__((0, 3), -1.0), "'blk.1.ffn_up.weight' holds negative"),
+])
+def test_a_bad_imatrix_is_one_line_naming_the_tensor_and_leaves_no_file(f16, computed, tmp_path, mangle, message):
+    bad = IM.IMatrix({k: v.copy() for k, v in computed.sums.items()}, dict(computed.counts))
+    mangle(bad)
+    path = IM.write(bad, tmp_path / "bad.gguf", "llama")
+    with pytest.raises(EdgeloraError, match=message) as e:
+        quantize(f16, tmp_path / "out.gguf", "q4_k_m", imatrix=IM.read(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_not_an_imatrix_file(f16, tmp_path):
+    with pytest.raises(EdgeloraError, match="a GGUF, but not an importance matrix"):
+        IM.read(f16)
+    junk = tmp_path / "junk.dat"
+    junk.write_bytes(b"\x00" * 3)
+    with pytest.raises(EdgeloraError, match="junk.dat: damaged or not an imatrix file"):
+        IM.read(junk)
+
+
+def test_a_changed_llama_cpp_struct_is_refused(computed, monkeypatch):
+    import ctypes
+
+    import llama_cpp
+
+    class Other(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float))]
+
+    monkeypatch.setattr(llama_cpp, "llama_model_imatrix_data", Other)
+    with pytest.raises(EdgeloraError, match="passes importance matrices differently"):
+        IM.quantizer_array(computed)
+
+
+def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
+    run = tiny_export["merged:f16"].parent.parent
+    out = tmp_path / "ex"
+    r = run_cli("export", run, "--quant", "q4_k_m", "--out", out, "--imatrix-tokens", 300)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    info = manifest["imatrix"]
+    assert info["computed"] and info["file"] == "tiny-run-imatrix.gguf" and info["datasets"] == ["chat.jsonl"]
+    assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
+    assert all(o["imatrix"] for o in manifest["outputs"])
+    assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
+    r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "none" / "manifest.json").read_text())
+    assert manifest["imatrix"] is None and not manifest["outputs"][0]["imatrix"]
+    assert (out / "tiny-run-q4_k_m.gguf").read_bytes() != (tmp_path / "none" / "tiny-run-q4_k_m.gguf").read_bytes()
+    r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "given", "--imatrix", out / info["file"])
+    assert r.exit_code == 0, r.output
+    assert (out / "tiny-run-q4_k_m.gguf").read_bytes() == (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
+
+
+def test_export_with_a_mismatched_imatrix_file_is_one_line(tiny_export, computed, tmp_path):
+    run = tiny_export["merged:f16"].parent.parent
+    bad = IM.IMatrix({"blk.0.attn_q.weight": np.ones((1, 7), np.float32)}, {"blk.0.attn_q.weight": np.ones(1)})
+    path = IM.write(bad, tmp_path / "other-model.imatrix.gguf", "llama")
+    r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "ex", "--imatrix", path)
+    assert_one_line_error(r, "'blk.0.attn_q.weight' has 7 values, the tensor needs 256")
+    assert not (tmp_path / "ex" / "tiny-run-q4_k_m.gguf").exists()
+
+
+def test_plain_conversion_takes_calibration_data(tiny_llama, chat_file, tmp_path):
+    r = run_cli("export", "--base", tiny_llama, "--quant", "q4_k_m", "--out", tmp_path / "ex",
+                "--imatrix-data", chat_file)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ex" / "manifest.json").read_text())["imatrix"]["datasets"] == ["chat.jsonl"]
