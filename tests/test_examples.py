@@ -28,6 +28,7 @@ GENERATORS = {
     "make_extract_dataset.py": ["extract_train.jsonl", "extract_eval.jsonl"],
     "make_chat_dataset.py": ["support_chat.jsonl"],
     "make_instruction_dataset.py": ["units_instruction.jsonl"],
+    "make_records_dataset.py": ["records_train.jsonl", "records_eval.jsonl"],
 }
 
 
