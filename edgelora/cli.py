@@ -136,15 +136,20 @@ def train(config, resume, force, **options):
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Most calibration tokens for --imatrix auto.")
+@click.option("--target-size", metavar="SIZE",
+              help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
+@click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, out, force):
+def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, out,
+           force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
-                        imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens)
+                        imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
+                        target_size=target_size, target_bpw=target_bpw)
     for f in result.files:
         click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
     click.echo(f"manifest: {result.manifest}")

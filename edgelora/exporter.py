@@ -48,22 +48,28 @@ class ExportResult:
     manifest: Path
 
 
-def parse_quants(quants: list[str]) -> list[str]:
+AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
+
+
+def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
+    """The presets asked for, largest first (the f16 the others are made from comes out first);
+    `auto`, the budgeted file, last. A budget (--target-size / --target-bpw) adds `auto`."""
     known = quant_presets.names()
     wanted: list[str] = []
-    for q in quants or ["q4_k_m"]:
+    for q in [*(quants or ["q4_k_m"]), *([AUTO] if budgeted else [])]:
         for item in (known if q.lower() == "all" else [q.lower()]):
-            if item not in known:
-                raise EdgeloraError(f"unknown quant '{item}' (known: {', '.join(known)}, all)")
+            if item not in known + [AUTO]:
+                raise EdgeloraError(f"unknown quant '{item}' (known: {', '.join(known)}, all, auto)")
             if item not in wanted:
                 wanted.append(item)
-    # Largest first: the f16 the others are made from comes out first.
-    return sorted(wanted, key=lambda q: -quant_presets.load(q)["expected_bpw"][1])
+    if AUTO in wanted and not budgeted:
+        raise EdgeloraError("--quant auto needs a budget: --target-size SIZE or --target-bpw BITS")
+    return sorted(wanted, key=lambda q: -quant_presets.load(q)["expected_bpw"][1] if q != AUTO else 0)
 
 
 def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], lora_gguf: bool,
-                out: Optional[str]) -> ExportPlan:
-    quants = parse_quants(quants)
+                out: Optional[str], budgeted: bool = False) -> ExportPlan:
+    quants = parse_quants(quants, budgeted)
     adapter_dir = None
     if run_dir:
         run = Path(run_dir)
@@ -95,41 +101,57 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
         plan.outputs["lora"] = out_dir / f"{name}-lora-f16.gguf"
         if resolved.kind != "gguf":
             for q in quants:
-                plan.outputs[f"base:{q}"] = out_dir / f"{resolved.name}-base-{q}.gguf"
+                if q != AUTO:  # the budget is fitted to the fine-tuned model, not the bare base
+                    plan.outputs[f"base:{q}"] = out_dir / f"{resolved.name}-base-{q}.gguf"
     return plan
 
 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
-           imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS) -> ExportResult:
+           imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
+           target_size: Optional[str | int] = None, target_bpw: Optional[float] = None) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
-    conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat)."""
+    conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat).
+    target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
+    chosen to that budget by measured loss (edgelora.budget)."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
     from .quantize import quantize
 
-    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out)
+    if target_size is not None and target_bpw is not None:
+        raise EdgeloraError("give --target-size or --target-bpw, not both")
+    if target_bpw is not None and not 1.5 <= target_bpw <= 16:
+        raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
+    budgeted = target_size is not None or target_bpw is not None
+    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted)
     if imatrix_tokens < 1:
         raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
     taken = [p for p in plan.outputs.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
     output_folder(plan.out_dir)
-    importance, importance_info = _importance(plan, imatrix, imatrix_data, imatrix_tokens)
+    calibration = _calibration(plan, imatrix_data) if (imatrix == "auto" or budgeted) else None
+    if budgeted and calibration is None:
+        raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
+    importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
     results: dict[str, dict] = {}  # role -> quantize()'s summary
+    budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
-        wanted = {q: plan.outputs[f"{role}:{q}"] for q in plan.quants}
+        wanted = {q: plan.outputs[f"{role}:{q}"] for q in plan.quants if f"{role}:{q}" in plan.outputs}
         f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{role}-f16'))}gguf.tmp"
         log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
         with _progress(f16.name) as progress:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress)
         try:
             for q, path in wanted.items():
-                if q != "f16":
+                if q == AUTO:
+                    results[f"{role}:{q}"], budgets[f"{role}:{q}"] = _budgeted(
+                        f16, path, importance, calibration, target_size, target_bpw)
+                elif q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
                     results[f"{role}:{q}"] = quantize(f16, path, q, imatrix=importance)
         finally:
@@ -150,9 +172,13 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         files.append({"role": role, "file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
                       "bpw": round(info["bpw"], 3), "quant": role.split(":")[-1] if ":" in role else "f16",
                       "file_type": info.get("file_type"), "tensor_types": info["tensor_types"],
+                      "class_types": info["class_types"],
                       "imatrix": bool(quantised and importance is not None),
                       "fallbacks": {k: v for k, v in quantised["fallbacks"].items() if k != "tensors"}
                       if quantised else None})
+    if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
+        path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
+        importance_info["sha256"] = file_sha256(path)
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
     _write_modelfiles(plan, base_file)
     manifest = plan.out_dir / "manifest.json"
@@ -167,6 +193,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         },
         "outputs": files,
         "imatrix": importance_info,
+        "budget": budgets.get(f"merged:{AUTO}"),
         "versions": package_versions(),
     })
     return ExportResult(plan.out_dir, files, manifest)
@@ -174,54 +201,108 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
 
 # ---------------------------------------------------------------- importance matrix
 
-def _importance(plan: ExportPlan, choice: str, data: Optional[str], budget: int):
-    """(IMatrix or None, its manifest entry): read from a file, or computed on the run's own training
-    examples (or `data` for a plain conversion) and written beside the GGUFs."""
+@dataclass
+class Calibration:
+    """The examples an importance matrix and a budget are measured on: training examples (never
+    the eval split), rendered and tokenised exactly as training did."""
+
+    sequences: list[tuple[list[int], list[int]]]  # (token ids, labels: -100 where not an answer)
+    source: str  # the data file's name
+
+
+def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration], budget: int):
+    """(IMatrix or None, its manifest entry): read from a file, or computed on the calibration
+    examples and written beside the GGUFs."""
     if choice == "none" or plan.quants == ["f16"]:
         return None, None
     if choice != "auto":
         imatrix = IM.read(choice)
         return imatrix, {"file": str(Path(choice).resolve()), "sha256": file_sha256(Path(choice)), "computed": False,
                          "datasets": imatrix.datasets, "entries": len(imatrix.sums)}
-    if plan.adapter_dir is None and data is None:
+    if calibration is None:
         log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): quantising without one")
         return None, None
-    sequences, source = _calibration(plan, data)
-    chosen = IM.calibration_tokens(sequences, budget)
+    chosen = IM.calibration_tokens([ids for ids, _ in calibration.sequences], budget)
     n_tokens = sum(map(len, chosen))
-    log.info("importance matrix: %d tokens of %s (%d sequences)", n_tokens, source, len(chosen))
+    log.info("importance matrix: %d tokens of %s (%d sequences)", n_tokens, calibration.source, len(chosen))
     with _progress("imatrix", unit="tok") as progress:
-        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, chosen, datasets=[source],
+        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, chosen, datasets=[calibration.source],
                              chunk_size=max(map(len, chosen)), progress=progress)
-    path = plan.out_dir / f"{plan.name}-imatrix.gguf"
-    IM.write(imatrix, path, _arch(plan.hf_dir))
-    return imatrix, {"file": path.name, "sha256": file_sha256(path), "computed": True, "datasets": [source],
-                     "tokens": n_tokens, "sequences": len(chosen), "entries": len(imatrix.sums)}
+    return imatrix, {"file": f"{plan.name}-imatrix.gguf", "computed": True,  # written with the manifest
+                     "datasets": [calibration.source], "tokens": n_tokens, "sequences": len(chosen),
+                     "entries": len(imatrix.sums)}
 
 
-def _calibration(plan: ExportPlan, data: Optional[str]) -> tuple[list[list[int]], str]:
-    """Token ids of the calibration examples, rendered and tokenised exactly as training did: the
-    run's own training examples (never its eval split) through its tokenizer and chat template."""
+def _calibration(plan: ExportPlan, data: Optional[str]) -> Optional[Calibration]:
+    """The run's own training examples through its tokenizer and chat template, or `data` through
+    the base's for a plain conversion; None for a plain conversion without data."""
     from . import data as D
     from .config import load_config
     from .trainer import load_tokenizer
 
     if data is not None:
-        cfg_source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir
-    else:
+        source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir
+    elif plan.adapter_dir is not None:
         cfg = load_config(str(plan.adapter_dir.parent / "config.yaml"), {})
-        cfg_source, fmt, seq_len, seed, tok_dir = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed, plan.adapter_dir
+        source, fmt, seq_len, seed, tok_dir = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed, plan.adapter_dir
         split = 0.0 if cfg.eval_data else cfg.eval_split
-        if not Path(cfg_source).is_file():
-            raise EdgeloraError(f"importance matrix: the run's training data {cfg_source} is not found; "
+        if not Path(source).is_file():
+            raise EdgeloraError(f"calibration: the run's training data {source} is not found; "
                                 "pass --imatrix-data FILE.jsonl, or --imatrix none")
-    examples, shape = D.read_jsonl(cfg_source, fmt)
+    else:
+        return None
+    examples, shape = D.read_jsonl(source, fmt)
     examples = D.split_eval(examples, split, seed)[0]
     tok = load_tokenizer(tok_dir)
     if shape != "text":
         D.ensure_chat_template(tok)
-    tokenized, _ = D.tokenize_all(tok, examples, seq_len, what=str(cfg_source))
-    return [t.input_ids for t in tokenized], Path(cfg_source).name
+    tokenized, _ = D.tokenize_all(tok, examples, seq_len, what=str(source))
+    return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name)
+
+
+def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], calibration: Calibration,
+              target_size, target_bpw: Optional[float]) -> tuple[dict, dict]:
+    """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured."""
+    import gguf
+
+    from . import budget as B
+    from .quantize import quantize
+
+    reader = gguf.GGUFReader(f16)
+    weights = [t for t in reader.tensors if B.quantisable(t.name, t.shape)]
+    overhead = f16.stat().st_size - sum(int(t.n_bytes) for t in weights)
+    if target_bpw is not None:
+        target = int(overhead + target_bpw * sum(int(t.n_elements) for t in weights) / 8)
+    else:
+        target = B.parse_size(target_size) if isinstance(target_size, str) else int(target_size)
+    del reader, weights
+    if importance is None:
+        log.warning("choosing per-tensor types without an importance matrix: every input column counts the same")
+
+    def column_importance(name: str):
+        return importance.importance(name) if importance is not None and name in importance.sums else None
+
+    log.info("measuring the quantisation error of each weight at each type")
+    with _progress("errors", unit="w") as progress:
+        options = B.weight_options(f16, column_importance, progress)
+    # KL on held-out training examples: the end of the order the imatrix took its tokens from
+    held_out = [calibration.sequences[i] for i in reversed(IM.calibration_order(len(calibration.sequences)))][:16]
+    probe = B.KLProbe(f16, held_out, dst.parent)
+    log.info("measuring each weight class's cost in KL divergence")
+    choice = B.choose(options, target, overhead, probe)
+    preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
+    log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
+             target / 2**20)
+    result = quantize(f16, dst, preset, imatrix=importance)
+    if dst.stat().st_size > target:
+        dst.unlink()
+        raise EdgeloraError(f"{dst}: {dst.stat().st_size / 2**20:.2f} MiB came out over the target of "
+                            f"{target / 2**20:.2f} MiB")
+    measured = probe.measure(dst)
+    return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": dst.stat().st_size,
+                    "predicted_kl": choice.predicted_kl, "measured_kl": measured,
+                    "kl_sequences": len(held_out), "sensitivity": choice.sensitivity,
+                    "class_types": result["class_types"]}
 
 
 def _arch(hf_dir: Path) -> str:

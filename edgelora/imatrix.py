@@ -262,14 +262,20 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
                    datasets, chunk_count=len(token_ids), chunk_size=chunk_size)
 
 
-def calibration_tokens(token_ids: list[list[int]], budget: int, seed: int = 0) -> list[list[int]]:
-    """Whole sequences, in a fixed-seed shuffled order, until `budget` tokens are reached."""
+def calibration_order(n: int, seed: int = 0) -> list[int]:
+    """The fixed-seed shuffled order calibration sequences are taken in (the last ones are the
+    least likely to have been used, so a measurement of the result takes those)."""
     import random
 
-    order = list(range(len(token_ids)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
+    return order
+
+
+def calibration_tokens(token_ids: list[list[int]], budget: int, seed: int = 0) -> list[list[int]]:
+    """Whole sequences, in calibration_order, until `budget` tokens are reached."""
     chosen, n = [], 0
-    for i in order:
+    for i in calibration_order(len(token_ids), seed):
         if n >= budget:
             break
         chosen.append(token_ids[i])

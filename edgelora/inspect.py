@@ -19,6 +19,27 @@ _HPARAMS = {
 }
 
 
+def tensor_class(name: str) -> str:
+    """blk.12.attn_q.weight -> attn_q; token_embd.weight -> token_embd."""
+    parts = name.split(".")
+    return parts[2] if parts[0] == "blk" and len(parts) > 3 else parts[0]
+
+
+def quantisable(name: str, shape) -> bool:
+    """The weights llama.cpp's quantiser quantises (2-D+, named *weight, not a norm)."""
+    return len(shape) >= 2 and name.endswith("weight") and "_norm." not in name and "ffn_gate_inp" not in name
+
+
+def class_types(tensors: list[dict]) -> dict[str, dict[str, int]]:
+    """{weight class: {type: how many}} over the quantisable weights: what each kind of weight got."""
+    out: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        if quantisable(t["name"], t["shape"]):
+            per = out.setdefault(tensor_class(t["name"]), {})
+            per[t["type"]] = per.get(t["type"], 0) + 1
+    return out
+
+
 def read_gguf(path: Path | str) -> gguf.GGUFReader:
     """A GGUFReader over `path`; EdgeloraError naming the file if it is missing, not GGUF or truncated."""
     path = Path(path)
@@ -67,6 +88,7 @@ def inspect_gguf(path: Path | str) -> dict:
         "tensor_bytes": tensor_bytes,
         "bpw": tensor_bytes * 8 / n_params if n_params else 0.0,
         "tensor_types": dict(Counter(t["type"] for t in tensors).most_common()),
+        "class_types": class_types(tensors),
         "vocab_size": _vocab_size(reader),
     }
     info.update({k: _field(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
@@ -88,6 +110,10 @@ def format_inspect(info: dict, tensors: bool = False) -> str:
     lines = [info["path"], f"  {info['type']} {info['arch'] or '?'} {info['name'] or ''}".rstrip()]
     for key, value in rows.items():
         lines.append(f"  {key.replace('_', ' '):<20} {f'{value:g}' if isinstance(value, float) else value}")
+    if info["class_types"]:
+        lines.append("  weight types by class")
+        for cls, types in info["class_types"].items():
+            lines.append(f"    {cls:<18} {', '.join(f'{t} x{n}' for t, n in types.items())}")
     if tensors:
         width = max((len(t["name"]) for t in info["tensors"]), default=0)
         lines.append("")

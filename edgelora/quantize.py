@@ -21,7 +21,7 @@ from .io import atomic_path
 from .llamacpp import captured_log, log_errors
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
-_SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types")
+_SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types", "class_types")
 
 
 def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, imatrix: IMatrix | None = None,

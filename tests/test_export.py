@@ -58,7 +58,7 @@ def test_files_manifest_and_modelfiles(run_dir, exported):
     assert exported.out_dir == out
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["Modelfile", "Modelfile.lora", "manifest.json", "tiny-run-f16.gguf", "tiny-run-q8_0.gguf",
-                            "tiny-run-lora-f16.gguf", f"{_base_name(run_dir)}-base-f16.gguf",
+                            "tiny-run-imatrix.gguf", "tiny-run-lora-f16.gguf", f"{_base_name(run_dir)}-base-f16.gguf",
                             f"{_base_name(run_dir)}-base-q8_0.gguf"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["inputs"]["adapter"]["sha256"] == file_sha256(run_dir / "adapter" / "adapter_model.safetensors")
@@ -109,7 +109,7 @@ def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(quants=["q5_x"]), "unknown quant 'q5_x' (known: f16, q2_k, q4_k_m, q8_0, all)"),
+    (dict(quants=["q5_x"]), "unknown quant 'q5_x' (known: f16, q2_k, q4_k_m, q8_0, all, auto)"),
     (dict(), "export needs a RUN_DIR, or --base MODEL"),
 ])
 def test_bad_arguments(kwargs, message):
