@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import gguf
+
 from .data import read_jsonl
 from .errors import EdgeloraError
 from .io import output_folder, read_json
@@ -49,6 +51,7 @@ class Candidate:
     size_bytes: int = 0
     bpw: Optional[float] = None
     reference: bool = False
+    notes: list[str] = field(default_factory=list)  # what the file really is, where its name says otherwise
 
 
 @dataclass
@@ -89,7 +92,31 @@ def _from_file(path: Path) -> Candidate:
     if gguf_metadata(path).get("general.type") == "adapter":
         raise EdgeloraError(f"{path} is a LoRA adapter: bench its export folder, which pairs it with its base")
     info = inspect_gguf(path)
-    return Candidate(path.stem, "file", str(path), size_bytes=info["size_bytes"], bpw=info["bpw"])
+    return Candidate(path.stem, "file", str(path), size_bytes=info["size_bytes"], bpw=info["bpw"],
+                     notes=honest_notes(info))
+
+
+def honest_notes(info: dict, imatrix: Optional[bool] = None) -> list[str]:
+    """What a quantised GGUF really is: the weights that could not take its file type's main type
+    (rows not a multiple of its block: llama.cpp fell back), so that a name like q2_k is not taken
+    at its word; and whether an importance matrix guided it, where the export says."""
+    from .inspect import quantisable
+    from .quantize import fallbacks, main_type
+
+    notes = []
+    ftype = (info.get("file_type") or "").upper()
+    main = main_type(ftype) if ftype.startswith("MOSTLY_") else None
+    if main:
+        fell = fallbacks(info, main)
+        n = sum(1 for t in info["tensors"] if quantisable(t["name"], t["shape"]))
+        if fell["count"]:
+            block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[main]][0]
+            kinds = ", ".join(f"{t} x{k}" for t, k in fell["by_type"].items())
+            notes.append(f"nominal: {fell['count']} of {n} weights could not take {main} (rows not a multiple of "
+                         f"{block}) and fell back ({kinds}); real {info['bpw']:.2f} bits/weight")
+    if imatrix is not None:
+        notes.append("quantised with the task importance matrix" if imatrix else "no importance matrix")
+    return notes
 
 
 def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
@@ -120,7 +147,9 @@ def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str
     for role, o in outputs.items():
         kind, _, quant = role.partition(":")
         if kind == "merged" and (not quants or quant in wanted):
-            cands.append(Candidate(quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"], bpw=o["bpw"]))
+            notes = honest_notes(inspect_gguf(folder / o["file"]), o.get("imatrix")) if quant != "f16" else []
+            cands.append(Candidate(quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"], bpw=o["bpw"],
+                                   notes=notes))
     if "lora" in outputs:
         lora = outputs["lora"]
         lora_info = inspect_gguf(folder / lora["file"])

@@ -78,24 +78,33 @@ def parse_size(text: str) -> int:
 
 
 def weight_options(f16: Path, importance: Callable[[str], Optional[np.ndarray]],
-                   progress: Optional[Callable[[int, int], None]] = None) -> dict[str, list[Option]]:
+                   progress: Optional[Callable[[int, int], None]] = None,
+                   threads: Optional[int] = None) -> dict[str, list[Option]]:
     """For each quantisable weight of the float GGUF `f16`: its options on the lower convex hull of
-    (bytes, weighted error), cheapest first."""
+    (bytes, weighted error), cheapest first. Weights are measured on `threads` threads (default: a
+    thread per core): llama.cpp's quantiser runs without the GIL."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
     import gguf
 
     from . import ggml_quant
 
     tensors = [t for t in gguf.GGUFReader(f16).tensors if quantisable(t.name, t.shape)]
-    total, done, out = sum(int(t.n_elements) for t in tensors), 0, {}
-    for t in tensors:
+
+    def measure(t) -> list[Option]:
         w = np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))
         imp = importance(t.name)
-        options = [Option(q, *ggml_quant.quantization_error(w, q, imp)) for q in CANDIDATES
-                   if ggml_quant.fits(q, w.shape[1])]
-        out[t.name] = _lower_hull(options)
-        done += int(t.n_elements)
-        if progress:
-            progress(done, total)
+        return _lower_hull([Option(q, *ggml_quant.quantization_error(w, q, imp)) for q in CANDIDATES
+                            if ggml_quant.fits(q, w.shape[1])])
+
+    total, done, out = sum(int(t.n_elements) for t in tensors), 0, {}
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        for t, options in zip(tensors, pool.map(measure, tensors)):
+            out[t.name] = options
+            done += int(t.n_elements)
+            if progress:
+                progress(done, total)
     return out
 
 

@@ -22,7 +22,7 @@ def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str
     table = []
     for c, r in zip(cands, results):
         row = {"label": c.label, "route": c.route, "model": c.model, "loras": c.loras, "reference": c.reference,
-               "size_bytes": r.get("size_bytes", c.size_bytes), "bpw": r.get("bpw", c.bpw)}
+               "size_bytes": r.get("size_bytes", c.size_bytes), "bpw": r.get("bpw", c.bpw), "notes": c.notes}
         row.update({k: v for k, v in r.items() if k not in row})
         table.append(row)
     best, text = recommend(table, threshold)
@@ -80,7 +80,8 @@ def markdown(report: dict) -> str:
             f"{r['task_score']:.3f} | {r['perplexity']:.4f} | {r['kl']:.3g} | {r['top1']:.3f} | "
             f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", report["recommendation"]["text"], ""]
-    return "\n".join(lines)
+    lines += [f"- {r['label']}: {note}" for r in report["rows"] for note in r.get("notes", [])]
+    return "\n".join(lines + ([""] if lines[-1] else []))
 
 
 def plot(report: dict, path: Path) -> bool:

@@ -310,3 +310,18 @@ def test_smollm2_presets_sizes_and_bits(tmp_path):
     for p, r in results.items():
         lo, hi = quant_presets.load(p)["expected_bpw"]
         assert lo <= r["bpw"] <= hi, (p, r["bpw"])
+
+
+def test_the_bench_says_when_a_quant_name_is_nominal(odd_f16, tmp_path):
+    from edgelora.bench import honest_notes
+    from edgelora.inspect import inspect_gguf
+
+    q2 = quantize(odd_f16, tmp_path / "odd-q2_k.gguf", "q2_k")
+    (note,) = honest_notes(inspect_gguf(tmp_path / "odd-q2_k.gguf"))
+    n = sum(sum(types.values()) for types in q2["class_types"].values())
+    assert note.startswith(f"nominal: {q2['fallbacks']['count']} of {n} weights could not take Q2_K "
+                           "(rows not a multiple of 256) and fell back (")
+    assert f"real {q2['bpw']:.2f} bits/weight" in note and q2["fallbacks"]["count"] > 0
+    assert honest_notes(inspect_gguf(tmp_path / "odd-q2_k.gguf"), imatrix=False)[1] == "no importance matrix"
+    q8 = quantize(odd_f16, tmp_path / "odd-q8_0.gguf", "q8_0")  # 192 is a multiple of 32: no fallback
+    assert q8["fallbacks"]["count"] == 0 and honest_notes(inspect_gguf(tmp_path / "odd-q8_0.gguf")) == []

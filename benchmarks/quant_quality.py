@@ -1,0 +1,147 @@
+"""Quantisation quality on the user's own task: the ladder with and without a task importance
+matrix, and a file of per-tensor types fitted to a size budget, side by side in one run.
+
+For each bundled task -- extract (the demo task: a person, a city and a year as one line of JSON)
+and records (contact cards: 8 fields of mixed types, answers ~4x longer) -- on SmolLM2-135M:
+
+  1. a QLoRA run with the demo's settings (60 steps of 8 examples, lr 1e-3), reused from --work;
+  2. two exports of that run: --imatrix auto (measured on the run's own training examples) and
+     --imatrix none, each at q8_0, q4_k_m, q2_k and auto (--target-size), the f16 once;
+  3. one bench over all those files on the task's held-out eval set: the f16 GGUF is the
+     reference every other file's KL divergence and top-1 agreement are measured against.
+
+It prints, per task and quant, size, bits/weight, KL, top-1, perplexity and task score without and
+with the imatrix, the KL ratio, and the targets (issue #11):
+  - KL at q4_k_m and at q2_k at least 30% lower with the imatrix;
+  - every exported quant keeps at least 90% of f16's task score;
+  - on the demo task, the smallest file keeping at least 97% of f16's task score is at most 75 MiB.
+The exit status is 1 if a target is missed. Everything is written under --work (bench reports per
+task, quant_quality.json with every number).
+
+    python benchmarks/quant_quality.py                       # both tasks (about an hour on 2 cores)
+    python benchmarks/quant_quality.py --tasks extract --limit 30 --target-size 72MiB
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "examples" / "data"
+QUANTS = ["q8_0", "q4_k_m", "q2_k"]
+TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0,
+             max_steps=60, lr=1e-3, save_every=20, eval_every=1000)
+
+
+def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None) -> dict:
+    from edgelora.bench import bench
+    from edgelora.config import load_config
+    from edgelora.exporter import export
+    from edgelora.trainer import train
+
+    run = work / task / "run"
+    t0 = time.time()
+    if not (run / "summary.json").is_file():
+        train(load_config(None, {**TRAIN, "data": str(DATA / f"{task}_train.jsonl"), "out": str(run)}), force=True)
+    timings = {"train_s": round(time.time() - t0, 1)}
+    files = {}
+    for variant, imatrix in (("imatrix", "auto"), ("plain", "none")):
+        out = work / task / variant
+        t0 = time.time()
+        if not (out / "manifest.json").is_file():
+            export(str(run), quants=(["f16"] if variant == "imatrix" else []) + QUANTS, imatrix=imatrix,
+                   target_size=target_size, out=str(out), force=True)
+        timings[f"export_{variant}_s"] = round(time.time() - t0, 1)
+        manifest = json.loads((out / "manifest.json").read_text())
+        for o in manifest["outputs"]:
+            quant = o["role"].split(":")[1]
+            label = "f16" if quant == "f16" else quant + ("+imatrix" if variant == "imatrix" else "")
+            files[label] = out / o["file"]
+        if variant == "imatrix":
+            budget = manifest["budget"]
+    ladder = work / task / "ladder"  # the files under distinct names: the bench labels rows by file name
+    ladder.mkdir(parents=True, exist_ok=True)
+    for label, path in files.items():
+        link = ladder / f"{label}.gguf"
+        link.unlink(missing_ok=True)
+        link.symlink_to(path.resolve())
+    order = ["f16"] + [q + s for q in QUANTS + ["auto"] for s in ("", "+imatrix")]
+    t0 = time.time()
+    result = bench([str(ladder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
+                   out=str(work / task / "bench"), limit=limit, hf=False, threads=threads, force=True,
+                   progress=sys.stderr.isatty())
+    timings["bench_s"] = round(time.time() - t0, 1)
+    rows = {r["label"]: r for r in result.report["rows"]}
+    return {"rows": rows, "budget": budget, "timings": timings, "examples": result.report["examples"]}
+
+
+def table(task: str, res: dict) -> list[str]:
+    rows, f16 = res["rows"], res["rows"]["f16"]
+    lines = [f"## {task} ({res['examples']} held-out examples; f16 {f16['size_bytes'] / 2**20:.1f} MiB, "
+             f"task score {f16['task_score']:.3f}, perplexity {f16['perplexity']:.4f})", "",
+             "| quant | imatrix | size MiB | bits/weight | KL vs f16 | top-1 | perplexity | task score |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for quant in QUANTS + ["auto"]:
+        for label, flag in ((quant, "no"), (quant + "+imatrix", "yes")):
+            r = rows[label]
+            lines.append(f"| {quant} | {flag} | {r['size_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | {r['kl']:.4g} | "
+                         f"{r['top1']:.3f} | {r['perplexity']:.4f} | {r['task_score']:.3f} |")
+    lines.append("")
+    for quant in QUANTS + ["auto"]:
+        plain, imat = rows[quant]["kl"], rows[quant + "+imatrix"]["kl"]
+        lines.append(f"{quant}: KL with imatrix / without = {imat / plain:.3f}" if plain > 0 else f"{quant}: KL 0")
+    b = res["budget"]
+    lines.append(f"auto: target {b['target_bytes'] / 2**20:.1f} MiB, {b['size_bytes'] / 2**20:.2f} MiB written; "
+                 f"KL predicted {b['predicted_kl']:.4g}, measured on {b['kl_sequences']} training sequences "
+                 f"{b['measured_kl']:.4g}; types: "
+                 + "; ".join(f"{c} {'+'.join(f'{t}x{n}' for t, n in ts.items())}" for c, ts in b["class_types"].items()))
+    t = res["timings"]
+    lines.append("seconds: " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items()))
+    return lines + [""]
+
+
+def targets(results: dict) -> list[tuple[str, bool, str]]:
+    out = []
+    for task, res in results.items():
+        rows = res["rows"]
+        f16 = rows["f16"]["task_score"]
+        for quant in ("q4_k_m", "q2_k"):
+            plain, imat = rows[quant]["kl"], rows[quant + "+imatrix"]["kl"]
+            out.append((f"{task}: KL({quant}) at least 30% lower with the imatrix", imat <= 0.7 * plain,
+                        f"{imat:.4g} vs {plain:.4g} (ratio {imat / plain:.3f})"))
+        worst = min((r for label, r in rows.items() if label.endswith("+imatrix")), key=lambda r: r["task_score"])
+        out.append((f"{task}: every exported quant (with its imatrix) keeps >= 90% of f16's task score",
+                    worst["task_score"] >= 0.9 * f16, f"lowest {worst['label']} {worst['task_score']:.3f} vs f16 {f16:.3f}"))
+    if "extract" in results:
+        rows = results["extract"]["rows"]
+        keep = [r for r in rows.values() if r["task_score"] >= 0.97 * rows["f16"]["task_score"]]
+        best = min(keep, key=lambda r: r["size_bytes"])
+        out.append(("extract: smallest file keeping >= 97% of f16's task score is <= 75 MiB",
+                    best["size_bytes"] <= 75 * 2**20, f"{best['label']} {best['size_bytes'] / 2**20:.1f} MiB "
+                    f"(task score {best['task_score']:.3f})"))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=ROOT / "bench-work", help="runs, exports and reports (reused)")
+    p.add_argument("--tasks", default="extract,records", help="comma-separated: extract, records")
+    p.add_argument("--limit", type=int, help="only the first N eval examples of each task")
+    p.add_argument("--target-size", default="74MiB", help="the budget of the auto file")
+    p.add_argument("--threads", type=int, help="llama.cpp threads")
+    a = p.parse_args()
+    results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads) for task in a.tasks.split(",")}
+    (a.work / "quant_quality.json").write_text(json.dumps(results, indent=1, default=str))
+    for task, res in results.items():
+        print("\n".join(table(task, res)))
+    checks = targets(results)
+    for name, ok, figure in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {figure}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
