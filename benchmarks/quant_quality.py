@@ -53,7 +53,7 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
         t0 = time.time()
         if not (out / "manifest.json").is_file():
             export(str(run), quants=(["f16"] if variant == "imatrix" else []) + QUANTS, imatrix=imatrix,
-                   target_size=target_size, out=str(out), force=True)
+                   target_size=target_size, out=str(out), force=True, keep_better=False)  # both kept as made
         timings[f"export_{variant}_s"] = round(time.time() - t0, 1)
         manifest = json.loads((out / "manifest.json").read_text())
         for o in manifest["outputs"]:

@@ -130,8 +130,9 @@ def train(config, resume, force, **options):
               help="f16, q8_0, q4_k_m, q2_k or all; repeatable. [default: q4_k_m]")
 @click.option("--lora-gguf", is_flag=True, help="Also write the adapter as a llama.cpp LoRA GGUF (and the base beside it).")
 @click.option("--imatrix", default="auto", show_default=True, metavar="auto|none|FILE",
-              help="Importance matrix for the quantiser: auto = measured on the run's own training examples; "
-                   "FILE = a llama.cpp imatrix (.gguf or .dat).")
+              help="Importance matrix for the quantiser: auto = measured on the run's own training examples "
+                   "(each quant is also made without it, and the file with the lower KL on held-out training "
+                   "examples is kept); FILE = a llama.cpp imatrix (.gguf or .dat).")
 @click.option("--imatrix-data", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,

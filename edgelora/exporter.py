@@ -109,16 +109,18 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
            imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
-           target_size: Optional[str | int] = None, target_bpw: Optional[float] = None) -> ExportResult:
+           target_size: Optional[str | int] = None, target_bpw: Optional[float] = None,
+           keep_better: bool = True) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
     conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat).
     target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
-    chosen to that budget by measured loss (edgelora.budget)."""
+    chosen to that budget by measured loss (edgelora.budget).
+    keep_better: where an imatrix was used, also quantise without it and keep the file with the
+    lower KL on held-out training examples (both KLs are in the manifest either way)."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
-    from .quantize import quantize
 
     if target_size is not None and target_bpw is not None:
         raise EdgeloraError("give --target-size or --target-bpw, not both")
@@ -138,6 +140,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
     results: dict[str, dict] = {}  # role -> quantize()'s summary
     budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
+    checks: dict[str, dict] = {}  # role -> KL with and without the imatrix, and which file was kept
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
@@ -147,13 +150,16 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         with _progress(f16.name) as progress:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress)
         try:
+            measures = role == "merged" and calibration is not None and (importance is not None or AUTO in wanted)
+            probe = _probe(f16, calibration) if measures else None
             for q, path in wanted.items():
                 if q == AUTO:
                     results[f"{role}:{q}"], budgets[f"{role}:{q}"] = _budgeted(
-                        f16, path, importance, calibration, target_size, target_bpw)
+                        f16, path, importance, probe, target_size, target_bpw)
                 elif q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
-                    results[f"{role}:{q}"] = quantize(f16, path, q, imatrix=importance)
+                    results[f"{role}:{q}"], checks[f"{role}:{q}"] = _quantize_checked(f16, path, q, importance, probe,
+                                                                                        keep_better)
         finally:
             if "f16" not in wanted:
                 f16.unlink(missing_ok=True)
@@ -173,7 +179,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                       "bpw": round(info["bpw"], 3), "quant": role.split(":")[-1] if ":" in role else "f16",
                       "file_type": info.get("file_type"), "tensor_types": info["tensor_types"],
                       "class_types": info["class_types"],
-                      "imatrix": bool(quantised and importance is not None),
+                      "imatrix": bool(quantised and importance is not None
+                                      and (checks.get(role) or {}).get("imatrix_kept", True)),
+                      "imatrix_check": checks.get(role),
                       "fallbacks": {k: v for k, v in quantised["fallbacks"].items() if k != "tensors"}
                       if quantised else None})
     if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
@@ -260,7 +268,44 @@ def _calibration(plan: ExportPlan, data: Optional[str]) -> Optional[Calibration]
     return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name)
 
 
-def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], calibration: Calibration,
+def _probe(f16: Path, calibration: Calibration):
+    """A KL probe against `f16` on held-out training examples: the end of the order the imatrix took
+    its tokens from, so the least likely to have been calibrated on."""
+    from .budget import KLProbe
+
+    order = IM.calibration_order(len(calibration.sequences))
+    return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:16], f16.parent)
+
+
+def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.IMatrix], probe,
+                      keep_better: bool = True) -> tuple[dict, Optional[dict]]:
+    """`quant` with the importance matrix; where the probe can measure, also without it, keeping
+    (if `keep_better`) the file whose KL from the f16 on held-out training examples is lower, and
+    saying so."""
+    import os
+
+    from .quantize import quantize
+
+    result = quantize(f16, dst, quant, imatrix=importance)
+    if importance is None or probe is None:
+        return result, None
+    plain = dst.parent / f"{temp_name(dst)}plain.tmp"
+    try:
+        without = quantize(f16, plain, quant)
+        kl_with, kl_without = probe.measure(dst), probe.measure(plain)
+        kept = kl_with <= kl_without or not keep_better
+        log.info("%s: KL %.3g with the importance matrix, %.3g without: keeping the file %s it", dst.name, kl_with,
+                 kl_without, "with" if kept else "without")
+        if not kept:
+            os.replace(plain, dst)
+            result = without
+        return result, {"kl_with_imatrix": kl_with, "kl_without": kl_without, "imatrix_kept": kept,
+                        "sequences": len(probe.rows)}
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
               target_size, target_bpw: Optional[float]) -> tuple[dict, dict]:
     """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured."""
     import gguf
@@ -285,9 +330,6 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], calibratio
     log.info("measuring the quantisation error of each weight at each type")
     with _progress("errors", unit="w") as progress:
         options = B.weight_options(f16, column_importance, progress)
-    # KL on held-out training examples: the end of the order the imatrix took its tokens from
-    held_out = [calibration.sequences[i] for i in reversed(IM.calibration_order(len(calibration.sequences)))][:16]
-    probe = B.KLProbe(f16, held_out, dst.parent)
     log.info("measuring each weight class's cost in KL divergence")
     choice = B.choose(options, target, overhead, probe)
     preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
@@ -301,7 +343,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], calibratio
     measured = probe.measure(dst)
     return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": dst.stat().st_size,
                     "predicted_kl": choice.predicted_kl, "measured_kl": measured,
-                    "kl_sequences": len(held_out), "sensitivity": choice.sensitivity,
+                    "kl_sequences": len(probe.rows), "sensitivity": choice.sensitivity,
                     "class_types": result["class_types"]}
 
 

@@ -159,16 +159,24 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     info = manifest["imatrix"]
     assert info["computed"] and info["file"] == "tiny-run-imatrix.gguf" and info["datasets"] == ["chat.jsonl"]
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
-    assert all(o["imatrix"] for o in manifest["outputs"])
     assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
+    (q4,) = manifest["outputs"]
+    check = q4["imatrix_check"]  # made both ways, the one with the lower KL on held-out training examples kept
+    assert check["sequences"] == 16 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
+    assert q4["imatrix"] == check["imatrix_kept"] == (check["kl_with_imatrix"] <= check["kl_without"])
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "none" / "manifest.json").read_text())
     assert manifest["imatrix"] is None and not manifest["outputs"][0]["imatrix"]
-    assert (out / "tiny-run-q4_k_m.gguf").read_bytes() != (tmp_path / "none" / "tiny-run-q4_k_m.gguf").read_bytes()
+    plain = (tmp_path / "none" / "tiny-run-q4_k_m.gguf").read_bytes()
+    assert ((out / "tiny-run-q4_k_m.gguf").read_bytes() == plain) == (not q4["imatrix"])
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "given", "--imatrix", out / info["file"])
     assert r.exit_code == 0, r.output
-    assert (out / "tiny-run-q4_k_m.gguf").read_bytes() == (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
+    given = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert given["imatrix"]["file"] == str((out / info["file"]).resolve()) and not given["imatrix"]["computed"]
+    assert given["outputs"][0]["imatrix"] and given["outputs"][0]["imatrix_check"] is None  # no data to check on
+    guided = (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
+    assert guided != plain and (guided == (out / "tiny-run-q4_k_m.gguf").read_bytes()) == q4["imatrix"]
 
 
 def test_export_with_a_mismatched_imatrix_file_is_one_line(tiny_export, computed, tmp_path):
