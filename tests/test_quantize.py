@@ -325,3 +325,12 @@ def test_the_bench_says_when_a_quant_name_is_nominal(odd_f16, tmp_path):
     assert honest_notes(inspect_gguf(tmp_path / "odd-q2_k.gguf"), imatrix=False)[1] == "no importance matrix"
     q8 = quantize(odd_f16, tmp_path / "odd-q8_0.gguf", "q8_0")  # 192 is a multiple of 32: no fallback
     assert q8["fallbacks"]["count"] == 0 and honest_notes(inspect_gguf(tmp_path / "odd-q8_0.gguf")) == []
+
+
+def test_export_prints_when_a_quant_name_is_nominal(odd_f16):
+    from test_cli import run_cli
+
+    r = run_cli("export", "--base", odd_f16.parent / "hf", "--quant", "q4_k_m", "--out", odd_f16.parent / "ex")
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.strip().startswith("nominal:"))
+    assert "weights fell back (" in line and "real " in line and "bits/weight" in line
