@@ -16,7 +16,8 @@ with the imatrix, the KL ratio, and the targets (issue #11):
   - every exported quant keeps at least 90% of f16's task score;
   - on the demo task, the smallest file keeping at least 97% of f16's task score is at most 75 MiB.
 The exit status is 1 if a target is missed. Everything is written under --work (bench reports per
-task, quant_quality.json with every number).
+task, quant_quality.json with every number) and reused by the next run: delete a task's folder, or
+pass --rebench, to measure again.
 
     python benchmarks/quant_quality.py                       # both tasks (about an hour on 2 cores)
     python benchmarks/quant_quality.py --tasks extract --limit 30 --target-size 72MiB
@@ -36,7 +37,10 @@ TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", b
              max_steps=60, lr=1e-3, save_every=20, eval_every=1000)
 
 
-def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None) -> dict:
+def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None,
+             rebench: bool = False) -> dict:
+    """Train, export and bench one task; each step's results under `work` are reused unless removed
+    (or, for the bench, --rebench)."""
     from edgelora.bench import bench
     from edgelora.config import load_config
     from edgelora.exporter import export
@@ -69,13 +73,16 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
         link.unlink(missing_ok=True)
         link.symlink_to(path.resolve())
     order = ["f16"] + [q + s for q in QUANTS + ["auto"] for s in ("", "+imatrix")]
+    report_path = work / task / "bench" / "report.json"
     t0 = time.time()
-    result = bench([str(ladder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
-                   out=str(work / task / "bench"), limit=limit, hf=False, threads=threads, force=True,
-                   progress=sys.stderr.isatty())
+    if rebench or not report_path.is_file():
+        bench([str(ladder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
+              out=str(report_path.parent), limit=limit, hf=False, threads=threads, force=True,
+              progress=sys.stderr.isatty())
     timings["bench_s"] = round(time.time() - t0, 1)
-    rows = {r["label"]: r for r in result.report["rows"]}
-    return {"rows": rows, "budget": budget, "timings": timings, "examples": result.report["examples"]}
+    report = json.loads(report_path.read_text())
+    return {"rows": {r["label"]: r for r in report["rows"]}, "budget": budget, "timings": timings,
+            "examples": report["examples"]}
 
 
 def table(task: str, res: dict) -> list[str]:
@@ -132,8 +139,10 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="only the first N eval examples of each task")
     p.add_argument("--target-size", default="74MiB", help="the budget of the auto file")
     p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.add_argument("--rebench", action="store_true", help="bench again even where a report exists")
     a = p.parse_args()
-    results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads) for task in a.tasks.split(",")}
+    results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads, a.rebench)
+               for task in a.tasks.split(",")}
     (a.work / "quant_quality.json").write_text(json.dumps(results, indent=1, default=str))
     for task, res in results.items():
         print("\n".join(table(task, res)))

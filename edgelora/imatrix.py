@@ -237,6 +237,7 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
     if not hooks:
         raise EdgeloraError(f"{model_dir}: no blk.* weights found to measure")
     body = model.get_decoder()  # no LM head: its output is not needed, and llama.cpp's imatrix skips it too
+    token_ids = sorted(token_ids, key=len)  # batches of similar lengths: little padding (sums do not care)
     total = sum(map(len, token_ids))
     done = 0
     try:
