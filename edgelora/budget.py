@@ -175,7 +175,7 @@ class KLProbe:
     held-out training sequences, llama.cpp on both sides: what a set of weight types costs."""
 
     def __init__(self, f16: Path, sequences: list[tuple[list[int], list[int]]], scratch: Path,
-                 max_positions: int = 256):
+                 max_positions: int = 512):
         """`sequences`: (token ids, labels) as training tokenised them (labels -100 = not an answer)."""
         from .bench import log_softmax
         from .runtime import CTX_STEP, load

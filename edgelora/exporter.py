@@ -274,7 +274,7 @@ def _probe(f16: Path, calibration: Calibration):
     from .budget import KLProbe
 
     order = IM.calibration_order(len(calibration.sequences))
-    return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:16], f16.parent)
+    return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:32], f16.parent)
 
 
 def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.IMatrix], probe,

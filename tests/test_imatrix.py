@@ -162,7 +162,7 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
     (q4,) = manifest["outputs"]
     check = q4["imatrix_check"]  # made both ways, the one with the lower KL on held-out training examples kept
-    assert check["sequences"] == 16 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
+    assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
     assert q4["imatrix"] == check["imatrix_kept"] == (check["kl_with_imatrix"] <= check["kl_without"])
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
     assert r.exit_code == 0, r.output
