@@ -25,11 +25,11 @@ QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
 TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
 MODES = {  # steps of 8 examples; eval loss while training (quick: none); examples benched (None: all 60); torch row;
-    # the auto file's budget (quick: none); calibration tokens for the importance matrix
-    "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=12, hf=False, target_size=None,
-                  imatrix_tokens=4096),
-    "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True, target_size=TARGET_SIZE,
-                 imatrix_tokens=32768),
+    # the task importance matrix and the auto file (quick: neither, to stay within about 5 minutes)
+    "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=12, hf=False, imatrix="none",
+                  target_size=None),
+    "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True, imatrix="auto",
+                 target_size=TARGET_SIZE),
 }
 
 
@@ -104,8 +104,8 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
           f"QLoRA on {TRAIN['base']}, {m['max_steps']} steps of {TRAIN['batch_size']} examples", do_train)
     budget = f" + auto (to {m['target_size']})" if m["target_size"] else ""
     stage("export", (export_dir / "manifest.json").is_file(), f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF",
-          lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True, target_size=m["target_size"],
-                         imatrix_tokens=m["imatrix_tokens"]))
+          lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True, imatrix=m["imatrix"],
+                         target_size=m["target_size"]))
     stage("before", (base_dir / "bench" / "report.json").is_file(), "the untrained base at f16 and q4_k_m, benched",
           lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
                    bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))
