@@ -24,7 +24,8 @@ run = edgelora.train(data=str(DATA / "extract_train.jsonl"), out=a.out, base="sm
                      max_steps=a.steps, batch_size=8, lr=1e-3, seq_len=256, force=True)
 print(f"trained {run.summary['steps']} steps, final loss {run.summary['final_loss']:.4f}")
 
-exported = edgelora.export(a.out, quants=["q4_k_m"], lora_gguf=True, force=True)
+# The importance matrix is measured on the run's training data; 8192 tokens keep this example quick.
+exported = edgelora.export(a.out, quants=["q4_k_m"], lora_gguf=True, force=True, imatrix_tokens=8192)
 for f in exported.files:
     print(f"exported {f['role']}: {exported.out_dir / f['file']}")
 
