@@ -127,7 +127,7 @@ def test_a_killed_exports_temporaries_are_swept_by_the_next_run(run_dir, tmp_pat
     r = run_cli("export", run_dir, "--quant", "q8_0", "--out", out)
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["tiny-run-q8_0.gguf", "Modelfile", "manifest.json", alive.name])
+        ["tiny-run-q8_0.gguf", "tiny-run-imatrix.gguf", "Modelfile", "manifest.json", alive.name])
 
 
 # ---------------------------------------------------------------- damaged inputs
