@@ -134,7 +134,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
     output_folder(plan.out_dir)
-    calibration = _calibration(plan, imatrix_data) if (imatrix == "auto" or budgeted) else None
+    wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
+    calibration = _calibration(plan, imatrix_data) if (wants_imatrix or budgeted) else None
     if budgeted and calibration is None:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
     importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
