@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,30 +281,59 @@ def _probe(f16: Path, calibration: Calibration):
 
 def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.IMatrix], probe,
                       keep_better: bool = True) -> tuple[dict, Optional[dict]]:
-    """`quant` with the importance matrix; where the probe can measure, also without it, keeping
-    (if `keep_better`) the file whose KL from the f16 on held-out training examples is lower, and
-    saying so."""
-    import os
+    """`quant` with the importance matrix where it helps, measured: where the probe can measure (KL
+    from the f16 on held-out training examples), the file is also made without the matrix and, if
+    the two differ, with it for one class of weight at a time (attn_q, ffn_up, ...), then with it
+    for exactly the classes that lowered the KL on their own. The file with the lowest KL is kept;
+    without `keep_better`, the lowest of those made with the matrix. All KLs go in the manifest.
 
+    Why per class: llama.cpp's importance-weighted rounding lowers each weight's error on the
+    calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some classes
+    (attn_output, ffn_up) while lowering it for others (attn_q/k/v): benchmarks/quant_quality.py."""
+    from .inspect import tensor_class
     from .quantize import quantize
 
-    result = quantize(f16, dst, quant, imatrix=importance)
     if importance is None or probe is None:
-        return result, None
-    plain = dst.parent / f"{temp_name(dst)}plain.tmp"
+        return quantize(f16, dst, quant, imatrix=importance), None
+    made: dict[str, tuple[float, Path, dict]] = {}  # label -> (KL, temp file, quantize()'s summary)
+
+    def trial(label: str, matrix: Optional[IM.IMatrix], keep: bool = True) -> float:
+        path = dst.parent / f"{temp_name(dst)}{label}.tmp"
+        result = quantize(f16, path, quant, imatrix=matrix)
+        kl = probe.measure(path)
+        if keep:
+            made[label] = (kl, path, result)
+        else:
+            path.unlink()
+        return kl
+
+    classes: dict[str, list[str]] = {}
+    for name in importance.sums:
+        classes.setdefault(tensor_class(name), []).append(name)
     try:
-        without = quantize(f16, plain, quant)
-        kl_with, kl_without = probe.measure(dst), probe.measure(plain)
-        kept = kl_with <= kl_without or not keep_better
-        log.info("%s: KL %.3g with the importance matrix, %.3g without: keeping the file %s it", dst.name, kl_with,
-                 kl_without, "with" if kept else "without")
-        if not kept:
-            os.replace(plain, dst)
-            result = without
-        return result, {"kl_with_imatrix": kl_with, "kl_without": kl_without, "imatrix_kept": kept,
-                        "sequences": len(probe.rows)}
+        kl_all, kl_none = trial("all", importance), trial("none", None)
+        by_class, helped = {}, []
+        if kl_all != kl_none:  # the same file both ways (e.g. q8_0): the matrix changes nothing here
+            for cls, names in classes.items():
+                by_class[cls] = trial(f"only-{cls}", importance.only(names), keep=False)
+            helped = [c for c in classes if by_class[c] < kl_none]
+            if helped and len(helped) < len(classes):
+                trial("chosen", importance.only(n for c in helped for n in classes[c]))
+        candidates = {k: v for k, v in made.items() if keep_better or k != "none"}
+        kept = min(candidates, key=lambda k: candidates[k][0])
+        kl, path, result = made[kept]
+        os.replace(path, dst)
+        used = {"all": sorted(classes), "chosen": helped}.get(kept, [])
+        log.info("%s: KL %.3g with the importance matrix, %.3g without%s: keeping the file %s", dst.name, kl_all,
+                 kl_none, f", {made['chosen'][0]:.3g} with it for {', '.join(helped)} only" if "chosen" in made else "",
+                 f"with it for {', '.join(used)}" if kept == "chosen" else f"{'with' if used else 'without'} it")
+        result = {**result, "path": str(dst)}
+        return result, {"kl_with_imatrix": kl_all, "kl_without": kl_none, "kl_by_class": by_class,
+                        "kl_chosen": made["chosen"][0] if "chosen" in made else None, "kl_kept": kl,
+                        "imatrix_kept": bool(used), "imatrix_classes": used, "sequences": len(probe.rows)}
     finally:
-        plain.unlink(missing_ok=True)
+        for _, path, _ in made.values():
+            path.unlink(missing_ok=True)
 
 
 def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
@@ -337,9 +367,10 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
     log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
              target / 2**20)
     result = quantize(f16, dst, preset, imatrix=importance)
-    if dst.stat().st_size > target:
+    size = dst.stat().st_size
+    if size > target:
         dst.unlink()
-        raise EdgeloraError(f"{dst}: {dst.stat().st_size / 2**20:.2f} MiB came out over the target of "
+        raise EdgeloraError(f"{dst}: {size / 2**20:.2f} MiB came out over the target of "
                             f"{target / 2**20:.2f} MiB")
     measured = probe.measure(dst)
     return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": dst.stat().st_size,

@@ -48,6 +48,12 @@ class IMatrix:
         mean = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 1.0)
         return np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
 
+    def only(self, names) -> "IMatrix":
+        """This matrix for `names` alone: the quantiser treats every other weight as if it had none."""
+        keep = [n for n in self.sums if n in set(names)]
+        return IMatrix({n: self.sums[n] for n in keep}, {n: self.counts[n] for n in keep}, self.datasets,
+                       self.chunk_count, self.chunk_size, self.origin)
+
 
 # ---------------------------------------------------------------- files
 

@@ -161,9 +161,16 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
     assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
     (q4,) = manifest["outputs"]
-    check = q4["imatrix_check"]  # made both ways, the one with the lower KL on held-out training examples kept
+    check = q4["imatrix_check"]  # made with, without, and with it for the classes it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
-    assert q4["imatrix"] == check["imatrix_kept"] == (check["kl_with_imatrix"] <= check["kl_without"])
+    by_class = check["kl_by_class"]
+    assert set(by_class) == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+    helped = sorted(c for c, kl in by_class.items() if kl < check["kl_without"])
+    assert (check["kl_chosen"] is not None) == (0 < len(helped) < len(by_class))
+    tried = [check["kl_with_imatrix"], check["kl_without"], check["kl_chosen"] or float("inf")]
+    assert check["kl_kept"] == min(tried)
+    expected = [sorted(by_class), [], helped][tried.index(min(tried))]
+    assert sorted(check["imatrix_classes"]) == expected and q4["imatrix"] == check["imatrix_kept"] == bool(expected)
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "none" / "manifest.json").read_text())
@@ -176,7 +183,8 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert given["imatrix"]["file"] == str((out / info["file"]).resolve()) and not given["imatrix"]["computed"]
     assert given["outputs"][0]["imatrix"] and given["outputs"][0]["imatrix_check"] is None  # no data to check on
     guided = (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
-    assert guided != plain and (guided == (out / "tiny-run-q4_k_m.gguf").read_bytes()) == q4["imatrix"]
+    kept = (out / "tiny-run-q4_k_m.gguf").read_bytes()
+    assert guided != plain and (kept == guided) == (check["kl_kept"] == check["kl_with_imatrix"])
 
 
 def test_export_with_a_mismatched_imatrix_file_is_one_line(tiny_export, computed, tmp_path):
