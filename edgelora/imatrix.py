@@ -50,7 +50,8 @@ class IMatrix:
 
     def only(self, names) -> "IMatrix":
         """This matrix for `names` alone: the quantiser treats every other weight as if it had none."""
-        keep = [n for n in self.sums if n in set(names)]
+        wanted = set(names)
+        keep = [n for n in self.sums if n in wanted]
         return IMatrix({n: self.sums[n] for n in keep}, {n: self.counts[n] for n in keep}, self.datasets,
                        self.chunk_count, self.chunk_size, self.origin)
 

@@ -75,6 +75,14 @@ def test_gguf_file_round_trips_in_llama_cpps_format(computed, tmp_path):
         np.testing.assert_allclose(again.importance(name), computed.sums[name][0] / computed.counts[name][0], rtol=1e-6)
 
 
+def test_only_keeps_exactly_the_named_weights(computed):
+    names = [n for n in computed.sums if ".attn_" in n]
+    for given in (names, iter(names), (n for n in names)):  # any iterable, a generator too
+        part = computed.only(given)
+        assert sorted(part.sums) == sorted(part.counts) == sorted(names)
+        assert all(part.sums[n] is computed.sums[n] for n in names)
+
+
 def test_legacy_dat_is_read_as_llama_cpp_reads_it(tmp_path):
     """The legacy format stores (sum / count) * ncall; the quantiser gets that / ncall."""
     values = np.array([2.0, 4.0, 6.0, 8.0], dtype=np.float32)
