@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sys
@@ -100,6 +101,8 @@ def main(verbose: bool) -> None:
 @click.option("--seed", type=int, help="Seed for data order, split and init. [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Trade compute for memory. [default: on]")
+@click.option("--json-schema/--no-json-schema", default=None,
+              help="When every answer is JSON, infer its schema into RUN_DIR/schema.json. [default: on]")
 @click.option("--eval-every", type=int, help="Steps between eval-loss measurements. [default: 50]")
 @click.option("--save-every", type=int, help="Steps between checkpoints. [default: 100]")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint.")
@@ -121,6 +124,28 @@ def train(config, resume, force, **options):
     evals = f", eval loss {s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else ""
     click.echo(f"trained {s['steps']} steps in {s['wall_time_s']:.0f}s (loss {s['final_loss']:.4f}{evals}); "
                f"adapter in {result.run_dir / 'adapter'}")
+
+
+@main.command()
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--format", "data_format", type=click.Choice(["auto", "chat", "instruction"]), default="auto",
+              show_default=True, help="Data shape.")
+@click.option("--no-enums", is_flag=True, help="Never turn a string field's values into an enum.")
+@friendly_errors
+def schema(data, data_format, no_enums):
+    """Print the JSON schema `train` would infer from DATA's answers (and save as schema.json).
+
+    Every assistant answer must be JSON, all objects or all arrays; otherwise it says why not and
+    exits 1. Keys keep the data's order; keys missing from some answers are optional; a string
+    field becomes an enum only when it takes a few short values, each seen several times.
+    """
+    from .schema import from_data
+
+    inferred, found = from_data(data, data_format, enums=not no_enums)
+    if inferred is None:
+        raise EdgeloraError(found)
+    click.echo(found, err=True)
+    click.echo(json.dumps(inferred, indent=2))
 
 
 @main.command()
@@ -185,8 +210,13 @@ def inspect(path, tensors, as_json):
 @click.option("--eval-data", required=True, type=click.Path(dir_okay=False), help="Held-out chat or instruction JSONL.")
 @click.option("--quants", help="Only these merged quants, comma-separated (f16 is always the reference).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N examples (a quick pass).")
-@click.option("--score", type=click.Choice(["exact", "contains", "regex"]), default="exact", show_default=True,
-              help="How a greedy answer is judged against the reference answer.")
+@click.option("--score", type=click.Choice(["auto", "exact", "contains", "regex", "json"]), default="auto",
+              show_default=True,
+              help="How a greedy answer is judged against the reference: auto is json (field accuracy, valid JSON, exact "
+                   "structure) when every reference answer is JSON, else exact.")
+@click.option("--json-schema", metavar="auto|FILE",
+              help="Also bench each GGUF with its answers held to this JSON schema (rows NAME+grammar); auto: the "
+                   "schema.json export wrote.")
 @click.option("--pattern", help="--score regex: the first match (or group 1) must agree with the reference's.")
 @click.option("--threshold", type=float, default=0.97, show_default=True,
               help="Recommend the smallest file keeping this fraction of the reference's task score.")
@@ -197,7 +227,8 @@ def inspect(path, tensors, as_json):
 @click.option("--out", help="Report folder. [default: EXPORT_DIR/bench, or ./bench]")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
 @friendly_errors
-def bench(inputs, eval_data, quants, limit, score, pattern, threshold, max_tokens, hf, device, threads, out, force):
+def bench(inputs, eval_data, quants, limit, score, json_schema, pattern, threshold, max_tokens, hf, device, threads, out,
+          force):
     """Quality versus size: every quant of an export (or the GGUF files given) on your eval set.
 
     Writes report.json, report.md and ladder.png, and recommends the smallest file whose task
@@ -208,7 +239,7 @@ def bench(inputs, eval_data, quants, limit, score, pattern, threshold, max_token
 
     result = run_bench(list(inputs), eval_data, out=out, quants=quants.split(",") if quants else None, limit=limit,
                        score=score, pattern=pattern, threshold=threshold, max_tokens=max_tokens, device=device,
-                       threads=threads, hf=hf, force=force, progress=sys.stderr.isatty())
+                       threads=threads, hf=hf, force=force, progress=sys.stderr.isatty(), json_schema=json_schema)
     click.echo(markdown(result.report))
     click.echo("reports: " + ", ".join(str(p) for p in result.files.values()))
 
@@ -262,6 +293,9 @@ def _runtime_options(fn):
         click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
                      help="Context length in tokens (capped to the model's)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]"),
+        click.option("--json-schema", metavar="auto|FILE",
+                     help="Hold answers to this JSON schema (a llama.cpp grammar); auto: the schema.json export wrote "
+                          "beside MODEL."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -301,13 +335,16 @@ def _stream(pieces) -> str:
 @click.option("--raw", is_flag=True, help="Plain text completion, without the chat template.")
 @click.option("--stats", is_flag=True, help="Print llama.cpp's prompt and generation speed to stderr.")
 @friendly_errors
-def run(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads, prompt, raw,
-        stats):
+def run(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads, json_schema,
+        prompt, raw, stats):
     """Answer one prompt with a GGUF model, streaming the answer to stdout."""
+    from .schema import resolve
+
     if raw and system:
         raise EdgeloraError("--system needs the chat template; drop --raw")
+    schema = resolve(json_schema, *loras, model)
     rt = _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads)
-    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True)
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True, json_schema=schema)
     if raw:
         _stream(rt.complete(prompt, **sampling))
     else:
@@ -322,11 +359,14 @@ def run(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed,
 @main.command()
 @_runtime_options
 @friendly_errors
-def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads):
+def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed, device, n_ctx, threads, json_schema):
     """Talk to a GGUF model: one line per message, /reset clears the conversation, /exit or EOF ends.
 
     Ctrl-C while it answers stops that answer (and drops that exchange); at the prompt it quits.
     """
+    from .schema import resolve
+
+    schema = resolve(json_schema, *loras, model)
     rt = _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
@@ -350,7 +390,8 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
             continue
         turn = history + [{"role": "user", "content": line}]
         try:
-            answer = _stream(rt.chat(turn, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True))
+            answer = _stream(rt.chat(turn, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stream=True,
+                                     json_schema=schema))
         except KeyboardInterrupt:
             click.echo()
             click.echo("(stopped)", err=True)
@@ -377,13 +418,16 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
               help="Larger request bodies get 413.")
 @click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="Seconds a request body may take to arrive (then 408).")
+@click.option("--json-schema", metavar="auto|FILE",
+              help="Hold answers to a JSON schema unless a request gives its own grammar or response_format; auto: "
+                   "each model's schema.json beside its file.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length in tokens (capped to the model's).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
 @friendly_errors
 def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit, max_request_bytes, request_timeout,
-          n_ctx, device, threads):
+          json_schema, n_ctx, device, threads):
     """Serve a GGUF model, and LoRA GGUFs on it as more models, over an OpenAI-compatible HTTP API.
 
     \b
@@ -396,11 +440,11 @@ def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit
     scales = _lora_scales(loras, lora_scales)
     verbose = log.isEnabledFor(logging.DEBUG)
     models = open_models(model, list(zip(loras, scales)), name=name, device=device, n_ctx=n_ctx, threads=threads,
-                         verbose=verbose)
+                         verbose=verbose, json_schema=json_schema)
     sock = listen(host, port)
     address = f"[{host}]" if ":" in host else host
     click.echo(f"serving http://{address}:{sock.getsockname()[1]}/v1 (OpenAI-compatible; Ctrl-C stops)")
-    click.echo(f"models: {', '.join(models.names)}")
+    click.echo(f"models: {', '.join(n + (' (JSON schema)' if n in models.schemas else '') for n in models.names)}")
     click.echo(f"device: {models.runtime.describe()}")
     try:
         run_server(build_app(models, api_key=api_key, max_tokens_limit=max_tokens_limit,

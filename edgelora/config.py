@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
     grad_checkpointing: bool = True
+    json_schema: bool = True  # JSON answers: infer their schema into schema.json (export ships it)
     eval_every: int = 50
     save_every: int = 100
     keep_checkpoints: int = 2

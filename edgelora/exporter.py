@@ -25,6 +25,7 @@ from .errors import EdgeloraError
 from .io import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .meta import package_versions
 from .models import BaseModel, base_hash, file_sha256, materialise, resolve_base
+from .schema import SCHEMA_FILE
 
 log = logging.getLogger("edgelora")
 
@@ -189,8 +190,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
         path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
         importance_info["sha256"] = file_sha256(path)
+    schema_info = _copy_schema(plan)
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
-    _write_modelfiles(plan, base_file)
+    _write_modelfiles(plan, base_file, schema_info is not None)
     manifest = plan.out_dir / "manifest.json"
     atomic_write_json(manifest, {
         "name": plan.name,
@@ -203,6 +205,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         },
         "outputs": files,
         "imatrix": importance_info,
+        "json_schema": schema_info,
         "budget": budgets.get(f"merged:{AUTO}"),
         "versions": package_versions(),
     })
@@ -379,6 +382,17 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
                     "class_types": result["class_types"]}
 
 
+def _copy_schema(plan: ExportPlan) -> Optional[dict]:
+    """The run's schema.json (the JSON schema of its training answers), copied beside the GGUFs,
+    where `--json-schema auto` finds it; its manifest entry."""
+    source = plan.adapter_dir.parent / SCHEMA_FILE if plan.adapter_dir else None
+    if source is None or not source.is_file():
+        return None
+    schema = read_json(source, "JSON schema")
+    atomic_write_json(plan.out_dir / SCHEMA_FILE, schema)
+    return {"file": SCHEMA_FILE, "sha256": file_sha256(plan.out_dir / SCHEMA_FILE)}
+
+
 def _arch(hf_dir: Path) -> str:
     from .converters.hf_to_gguf import HFModel
 
@@ -410,8 +424,12 @@ def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str]
 
 
 def modelfile_text(model: str, template: Optional[str], system: Optional[str], stops: list[str],
-                   adapter: Optional[str] = None) -> str:
+                   adapter: Optional[str] = None, schema: bool = False) -> str:
     lines = [f"FROM {model}"]
+    if schema:
+        lines += [f"# answers follow {SCHEMA_FILE}: Ollama holds a model to it when a request gives it as \"format\",",
+                  f'#   curl localhost:11434/api/chat -d "{{\\"model\\": \\"NAME\\", \\"format\\": $(cat {SCHEMA_FILE}), '
+                  '\\"messages\\": [...]}"']
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if template:
@@ -425,13 +443,15 @@ def modelfile_text(model: str, template: Optional[str], system: Optional[str], s
     return "\n".join(lines) + "\n"
 
 
-def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path]) -> None:
+def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool) -> None:
     template, system, stops = _template_parts(_trained_template(plan))
     main = plan.outputs[f"merged:{_laptop_pick(plan.quants)}"]
-    atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops))
+    atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops,
+                                                                 schema=schema))
     if plan.lora_gguf and base_file is not None:
         atomic_write_text(plan.out_dir / "Modelfile.lora", modelfile_text(
-            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}"))
+            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}",
+            schema=schema))
 
 
 def _laptop_pick(quants: list[str]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import struct
 from collections.abc import Iterator, Sequence
@@ -239,6 +240,7 @@ class Runtime:
     n_gpu_layers: int
     seed: int = 0
     _template: str | None = field(default=None, init=False, repr=False)  # set by use_chat_template
+    _grammars: dict = field(default_factory=dict, init=False, repr=False)  # JSON schema text -> LlamaGrammar
 
     @property
     def chat_template(self) -> str | None:
@@ -264,21 +266,22 @@ class Runtime:
         return f"{self.device} ({layers} layers offloaded)"
 
     def chat(self, messages: list[dict], *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
-             seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
-        """Answer a conversation ({"role", "content"} dicts) using the chat template."""
+             seed: int | None = None, stream: bool = False, json_schema: dict | None = None) -> str | Iterator[str]:
+        """Answer a conversation ({"role", "content"} dicts) using the chat template; with
+        `json_schema`, decoding is held to it by a llama.cpp grammar (edgelora.schema)."""
         if self.chat_template is None:
             raise EdgeloraError(NO_TEMPLATE + "; use plain completion")
         out = self._generate(self.llm.create_chat_completion, {"messages": messages}, max_tokens, temperature,
-                             top_p, seed, stream)
+                             top_p, seed, stream, json_schema)
         if stream:
             return (piece for c in out if (piece := c["choices"][0]["delta"].get("content")))
         return out["choices"][0]["message"]["content"] or ""
 
     def complete(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
-                 seed: int | None = None, stream: bool = False) -> str | Iterator[str]:
-        """Continue `prompt` as plain text, without the chat template."""
+                 seed: int | None = None, stream: bool = False, json_schema: dict | None = None) -> str | Iterator[str]:
+        """Continue `prompt` as plain text, without the chat template (held to `json_schema` if given)."""
         out = self._generate(self.llm.create_completion, {"prompt": prompt}, max_tokens, temperature, top_p, seed,
-                             stream)
+                             stream, json_schema)
         if stream:
             return (piece for c in out if (piece := c["choices"][0]["text"]))
         return out["choices"][0]["text"]
@@ -337,15 +340,27 @@ class Runtime:
                 "gen_tokens": t.n_eval, "gen_s": t.t_eval_ms / 1e3,
                 "gen_tok_s": t.n_eval / t.t_eval_ms * 1e3 if t.t_eval_ms else 0.0}
 
-    def _generate(self, fn, request: dict, max_tokens, temperature, top_p, seed, stream):
+    def grammar(self, json_schema: dict):
+        """The llama.cpp grammar of `json_schema` (made and checked once per schema)."""
+        from llama_cpp import LlamaGrammar
+
+        from .schema import grammar_text
+
+        key = json.dumps(json_schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_string(grammar_text(json_schema, "JSON schema"), verbose=False)
+        return self._grammars[key]
+
+    def _generate(self, fn, request: dict, max_tokens, temperature, top_p, seed, stream, json_schema=None):
         """fn(**request, ...); llama-cpp-python's ValueErrors (a prompt longer than the context, a
         template that rejects the messages) become EdgeloraError, in streams too."""
         import llama_cpp.llama_cpp as C
 
+        grammar = None if json_schema is None else self.grammar(json_schema)
         C.llama_perf_context_reset(self.llm._ctx.ctx)
         with _input_errors():
             out = fn(**request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                     seed=self.seed if seed is None else seed, stream=stream)
+                     seed=self.seed if seed is None else seed, stream=stream, grammar=grammar)
         return _checked_stream(out) if stream else out
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import schema as S
 from .config import TrainConfig, save_config, target_names
 from .errors import EdgeloraError
 from .io import atomic_path, atomic_write_json, atomic_write_text, output_folder
@@ -388,8 +389,12 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
             log.warning("%s: %d of %d examples truncated to %d tokens, %d dropped (no answer tokens left)",
                         name, st.truncated, st.examples, cfg.seq_len, st.dropped)
 
+    schema = _answer_schema(cfg, shape, train_ex)  # training answers only: the eval set stays unseen
+
     prepare_run_dir(run_dir, force, resume)
     save_config(cfg, run_dir / "config.yaml")
+    if schema is not None:
+        atomic_write_json(run_dir / S.SCHEMA_FILE, schema)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -490,6 +495,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "truncated_examples": train_stats.truncated + eval_stats.truncated,
         "dropped_examples": train_stats.dropped + eval_stats.dropped,
+        "json_schema": S.SCHEMA_FILE if schema is not None else None,
         "steps": step, "final_loss": last_loss, "first_eval_loss": evals[0] if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
         "mean_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
@@ -499,6 +505,16 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     atomic_write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return TrainResult(run_dir, summary, metrics)
+
+
+def _answer_schema(cfg: TrainConfig, shape: str, examples: list) -> Optional[dict]:
+    """The JSON schema of the answers (edgelora.schema), or None: text data, inference switched
+    off, or answers that are not all JSON (said in the log)."""
+    if not cfg.json_schema or shape == "text":
+        return None
+    schema, found = S.infer(S.answers_of(examples))
+    log.info("%s", found)
+    return schema
 
 
 def _log_metric(path: Path, rows: list, row: dict) -> None:
