@@ -49,6 +49,8 @@ from starlette.routing import Route
 from .errors import EdgeloraError
 from .llamacpp import grammar_sampler
 from .runtime import CHAT_TEMPLATE, NO_TEMPLATE, Runtime, init_lora, load, lora_file, lora_template, set_loras
+from .schema import beside, grammar_text
+from .schema import load as load_schema
 
 MAX_TOKENS_LIMIT = 512
 MAX_REQUEST_BYTES = 2**20
@@ -71,8 +73,10 @@ class Lora:
 class Models:
     """The base Runtime and its LoRA adapters by model name; activate() puts one in the context."""
 
-    def __init__(self, runtime: Runtime, base: str, loras: dict[str, Lora]):
+    def __init__(self, runtime: Runtime, base: str, loras: dict[str, Lora],
+                 schemas: dict[str, dict] | None = None):
         self.runtime, self.base, self.loras = runtime, base, loras
+        self.schemas = schemas or {}  # model name -> the JSON schema its answers follow unless a request says
         self.active = base
 
     @property
@@ -101,12 +105,16 @@ class Models:
 
 
 def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, name: str | None = None,
-                device: str = "auto", n_ctx: int = 4096, threads: int | None = None, verbose: bool = False) -> Models:
+                device: str = "auto", n_ctx: int = 4096, threads: int | None = None, verbose: bool = False,
+                json_schema: str | None = None) -> Models:
     """Load `model` once and attach each LoRA GGUF to it, served as model NAME.
 
     A LoRA is given as "NAME=FILE" or "FILE" (named by its file stem), with its scale; the base
     is named `name` or its file stem. Duplicate names, files that are not LoRA adapters and
     adapters made for another base are one-line EdgeloraErrors, raised before serving.
+    json_schema: "auto" holds each model's answers to the schema.json exported beside its file
+    (where there is one), a file path holds every model's to that schema; a request's own grammar
+    or response_format (including {"type": "text"}) overrides it.
     """
     base = Path(model).expanduser()
     names = [name or base.stem]
@@ -124,7 +132,18 @@ def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, n
     rt = load(base, device=device, n_ctx=n_ctx, threads=threads, verbose=verbose)
     adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose), lora_template(path))
                 for n, (path, scale) in zip(names[1:], files)}
-    return Models(rt, names[0], adapters)
+    schemas = _default_schemas(json_schema, dict(zip(names, [base, *(path for path, _ in files)])))
+    return Models(rt, names[0], adapters, schemas)
+
+
+def _default_schemas(choice: str | None, files: dict[str, Path]) -> dict[str, dict]:
+    """--json-schema for each served model name (see open_models)."""
+    if choice in (None, "none"):
+        return {}
+    if choice != "auto":
+        schema = load_schema(choice)
+        return {name: schema for name in files}
+    return {name: load_schema(path) for name, file in files.items() if (path := beside(file)) is not None}
 
 
 # ---------------------------------------------------------------- HTTP
@@ -215,26 +234,33 @@ def _checked_grammar(llm: llama_cpp.Llama, text: str, field: str) -> llama_cpp.L
 
 
 def _schema_grammar(llm: llama_cpp.Llama, schema, field: str) -> llama_cpp.LlamaGrammar:
-    """The grammar of a JSON schema, as llama-cpp-python makes it, checked; where it cannot be made
+    """The grammar of a JSON schema (edgelora.schema), checked; where it cannot be made
     (llama-cpp-python would silently fall back to any JSON) a 400 naming `field`."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    if not isinstance(schema, dict):
-        raise ApiError(400, f"{field}: a JSON schema must be an object", param=field)
     try:
-        text = json_schema_to_gbnf(json.dumps(schema))
-    except RecursionError:
-        raise ApiError(400, f"{field}: JSON schema nested too deeply", param=field) from None
-    except Exception as e:  # noqa: BLE001 - the converter raises many types for schemas it cannot express
-        raise ApiError(400, f"{field}: this JSON schema cannot be turned into a grammar "
-                            f"({type(e).__name__}: {e})", param=field) from None
+        text = grammar_text(schema, field)
+    except EdgeloraError as e:
+        raise ApiError(400, str(e), param=field) from None
     return _checked_grammar(llm, text, field)
 
 
-def _request_grammar(llm: llama_cpp.Llama, kwargs: dict) -> None:
+def _openai_response_format(fields: dict) -> None:
+    """OpenAI's response_format {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+    rewritten as the {"type": "json_object", "schema"} llama-cpp-python's request type takes."""
+    response_format = fields.get("response_format")
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or "schema" not in spec:
+        raise ApiError(400, "response_format.json_schema must be an object with a 'schema'",
+                       param="response_format.json_schema")
+    fields["response_format"] = {"type": "json_object", "schema": spec["schema"]}
+
+
+def _request_grammar(llm: llama_cpp.Llama, kwargs: dict, default: llama_cpp.LlamaGrammar | None = None) -> None:
     """Check, before llama.cpp sees them, every request field that becomes a grammar: `grammar`,
     `response_format` (json_object, with or without a schema) and the parameter schemas of `tools`
-    / `functions`. The grammar to use is left in kwargs["grammar"] as a parsed LlamaGrammar."""
+    / `functions`. The grammar to use is left in kwargs["grammar"] as a parsed LlamaGrammar: the
+    request's own, else `default` (the model's --json-schema) unless response_format is "text"."""
     if "grammar" in kwargs:
         kwargs["grammar"] = _checked_grammar(llm, kwargs["grammar"], "grammar")
     response_format = kwargs.pop("response_format", None) or {}
@@ -249,6 +275,8 @@ def _request_grammar(llm: llama_cpp.Llama, kwargs: dict) -> None:
             function = tool.get("function", {}) if key == "tools" else tool
             if "parameters" in function:
                 _schema_grammar(llm, function["parameters"], f"{key}[{i}].parameters")
+    if default is not None and "grammar" not in kwargs and response_format.get("type") != "text":
+        kwargs["grammar"] = default
 
 
 def _logit_bias(bias: dict, n_vocab: int) -> dict:
@@ -341,6 +369,8 @@ class _Server:
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
         except RecursionError:
             raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+        if isinstance(fields, dict):
+            _openai_response_format(fields)
         try:
             return schema.model_validate(fields)
         except ValidationError as e:
@@ -370,7 +400,8 @@ class _Server:
             kwargs["messages"] = _text_messages(kwargs.get("messages") or [])
         if kwargs.get("logit_bias"):
             kwargs["logit_bias"] = _logit_bias(kwargs["logit_bias"], llm.n_vocab())
-        _request_grammar(llm, kwargs)
+        schema = self.models.schemas.get(name)
+        _request_grammar(llm, kwargs, None if schema is None else self.models.runtime.grammar(schema))
         return kwargs
 
     async def models_list(self, request: Request) -> JSONResponse:

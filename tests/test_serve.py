@@ -289,3 +289,43 @@ def test_serve_without_its_extra_says_what_to_install():  # torch-free imports: 
     light = "import sys; sys.modules['starlette'] = None; from edgelora.cli import main; main(['serve', 'm.gguf'])"
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True)
     assert (out.returncode, out.stderr) == (1, "error: edgelora serve needs starlette: pip install 'edgelora[serve]'\n")
+
+
+def test_json_schemas_hold_answers_per_request_and_by_default(gguf, server, tmp_path):
+    """--json-schema: the model's default schema, which a request's response_format replaces
+    (OpenAI's json_schema shape too) or turns off ("text"); unusable schemas are 400s."""
+    import shutil
+
+    import jsonschema
+    from starlette.testclient import TestClient
+
+    from test_schema import CLOSED
+
+    lora = shutil.copy(gguf["lora"], tmp_path / "tuned.gguf")
+    (tmp_path / "schema.json").write_text(json.dumps(CLOSED))
+    auto = open_models(gguf["base:f16"], [(f"tuned={lora}", 1.0)], json_schema="auto")
+    assert auto.schemas == {"tuned": CLOSED}  # only the LoRA has a schema.json beside it
+    even = {"type": "object", "properties": {"even": {"type": "boolean"}}, "required": ["even"],
+            "additionalProperties": False}
+    with TestClient(build_app(auto, max_tokens_limit=64)) as http:
+        def ask(model="tuned", **extra):
+            return http.post("/v1/chat/completions", json={"model": model, "messages": QUESTION, **extra})
+
+        def answer(response) -> str:
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        jsonschema.validate(json.loads(answer(ask())), CLOSED)
+        with pytest.raises(ValueError):
+            json.loads(answer(ask(response_format={"type": "text"})))
+        with pytest.raises(ValueError):
+            json.loads(answer(ask(server.base)))  # the base has no schema of its own
+        given = ask(response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": even, "strict": True}})
+        jsonschema.validate(json.loads(answer(given)), even)
+        for response_format, words in (
+                ({"type": "json_schema", "json_schema": {"name": "e", "schema": {"type": "objekt"}}},
+                 "response_format.schema: not a valid JSON schema at type"),
+                ({"type": "json_schema", "json_schema": {"name": "e"}}, "must be an object with a 'schema'")):
+            bad = ask(response_format=response_format)
+            assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+        jsonschema.validate(json.loads(answer(ask())), CLOSED)  # still serving, default intact
