@@ -26,9 +26,9 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import gguf
 
@@ -37,7 +37,7 @@ from .errors import EdgeloraError
 from .io import output_folder, read_json
 from .runtime import gguf_metadata
 
-SCORES = ("exact", "contains", "regex")
+SCORES = ("auto", "exact", "contains", "regex", "json")
 
 
 @dataclass
@@ -52,11 +52,12 @@ class Candidate:
     bpw: Optional[float] = None
     reference: bool = False
     notes: list[str] = field(default_factory=list)  # what the file really is, where its name says otherwise
+    json_schema: Optional[dict] = None  # answers generated under this schema's grammar
 
 
 @dataclass
 class Settings:
-    score: str = "exact"
+    score: str = "exact"  # never "auto": bench() resolves it
     pattern: Optional[str] = None
     max_tokens: int = 0  # bench() makes 0 the longest reference answer's bytes + 16
     device: str = "auto"
@@ -192,16 +193,19 @@ def read_eval(path: str, limit: Optional[int] = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[[str, str], bool]:
-    """(generated, reference) -> correct? exact: equal after stripping whitespace; contains: the
-    reference occurs in the output; regex: PATTERN's first match (group 1 if it has groups) is
-    found in both and is the same."""
-    if mode not in SCORES:
+def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[[str, str], float]:
+    """(generated, reference) -> score in [0, 1]. exact: equal after stripping whitespace;
+    contains: the reference occurs in the output; regex: PATTERN's first match (group 1 if it has
+    groups) is found in both and is the same; json: the share of the reference's fields (leaf
+    values, by path) the output has, equal in type and value (json_fields)."""
+    if mode not in SCORES or mode == "auto":
         raise EdgeloraError(f"unknown score '{mode}' (choose from {', '.join(SCORES)})")
     if mode == "exact":
-        return lambda out, ref: out.strip() == ref.strip()
+        return lambda out, ref: float(out.strip() == ref.strip())
     if mode == "contains":
-        return lambda out, ref: ref.strip() in out
+        return lambda out, ref: float(ref.strip() in out)
+    if mode == "json":
+        return lambda out, ref: json_fields(out, ref)[2]
     if not pattern:
         raise EdgeloraError("--score regex needs --pattern")
     try:
@@ -213,7 +217,67 @@ def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[
         m = rx.search(text)
         return None if m is None else m.group(1 if rx.groups else 0)
 
-    return lambda out, ref: (k := key(out)) is not None and k == key(ref)
+    return lambda out, ref: float((k := key(out)) is not None and k == key(ref))
+
+
+def pick_score(score: str, rows: list[dict]) -> str:
+    """--score auto: json when every reference answer is a JSON object or array, else exact;
+    --score json: every reference answer must be JSON (the first that is not is named)."""
+    if score not in ("auto", "json"):
+        return score
+    for r in rows:
+        if not isinstance(_json_or_none(r["answer"]), (dict, list)):
+            if score == "auto":
+                return "exact"
+            raise EdgeloraError(f"--score json: the reference answer at {r['source']} is not a JSON object or array")
+    return "json"
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _leaves(value, path: tuple = ()) -> Iterator[tuple[tuple, object]]:
+    """(path, value) of every leaf: scalars, and empty objects / arrays."""
+    if not isinstance(value, (dict, list)) or not value:
+        yield path, value
+        return
+    for key, child in value.items() if isinstance(value, dict) else enumerate(value):
+        yield from _leaves(child, (*path, key))
+
+
+def _same(a, b) -> bool:
+    """JSON equality by type: 1952 != "1952", true != 1; 2 == 2.0 (both numbers)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def json_fields(out: str, ref: str) -> tuple[bool, bool, float]:
+    """(the output is valid JSON, it equals the reference structurally, the share of the
+    reference's leaf fields it has with the same type and value)."""
+    parsed = _json_or_none(out.strip())
+    if parsed is None and out.strip() != "null":
+        return False, False, 0.0
+    want, got = dict(_leaves(json.loads(ref))), dict(_leaves(parsed))
+    right = sum(1 for path, value in want.items() if path in got and _same(got[path], value))
+    return True, right == len(want) == len(got), right / len(want)
+
+
+def task_result(mode: str, pattern: Optional[str], answers: list[str], rows: list[dict]) -> dict:
+    """The task score of `answers` against the rows' references (the mean of make_scorer's); for
+    json also the shares of valid JSON and of exact structural matches."""
+    if mode == "json":
+        valid, exact, fields = zip(*(json_fields(a, r["answer"]) for a, r in zip(answers, rows)))
+        return {"task_score": sum(fields) / len(rows), "json_valid": sum(valid) / len(rows),
+                "json_exact": sum(exact) / len(rows)}
+    score = make_scorer(mode, pattern)
+    return {"task_score": sum(score(a, r["answer"]) for a, r in zip(answers, rows)) / len(rows)}
 
 
 # ---------------------------------------------------------------- one model, in its own process
@@ -289,7 +353,6 @@ def log_softmax(logits):
 def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
     from .runtime import load
 
-    score = make_scorer(s.score, s.pattern)
     t0 = time.perf_counter()
     rt = load(c.model, loras=[(p, 1.0) for p in c.loras], device=s.device, threads=s.threads)
     load_s = time.perf_counter() - t0
@@ -299,14 +362,12 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
     elif json.loads((scratch / "tokens.json").read_text()) != [list(map(list, t)) for t in tokens]:
         raise EdgeloraError(f"{c.model}: tokenises the eval set differently from the reference (another vocabulary?)")
 
-    answers, correct, totals = [], 0, dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
+    answers, totals = [], dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
     for r in rows:
-        out = rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0)
+        answers.append(rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0, json_schema=c.json_schema))
         t = rt.timings()
         for key in totals:
             totals[key] += t[key]
-        correct += score(out, r["answer"])
-        answers.append(out)
         tick()
     peak = peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
 
@@ -314,8 +375,8 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
     for prompt, answer in tokens:
         cmp.add(rt.logits(prompt + answer)[len(prompt) - 1:-1], answer)
         tick()
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows), **cmp.result(),
-                prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, **task_result(s.score, s.pattern, answers, rows),
+                **cmp.result(), prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
                 gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
 
 
@@ -383,19 +444,31 @@ class BenchResult:
 
 
 def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quants: Optional[list[str]] = None,
-          limit: Optional[int] = None, score: str = "exact", pattern: Optional[str] = None, threshold: float = 0.97,
+          limit: Optional[int] = None, score: str = "auto", pattern: Optional[str] = None, threshold: float = 0.97,
           max_tokens: Optional[int] = None, device: str = "auto", threads: Optional[int] = None,
-          hf: Optional[bool] = None, force: bool = False, progress: bool = True) -> BenchResult:
-    """Measure every candidate (see discover) on eval_data; write report.json/.md and ladder.png."""
+          hf: Optional[bool] = None, force: bool = False, progress: bool = True,
+          json_schema: Optional[str] = None) -> BenchResult:
+    """Measure every candidate (see discover) on eval_data; write report.json/.md and ladder.png.
+    score "auto": json when every reference answer is JSON, else exact. json_schema ("auto": the
+    schema.json beside the files, or a schema file): each GGUF is also measured with its answers
+    held to the schema by a grammar, as a row of its own ("q2_k+grammar")."""
     from . import report as rep
+    from .schema import resolve
 
-    make_scorer(score, pattern)  # bad options fail before any model loads
+    if score not in SCORES:
+        raise EdgeloraError(f"unknown score '{score}' (choose from {', '.join(SCORES)})")
     if not 0 < threshold <= 1:
         raise EdgeloraError(f"--threshold {threshold}: must be in (0, 1]")
     if limit is not None and limit < 1:
         raise EdgeloraError(f"--limit {limit}: must be at least 1")
-    cands = discover(inputs, quants, hf)
     rows = read_eval(eval_data, limit)
+    score = pick_score(score, rows)
+    make_scorer(score, pattern)  # bad options fail before any model loads
+    cands = discover(inputs, quants, hf)
+    schema = resolve(json_schema, *(c.model for c in cands if c.route != "hf"))
+    if schema is not None:
+        cands = [v for c in cands for v in (c, *([] if c.route == "hf" else [
+            replace(c, label=f"{c.label}+grammar", reference=False, json_schema=schema)]))]
     out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
     files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
     output_folder(out_dir, "report folder")

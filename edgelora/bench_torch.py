@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from .bench import Candidate, Compare, Settings, make_scorer, peak_rss_mb, rate
+from .bench import Candidate, Compare, Settings, peak_rss_mb, rate, task_result
 
 
 def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
@@ -34,19 +34,16 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     tok = AutoTokenizer.from_pretrained(c.loras[0])
     tokens = json.loads((scratch / "tokens.json").read_text())
     stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
-    score = make_scorer(s.score, s.pattern)
-    answers, correct, gen_tokens, gen_s = [], 0, 0, 0.0
+    answers, gen_tokens, gen_s = [], 0, 0.0
     with torch.no_grad():
-        for r, (prompt, _) in zip(rows, tokens):
+        for prompt, _ in tokens:
             ids = torch.tensor([prompt], device=device)
             t = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):]
             gen_s += time.perf_counter() - t
             gen_tokens += len(out)
-            text = tok.decode(out, skip_special_tokens=True)
-            correct += score(text, r["answer"])
-            answers.append(text)
+            answers.append(tok.decode(out, skip_special_tokens=True))
             tick()
         peak = peak_rss_mb()
         cmp = Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
@@ -61,7 +58,8 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     size = sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
     adapter_size = sum(f.stat().st_size for f in Path(c.loras[0]).glob("*.safetensors"))
     n_params = sum(p.numel() for p in model.get_base_model().parameters())
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, task_score=correct / len(rows), **cmp.result(),
+    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, **task_result(s.score, s.pattern, answers, rows),
+                **cmp.result(),
                 prompt_tok_s=rate(n_prompt, prompt_s),
                 gen_tok_s=rate(gen_tokens, gen_s), device=f"torch {device}", size_bytes=size + adapter_size,
                 bpw=(size + adapter_size) * 8 / n_params)

@@ -22,7 +22,8 @@ def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str
     table = []
     for c, r in zip(cands, results):
         row = {"label": c.label, "route": c.route, "model": c.model, "loras": c.loras, "reference": c.reference,
-               "size_bytes": r.get("size_bytes", c.size_bytes), "bpw": r.get("bpw", c.bpw), "notes": c.notes}
+               "size_bytes": r.get("size_bytes", c.size_bytes), "bpw": r.get("bpw", c.bpw), "notes": c.notes,
+               "grammar": c.json_schema is not None}
         row.update({k: v for k, v in r.items() if k not in row})
         table.append(row)
     best, text = recommend(table, threshold)
@@ -54,6 +55,8 @@ def recommend(rows: list[dict], threshold: float) -> tuple[dict, str]:
            if best is not ref else f"no smaller file keeps {metric} >= {bar}")
     if metric == "top-1 agreement":
         why += "; the reference's task score is 0, so the task cannot tell the files apart"
+    if best.get("grammar"):
+        why += "; its answers held to the JSON schema (run it with --json-schema auto)"
     return best, (f"recommended: {best['label']} ({best['size_bytes'] / 2**20:.1f} MiB, {best['bpw']:.2f} bpw): "
                   f"{why}")
 
@@ -61,23 +64,28 @@ def recommend(rows: list[dict], threshold: float) -> tuple[dict, str]:
 def markdown(report: dict) -> str:
     ref = report["reference"]
     s = report["settings"]
-    score = s["score"] + (f" `{s['pattern']}`" if s.get("pattern") else "")
+    is_json = s["score"] == "json"
+    score = ("JSON field accuracy (the share of the reference's fields right, by type and value)" if is_json
+             else s["score"] + (f" `{s['pattern']}`" if s.get("pattern") else "") + " match")
     lines = [
         f"# edgelora bench: {Path(report['eval_data']).name}",
         "",
-        f"{report['examples']} examples, task score = {score} match of greedy answers; "
+        f"{report['examples']} examples, task score = {score} of greedy answers; "
         f"KL divergence and top-1 agreement against `{ref}` at every answer token; "
-        f"speeds from llama.cpp's counters ({report['machine']['processor']}, {s['threads'] or 'default'} threads).",
+        f"speeds from llama.cpp's counters ({report['machine']['processor']}, {s['threads'] or 'default'} threads)."
+        + (" Rows named +grammar: answers held to the JSON schema by a llama.cpp grammar." if any(
+            r.get("grammar") for r in report["rows"]) else ""),
         "",
-        "| model | route | size MiB | bits/weight | task score | perplexity | KL vs " + ref + " | top-1 vs " + ref
-        + " | prompt tok/s | gen tok/s | load s | peak RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | route | size MiB | bits/weight | task score" + (" | valid JSON | exact" if is_json else "")
+        + " | perplexity | KL vs " + ref + " | top-1 vs " + ref + " | prompt tok/s | gen tok/s | load s | peak RSS MiB |",
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if is_json else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         name = f"**{r['label']}**" if r["label"] == report["recommendation"]["label"] else r["label"]
+        json_cells = f"{r['json_valid']:.3f} | {r['json_exact']:.3f} | " if is_json else ""
         lines.append(
             f"| {name} | {ROUTES.get(r['route'], r['route'])} | {r['size_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | "
-            f"{r['task_score']:.3f} | {r['perplexity']:.4f} | {r['kl']:.3g} | {r['top1']:.3f} | "
+            f"{r['task_score']:.3f} | {json_cells}{r['perplexity']:.4f} | {r['kl']:.3g} | {r['top1']:.3f} | "
             f"{r['prompt_tok_s']:.0f} | {r['gen_tok_s']:.1f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", report["recommendation"]["text"], ""]
     lines += [f"- {r['label']}: {note}" for r in report["rows"] for note in r.get("notes", [])]

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from edgelora import runtime
-from edgelora.bench import bench, make_scorer, read_eval
+from edgelora.bench import bench, json_fields, make_scorer, pick_score, read_eval, task_result
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
@@ -193,6 +193,58 @@ def test_scorers():
         make_scorer("regex")
     with pytest.raises(EdgeloraError, match="--pattern"):
         make_scorer("regex", "(")
+
+
+def test_json_scoring_compares_fields_by_type():
+    ref = '{"name": "Lena", "city": "Osaka", "year": 1952}'
+    assert json_fields(ref, ref) == (True, True, 1.0)
+    assert json_fields('{"name": "Lena", "city": "Osaka", "year": "1952"}', ref) == (True, False, 2 / 3)  # "1952" != 1952
+    assert json_fields('{"name": "Lena", "city": "Osaka", "year": 1952"}', ref) == (False, False, 0.0)  # q2_k's stray quote
+    assert json_fields('{"city": "Osaka", "name": "Lena", "year": 1952.0}', ref) == (True, True, 1.0)  # order, 2 == 2.0
+    assert json_fields('{"name": "Lena", "city": "Osaka", "year": 1952, "x": 1}', ref) == (True, False, 1.0)
+    assert json_fields('{"ok": 1, "tags": ["a", "b"]}', '{"ok": true, "tags": ["a", "c"]}') == (True, False, 1 / 3)
+    assert json_fields('{"l": []}', '{"l": []}') == (True, True, 1.0)
+    rows = [{"answer": ref}, {"answer": ref}]
+    assert task_result("json", None, [ref, "nope"], rows) == {"task_score": 0.5, "json_valid": 0.5, "json_exact": 0.5}
+    assert task_result("exact", None, [ref, "nope"], rows) == {"task_score": 0.5}
+
+
+def test_score_auto_is_json_only_when_every_reference_is():
+    json_rows = [{"source": "e.jsonl:1", "answer": '{"a": 1}'}, {"source": "e.jsonl:2", "answer": "[1]"}]
+    assert pick_score("auto", json_rows) == "json" and pick_score("exact", json_rows) == "exact"
+    mixed = json_rows + [{"source": "e.jsonl:3", "answer": "42"}]
+    assert pick_score("auto", mixed) == "exact"
+    with pytest.raises(EdgeloraError, match="--score json: the reference answer at e.jsonl:3 is not a JSON object"):
+        pick_score("json", mixed)
+
+
+def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
+    """--json-schema: each GGUF benched again under the grammar, as NAME+grammar rows."""
+    import jsonschema
+
+    from test_schema import CLOSED
+
+    _, out_dir = exported
+    rows = [{"messages": [{"role": "user", "content": f"Is {i} a dog?"},
+                          {"role": "assistant", "content": json.dumps({"ok": True, "n": i, "kind": "dog"})}]}
+            for i in range(3)]
+    eval_json = write_jsonl(tmp_path / "eval.jsonl", rows)
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(CLOSED))
+    result = bench([str(out_dir)], str(eval_json), quants=["q8_0"], hf=False, progress=False, threads=2,
+                   out=str(tmp_path / "b"), json_schema=str(schema_file), max_tokens=40)
+    report = result.report
+    assert report["settings"]["score"] == "json"  # auto: every reference answer is JSON
+    got = rows_by_label(report)
+    assert {"f16", "f16+grammar", "q8_0", "q8_0+grammar"} <= set(got)
+    for label in ("f16+grammar", "q8_0+grammar"):
+        assert got[label]["grammar"] and got[label]["json_valid"] == 1.0
+        for text in got[label]["answers"]:
+            jsonschema.validate(json.loads(text), CLOSED)
+    assert got["f16"]["json_valid"] == 0.0  # the random model writes no JSON of its own
+    assert got["f16+grammar"]["kl"] == got["f16"]["kl"] == 0.0  # the same file: the grammar only shapes sampling
+    md = result.files["md"].read_text()
+    assert "| valid JSON | exact |" in md and "+grammar: answers held to the JSON schema" in md
 
 
 # ---------------------------------------------------------------- CLI and bad input
