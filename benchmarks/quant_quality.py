@@ -5,13 +5,16 @@ For each bundled task -- extract (the demo task: a person, a city and a year as 
 and records (contact cards: 8 fields of mixed types, answers ~4x longer) -- on SmolLM2-135M:
 
   1. a QLoRA run with the demo's settings (60 steps of 8 examples, lr 1e-3), reused from --work;
-  2. two exports of that run: --imatrix auto (measured on the run's own training examples) and
-     --imatrix none, each at q8_0, q4_k_m, q2_k and auto (--target-size), the f16 once;
+  2. two exports of that run: --imatrix auto (measured on the run's own training examples; of the
+     files the export tries with it -- every weight, or only the kinds of weight where it lowered
+     KL on their own -- the better) and --imatrix none, each at q8_0, q4_k_m, q2_k and auto
+     (--target-size), the f16 once;
   3. one bench over all those files on the task's held-out eval set: the f16 GGUF is the
      reference every other file's KL divergence and top-1 agreement are measured against.
 
-It prints, per task and quant, size, bits/weight, KL, top-1, perplexity and task score without and
-with the imatrix, the KL ratio, and the targets (issue #11):
+It prints, per task and quant, size, bits/weight, KL, top-1, perplexity and task score (JSON field
+accuracy: both tasks answer in JSON) without and with the imatrix, the KL ratio, and the targets
+(issue #11):
   - KL at q4_k_m and at q2_k at least 30% lower with the imatrix;
   - every exported quant keeps at least 90% of f16's task score;
   - on the demo task, the smallest file keeping at least 97% of f16's task score is at most 75 MiB.
@@ -37,11 +40,10 @@ TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", b
              max_steps=60, lr=1e-3, save_every=20, eval_every=1000)
 
 
-def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None,
-             rebench: bool = False) -> dict:
-    """Train, export and bench one task; each step's results under `work` are reused unless removed
-    (or, for the bench, --rebench)."""
-    from edgelora.bench import bench
+def ladder(task: str, work: Path, target_size: str) -> tuple[Path, dict, dict]:
+    """Train and export one task (each step reused from `work` unless removed): the folder of
+    every file under its row label (f16, q8_0, q8_0+imatrix, ...), the budgeted file's manifest
+    entry, and the seconds each step took."""
     from edgelora.config import load_config
     from edgelora.exporter import export
     from edgelora.trainer import train
@@ -66,17 +68,27 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
             files[label] = out / o["file"]
         if variant == "imatrix":
             budget = manifest["budget"]
-    ladder = work / task / "ladder"  # the files under distinct names: the bench labels rows by file name
-    ladder.mkdir(parents=True, exist_ok=True)
+    folder = work / task / "ladder"  # the files under distinct names: the bench labels rows by file name
+    folder.mkdir(parents=True, exist_ok=True)
     for label, path in files.items():
-        link = ladder / f"{label}.gguf"
+        link = folder / f"{label}.gguf"
         link.unlink(missing_ok=True)
         link.symlink_to(path.resolve())
+    return folder, budget, timings
+
+
+def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None,
+             rebench: bool = False) -> dict:
+    """Train, export and bench one task; each step's results under `work` are reused unless removed
+    (or, for the bench, --rebench)."""
+    from edgelora.bench import bench
+
+    folder, budget, timings = ladder(task, work, target_size)
     order = ["f16"] + [q + s for q in QUANTS + ["auto"] for s in ("", "+imatrix")]
     report_path = work / task / "bench" / "report.json"
     t0 = time.time()
     if rebench or not report_path.is_file():
-        bench([str(ladder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
+        bench([str(folder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
               out=str(report_path.parent), limit=limit, hf=False, threads=threads, force=True,
               progress=sys.stderr.isatty())
     timings["bench_s"] = round(time.time() - t0, 1)
