@@ -25,11 +25,11 @@ QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
 TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
 MODES = {  # steps of 8 examples; eval loss while training (quick: none); examples benched (None: all 60); torch row;
-    # the task importance matrix and the auto file (quick: neither, to stay within about 5 minutes)
+    # the task importance matrix, the auto file and the +grammar bench rows (quick: none, to stay within 5 minutes)
     "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=12, hf=False, imatrix="none",
-                  target_size=None),
+                  target_size=None, json_schema=None),
     "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True, imatrix="auto",
-                 target_size=TARGET_SIZE),
+                 target_size=TARGET_SIZE, json_schema="auto"),
 }
 
 
@@ -109,8 +109,9 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     stage("before", (base_dir / "bench" / "report.json").is_file(), "the untrained base at f16 and q4_k_m, benched",
           lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
                    bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))
-    stage("bench", (export_dir / "bench" / "report.json").is_file(), "the trained ladder on the held-out set",
-          lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], **bench_opts))
+    grammar = " (and under the JSON schema learned from the answers)" if m["json_schema"] else ""
+    stage("bench", (export_dir / "bench" / "report.json").is_file(), f"the trained ladder on the held-out set{grammar}",
+          lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], json_schema=m["json_schema"], **bench_opts))
 
     before = read_json(base_dir / "bench" / "report.json", "bench report", ("rows",))
     after = read_json(export_dir / "bench" / "report.json", "bench report", ("rows",))
