@@ -426,10 +426,6 @@ def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str]
 def modelfile_text(model: str, template: Optional[str], system: Optional[str], stops: list[str],
                    adapter: Optional[str] = None, schema: bool = False) -> str:
     lines = [f"FROM {model}"]
-    if schema:
-        lines += [f"# answers follow {SCHEMA_FILE}: Ollama holds a model to it when a request gives it as \"format\",",
-                  f'#   curl localhost:11434/api/chat -d "{{\\"model\\": \\"NAME\\", \\"format\\": $(cat {SCHEMA_FILE}), '
-                  '\\"messages\\": [...]}"']
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if template:
@@ -440,6 +436,10 @@ def modelfile_text(model: str, template: Optional[str], system: Optional[str], s
         lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines.append("PARAMETER temperature 0.2")
+    if schema:
+        lines += [f"# answers follow {SCHEMA_FILE}: Ollama holds a model to it when a request gives it as \"format\",",
+                  f'#   curl localhost:11434/api/chat -d "{{\\"model\\": \\"NAME\\", \\"format\\": $(cat {SCHEMA_FILE}), '
+                  '\\"messages\\": [...]}"']
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ import time
 from click.testing import CliRunner
 
 from edgelora.cli import main
-from tiny import write_jsonl
+from tiny import ctrl_c_default, write_jsonl
 
 
 def run_cli(*args):
@@ -66,7 +66,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_llama, chat_file, tm
             "--out", str(out), "--method", "lora", "--max-steps", "400", "--batch-size", "2", "--seq-len", "64",
             "--save-every", "1000"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ctrl_c_default)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):

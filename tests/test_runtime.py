@@ -17,7 +17,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from test_cli import assert_one_line_error
 from test_models import needs_smollm2
-from tiny import build_model
+from tiny import build_model, ctrl_c_default
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -247,7 +247,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 def test_smollm2_chat_survives_a_real_ctrl_c(smollm2):
     proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "chat", str(smollm2), "--max-tokens", "2000"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=ctrl_c_default)
     proc.stdin.write("Write a very long story about a dragon.\n")
     proc.stdin.flush()
     proc.stdout.read(1)  # it has started answering

@@ -24,7 +24,7 @@ from edgelora.cli import main
 from edgelora.exporter import export
 from edgelora.serve import build_app, listen, open_models
 from test_cli import assert_one_line_error
-from tiny import build_model
+from tiny import build_model, ctrl_c_default
 
 KEY = "sk-test-key"
 LIMIT = 24  # --max-tokens-limit: also every answer's length here, which keeps the module fast
@@ -269,7 +269,8 @@ def test_serve_command_serves_until_ctrl_c(gguf, reference, server):
     env = {**os.environ, "EDGELORA_API_KEY": "env-key", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "serve", str(gguf["base:f16"]), "--name", "base",
                              "--lora", str(gguf["lora"]), "--lora-scale", "1", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=ctrl_c_default)
     try:
         lines = [proc.stdout.readline() for _ in range(3)]
         url = re.fullmatch(r"serving (http://127\.0\.0\.1:\d+/v1) \(OpenAI-compatible; Ctrl-C stops\)\n", lines[0])

@@ -6,6 +6,7 @@ divisible by 256).
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 CHATML = (
@@ -64,6 +65,12 @@ def build_model(out: Path, arch: str = "llama", tokenizer=None, *, hidden: int =
                 p.normal_(0, 0.08)
     model.save_pretrained(out)
     return out
+
+
+def ctrl_c_default() -> None:
+    """Popen(preexec_fn=ctrl_c_default): the child takes SIGINT as a terminal's Ctrl-C, even when the
+    tests run as a background job (which starts every child with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
