@@ -155,13 +155,10 @@ def grammar_text(schema, where: str) -> str:
         raise EdgeloraError(f"{where}: a JSON schema must be an object")
     try:
         jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator).check_schema(schema)
+        text = json_schema_to_gbnf(json.dumps(schema))
     except jsonschema.SchemaError as e:
         at = "/".join(map(str, e.absolute_path))
         raise EdgeloraError(f"{where}: not a valid JSON schema{f' at {at}' if at else ''}: {e.message}") from None
-    except RecursionError:
-        raise EdgeloraError(f"{where}: JSON schema nested too deeply") from None
-    try:
-        text = json_schema_to_gbnf(json.dumps(schema))
     except RecursionError:
         raise EdgeloraError(f"{where}: JSON schema nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - the converter raises many types for schemas it cannot express
