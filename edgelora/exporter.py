@@ -289,43 +289,50 @@ def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.
     the two differ, with it for one class of weight at a time (attn_q, ffn_up, ...), then with it
     for exactly the classes that lowered the KL on their own. The file with the lowest KL is kept;
     without `keep_better`, the lowest of those made with the matrix. All KLs go in the manifest.
+    llama.cpp quantises twice; the per-class files are those two files' tensors recombined.
 
     Why per class: llama.cpp's importance-weighted rounding lowers each weight's error on the
     calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some classes
     (attn_output, ffn_up) while lowering it for others (attn_q/k/v): benchmarks/quant_quality.py."""
+    import filecmp
+
     from .inspect import tensor_class
-    from .quantize import quantize
+    from .quantize import TensorSwap, quantize
 
     if importance is None or probe is None:
         return quantize(f16, dst, quant, imatrix=importance), None
-    made: dict[str, tuple[float, Path, dict]] = {}  # label -> (KL, temp file, quantize()'s summary)
+    made: dict[str, tuple[float, Path]] = {}  # label -> (KL, temp file)
+    paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
-    def trial(label: str, matrix: Optional[IM.IMatrix], keep: bool = True) -> float:
-        path = dst.parent / f"{temp_name(dst)}{label}.tmp"
-        result = quantize(f16, path, quant, imatrix=matrix)
-        kl = probe.measure(path)
+    def measure(label: str, keep: bool = True) -> float:
+        kl = probe.measure(paths[label])
         if keep:
-            made[label] = (kl, path, result)
-        else:
-            path.unlink()
+            made[label] = (kl, paths[label])
         return kl
 
     classes: dict[str, list[str]] = {}
     for name in importance.sums:
         classes.setdefault(tensor_class(name), []).append(name)
     try:
-        kl_all, kl_none = trial("all", importance), trial("none", None)
+        result = quantize(f16, paths["all"], quant, imatrix=importance)
+        quantize(f16, paths["none"], quant)
         by_class, helped = {}, []
-        if kl_all != kl_none:  # the same file both ways (e.g. q8_0): the matrix changes nothing here
+        if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
+            kl_all = kl_none = measure("all")
+        else:
+            kl_all, kl_none = measure("all"), measure("none")
+            swap = TensorSwap(paths["none"], paths["all"])
             for cls, names in classes.items():
-                by_class[cls] = trial(f"only-{cls}", importance.only(names), keep=False)
+                swap.write(names, paths["trial"])
+                by_class[cls] = measure("trial", keep=False)
             helped = [c for c in classes if by_class[c] < kl_none]
             if helped and len(helped) < len(classes):
-                trial("chosen", importance.only(n for c in helped for n in classes[c]))
+                swap.write([n for c in helped for n in classes[c]], paths["chosen"])
+                measure("chosen")
         candidates = {k: v for k, v in made.items() if keep_better or k != "none"}
         kept = min(candidates, key=lambda k: candidates[k][0])
-        kl, path, result = made[kept]
-        os.replace(path, dst)
+        kl = made[kept][0]
+        os.replace(paths[kept], dst)
         used = {"all": sorted(classes), "chosen": helped}.get(kept, [])
         log.info("%s: KL %.3g with the importance matrix, %.3g without%s: keeping the file %s", dst.name, kl_all,
                  kl_none, f", {made['chosen'][0]:.3g} with it for {', '.join(helped)} only" if "chosen" in made else "",
@@ -335,7 +342,7 @@ def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.
                         "kl_chosen": made["chosen"][0] if "chosen" in made else None, "kl_kept": kl,
                         "imatrix_kept": bool(used), "imatrix_classes": used, "sequences": len(probe.rows)}
     finally:
-        for _, path, _ in made.values():
+        for path in paths.values():
             path.unlink(missing_ok=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -138,6 +139,42 @@ def fallbacks(info: dict, main: str, overrides: dict[str, str] | None = None) ->
     return {"count": len(names), "by_type": dict(by_type.most_common()), "tensors": names}
 
 
+class TensorSwap:
+    """Files made of two quantisations of one model to one preset, tensor by tensor.
+
+    For a file with and one without an importance matrix: llama.cpp quantises each tensor on its
+    own, so `write(names, dst)` (`base` with the data of `names` taken from `donor`) is the file
+    llama.cpp would make with the matrix for `names` alone, at the cost of a file copy. Every
+    tensor must sit at the same offset with the same type and size in both files."""
+
+    def __init__(self, base: Path | str, donor: Path | str):
+        self.base, self.donor = Path(base), Path(donor)
+        ours = {t.name: t for t in gguf.GGUFReader(self.base).tensors}
+        theirs = {t.name: t for t in gguf.GGUFReader(self.donor).tensors}
+        for name in ours.keys() ^ theirs.keys():
+            raise EdgeloraError(f"{(self.base if name in theirs else self.donor).name}: has no tensor {name}")
+        self.spans = {}
+        for name, a in ours.items():
+            b = theirs[name]
+            if (a.tensor_type, a.data_offset, a.n_bytes) != (b.tensor_type, b.data_offset, b.n_bytes):
+                raise EdgeloraError(f"{self.donor.name}: tensor {name} is laid out differently from {self.base.name} "
+                                    f"({b.tensor_type.name} at byte {b.data_offset} vs {a.tensor_type.name} "
+                                    f"at byte {a.data_offset})")
+            self.spans[name] = (int(a.data_offset), int(a.n_bytes))
+
+    def write(self, names, dst: Path | str) -> None:
+        spans = []
+        for name in names:
+            if name not in self.spans:
+                raise EdgeloraError(f"{self.base.name}: has no tensor {name}")
+            spans.append(self.spans[name])
+        with atomic_path(Path(dst), suffix=".gguf") as tmp:
+            shutil.copyfile(self.base, tmp)
+            with open(tmp, "r+b") as out, open(self.donor, "rb") as src:
+                for offset, size in spans:
+                    src.seek(offset)
+                    out.seek(offset)
+                    out.write(src.read(size))
 
 
 def _reason(log: list[tuple[int, str]]) -> str:

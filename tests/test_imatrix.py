@@ -12,7 +12,7 @@ import torch
 
 from edgelora import imatrix as IM
 from edgelora.errors import EdgeloraError
-from edgelora.quantize import quantize
+from edgelora.quantize import TensorSwap, quantize
 from test_cli import assert_one_line_error, run_cli
 
 SEQUENCES = [[1, 5, 9, 13, 2, 7], [3, 4, 4, 8], [6, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
@@ -115,6 +115,24 @@ def test_llama_cpp_uses_it(f16, computed, tmp_path):
     assert (tmp_path / "plain.gguf").read_bytes() != (tmp_path / "guided.gguf").read_bytes()
     assert weighted_error(f16, tmp_path / "guided.gguf", computed) < weighted_error(f16, tmp_path / "plain.gguf",
                                                                                     computed)
+
+
+def test_swapping_tensors_equals_quantising_with_the_matrix_for_those_alone(f16, computed, tmp_path):
+    plain = quantize(f16, tmp_path / "plain.gguf", "q4_k_m")["path"]
+    guided = quantize(f16, tmp_path / "guided.gguf", "q4_k_m", imatrix=computed)["path"]
+    names = [n for n in computed.sums if ".attn_q." in n or ".ffn_down." in n]
+    quantize(f16, tmp_path / "only.gguf", "q4_k_m", imatrix=computed.only(names))
+    TensorSwap(plain, guided).write(names, tmp_path / "swapped.gguf")
+    swapped = (tmp_path / "swapped.gguf").read_bytes()
+    assert swapped == (tmp_path / "only.gguf").read_bytes()
+    assert swapped not in (Path(plain).read_bytes(), Path(guided).read_bytes())
+    quantize(f16, tmp_path / "q8.gguf", "q8_0")
+    with pytest.raises(EdgeloraError, match=r"^q8\.gguf: tensor [\w.]+ is laid out differently "
+                                            r"from plain\.gguf \(Q8_0 at byte \d+ vs Q\d_K at byte \d+\)$"):
+        TensorSwap(plain, tmp_path / "q8.gguf")
+    with pytest.raises(EdgeloraError, match=r"^plain\.gguf: has no tensor blk\.7\.ffn_up\.weight$"):
+        TensorSwap(plain, guided).write(["blk.7.ffn_up.weight"], tmp_path / "bad.gguf")
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 @pytest.mark.parametrize("mangle, message", [
