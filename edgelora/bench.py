@@ -370,14 +370,16 @@ def _measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, ti
             totals[key] += t[key]
         tick()
     peak = peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
-
+    measured = dict(load_s=load_s, peak_rss_mb=peak, answers=answers, **task_result(s.score, s.pattern, answers, rows),
+                    prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
+                    gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
+    if c.json_schema is not None:  # a grammar changes what is generated, not the model: see _measure_all
+        return measured
     cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
     for prompt, answer in tokens:
         cmp.add(rt.logits(prompt + answer)[len(prompt) - 1:-1], answer)
         tick()
-    return dict(load_s=load_s, peak_rss_mb=peak, answers=answers, **task_result(s.score, s.pattern, answers, rows),
-                **cmp.result(), prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
-                gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
+    return {**measured, **cmp.result()}
 
 
 def capped_exp(x: float) -> float:
@@ -490,13 +492,16 @@ def _measure_all(cands: list[Candidate], rows: list[dict], s: Settings, out_dir:
     scratch = out_dir / ".scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
-    results = []
+    results: list[dict] = []
     columns = (TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             for c in cands:
-                task = bar.add_task(c.label, total=2 * len(rows))
-                results.append(_run_isolated(c, rows, s, scratch, lambda: bar.advance(task)))
+                task = bar.add_task(c.label, total=(1 if c.json_schema else 2) * len(rows))
+                result = _run_isolated(c, rows, s, scratch, lambda: bar.advance(task))
+                if c.json_schema is not None:  # the same weights as the row before it: the same logits
+                    result = {**{k: results[-1][k] for k in ("perplexity", "kl", "top1")}, **result}
+                results.append(result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return results
