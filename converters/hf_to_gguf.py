@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping, Optional
 
 import gguf
 import torch
@@ -92,10 +92,28 @@ class HFModel:
         if dropped:
             raise ConvertError(f"adapter targets {dropped[0]}, which is not written to the GGUF (tied embeddings)")
 
-    def add_model_metadata(self, writer: gguf.GGUFWriter, name: str) -> None:
+    def add_model_metadata(self, writer: gguf.GGUFWriter, card: Mapping[str, object]) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
+        add_card(writer, card)
         add_hparams(writer, self.config, self.arch, self.n_vocab, self.source)
+
+
+def add_card(writer: gguf.GGUFWriter, card: Mapping[str, object]) -> None:
+    """Model-card keys (general.name, general.base_model.0.name, ...), each value written as the
+    GGUF type its Python type maps to (str, bool, int, float, or a list of one of those)."""
+    for key, value in card.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            (writer.add_uint32 if value >= 0 else writer.add_int32)(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            raise ConvertError(f"model card key {key}: {type(value).__name__} is not a GGUF value")
 
 
 def convert(
@@ -105,8 +123,11 @@ def convert(
     adapter_dir: Path | str | None = None,
     outtype: str = "f16",
     progress: Callable[[int, int], None] | None = None,
+    card: Optional[Mapping[str, object]] = None,
 ) -> dict:
     """Write the model (with the adapter merged in, if given) as a GGUF of float type `outtype`.
+
+    `card`: general.* keys to write (see add_card); general.name defaults to the folder's name.
 
     `progress(bytes_done, bytes_total)` is called after each tensor. Returns
     {"tensors": n, "bytes": file size, "arch": GGUF architecture}.
@@ -150,7 +171,7 @@ def convert(
         jobs.append(TensorJob(name, array.shape, QType.F32, lambda a=array: torch.from_numpy(a)))
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
-        model.add_model_metadata(writer, Path(adapter_dir or model_dir).name)
+        model.add_model_metadata(writer, {gguf.Keys.General.NAME: Path(adapter_dir or model_dir).name, **(card or {})})
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(writer, model.dir, model.n_vocab, template_dir=adapter.dir if adapter is not None else None)
@@ -164,8 +185,10 @@ def convert_lora(
     out_path: Path | str,
     *,
     outtype: str = "f16",
+    card: Optional[Mapping[str, object]] = None,
 ) -> dict:
-    """Write the adapter as a llama.cpp LoRA GGUF (`<tensor>.lora_a` / `.lora_b` pairs).
+    """Write the adapter as a llama.cpp LoRA GGUF (`<tensor>.lora_a` / `.lora_b` pairs), with the
+    general.* keys of `card` (general.name defaults to the adapter folder's name).
 
     llama.cpp scales each pair by adapter.lora.alpha / rank. rsLoRA's alpha / sqrt(r) is
     written as alpha * sqrt(r) for the adapter's rank r; a module whose scale still differs
@@ -202,7 +225,7 @@ def convert_lora(
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(adapter.dir.name)
+        add_card(writer, {gguf.Keys.General.NAME: adapter.dir.name, **(card or {})})
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         template = chat_template(adapter.dir)

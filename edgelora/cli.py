@@ -165,17 +165,19 @@ def schema(data, data_format, no_enums):
 @click.option("--target-size", metavar="SIZE",
               help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")
+@click.option("--name", help="Names the files (NAME-q4_k_m.gguf) and the model in them (general.name, what "
+                             "LM Studio and Ollama list). [default: the run folder's name]")
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, out,
+def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, name, out,
            force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
-                        target_size=target_size, target_bpw=target_bpw)
+                        target_size=target_size, target_bpw=target_bpw, name=name)
     for f in result.files:
         click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
         fell = f.get("fallbacks") or {}

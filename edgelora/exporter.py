@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from . import card as C
 from . import imatrix as IM
 from . import quant_presets
 from .errors import EdgeloraError
@@ -40,6 +41,7 @@ class ExportPlan:
     out_dir: Path
     quants: list[str]
     lora_gguf: bool
+    dataset: Optional[str] = None  # the training data file's name, for the model card
     outputs: dict[str, Path] = field(default_factory=dict)  # role -> final path
 
 
@@ -70,9 +72,13 @@ def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
 
 
 def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], lora_gguf: bool,
-                out: Optional[str], budgeted: bool = False) -> ExportPlan:
+                out: Optional[str], budgeted: bool = False, name: Optional[str] = None) -> ExportPlan:
+    """What to write where. `name` (default: the run folder's, or the base's) names the files and
+    the model in them (general.name)."""
     quants = parse_quants(quants, budgeted)
-    adapter_dir = None
+    if name is not None and not re.fullmatch(r"\w[\w.+-]{0,99}", name):
+        raise EdgeloraError(f"--name {name!r}: use letters, digits and . _ + - (it names the files)")
+    adapter_dir, dataset = None, None
     if run_dir:
         run = Path(run_dir)
         summary_path = run / "summary.json"
@@ -85,7 +91,8 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
         if base is None and digest != summary.get("base_sha256"):
             raise EdgeloraError(f"base '{summary['base']}' has changed since {run} was trained "
                                 f"(sha256 {digest[:12]} != {str(summary.get('base_sha256'))[:12]}); pass --base")
-        name = run.resolve().name
+        name = name or run.resolve().name
+        dataset = Path(str(summary.get("data") or "")).name or None
         out_dir = Path(out) if out else run / "export"
     else:
         if not base:
@@ -94,9 +101,10 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
             raise EdgeloraError("--lora-gguf needs a RUN_DIR with an adapter")
         resolved = resolve_base(base)
         digest = base_hash(resolved)
-        name = resolved.name
+        name = name or resolved.name
         out_dir = Path(out) if out else Path(f"{name}-gguf")
-    plan = ExportPlan(name, resolved, digest, materialise(resolved, digest), adapter_dir, out_dir, quants, lora_gguf)
+    plan = ExportPlan(name, resolved, digest, materialise(resolved, digest), adapter_dir, out_dir, quants, lora_gguf,
+                      dataset)
     for q in quants:
         plan.outputs[f"merged:{q}"] = out_dir / f"{name}-{q}.gguf"
     if lora_gguf:
@@ -112,7 +120,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
            imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
            target_size: Optional[str | int] = None, target_bpw: Optional[float] = None,
-           keep_better: bool = True) -> ExportResult:
+           keep_better: bool = True, name: Optional[str] = None) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
@@ -120,7 +128,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
     chosen to that budget by measured loss (edgelora.budget).
     keep_better: where an imatrix was used, also quantise without it and keep the file with the
-    lower KL on held-out training examples (both KLs are in the manifest either way)."""
+    lower KL on held-out training examples (both KLs are in the manifest either way).
+    name: names the files and the model in them (default: the run folder's; see edgelora.card)."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
 
@@ -129,7 +138,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     if target_bpw is not None and not 1.5 <= target_bpw <= 16:
         raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
     budgeted = target_size is not None or target_bpw is not None
-    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted)
+    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
     if imatrix_tokens < 1:
         raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
     taken = [p for p in plan.outputs.values() if p.exists()]
@@ -141,6 +150,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     if budgeted and calibration is None:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
     importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
+    base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
+    cards = {"base": C.model_card(base_card, plan.base_sha256),  # role -> the model card its files carry
+             "merged": C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
     results: dict[str, dict] = {}  # role -> quantize()'s summary
     budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
     checks: dict[str, dict] = {}  # role -> KL with and without the imatrix, and which file was kept
@@ -151,7 +163,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{role}-f16'))}gguf.tmp"
         log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
         with _progress(f16.name) as progress:
-            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress)
+            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[role])
         try:
             measures = role == "merged" and calibration is not None and (importance is not None or AUTO in wanted)
             probe = _probe(f16, calibration) if measures else None
@@ -170,7 +182,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     ladder(plan.adapter_dir, "merged")
     if plan.lora_gguf:
         log.info("writing LoRA GGUF %s", plan.outputs["lora"].name)
-        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs["lora"])
+        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs["lora"], card=cards["merged"])
         if plan.base.kind != "gguf":
             ladder(None, "base")
 
@@ -204,6 +216,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
         },
         "outputs": files,
+        "card": cards["merged"],
         "imatrix": importance_info,
         "json_schema": schema_info,
         "budget": budgets.get(f"merged:{AUTO}"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gguf
 
+from .card import is_card_key
 from .errors import EdgeloraError
 
 # Architecture hyper-parameters worth showing: report key -> GGUF key suffix after "{arch}.".
@@ -91,6 +92,7 @@ def inspect_gguf(path: Path | str) -> dict:
         "class_types": class_types(tensors),
         "vocab_size": _vocab_size(reader),
     }
+    info["card"] = {k: _field(reader, k) for k in reader.fields if is_card_key(k)}
     info.update({k: _field(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
     if info["type"] == "adapter":
         info["lora_alpha"] = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
@@ -110,6 +112,11 @@ def format_inspect(info: dict, tensors: bool = False) -> str:
     lines = [info["path"], f"  {info['type']} {info['arch'] or '?'} {info['name'] or ''}".rstrip()]
     for key, value in rows.items():
         lines.append(f"  {key.replace('_', ' '):<20} {f'{value:g}' if isinstance(value, float) else value}")
+    if info["card"]:
+        lines.append("  model card")
+        for key, value in info["card"].items():
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            lines.append(f"    {key.removeprefix('general.'):<18} {shown}")
     if info["class_types"]:
         lines.append("  weight types by class")
         for cls, types in info["class_types"].items():

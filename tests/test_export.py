@@ -1,5 +1,6 @@
 """`edgelora export` on tiny models: files re-read by llama.cpp, logits compared with PEFT."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,48 @@ def test_base_plus_lora_gguf_matches_merged(run_dir, exported):
     out = run_dir / "export"
     merged = llama_logits(out / "tiny-run-f16.gguf")
     close(llama_logits(out / f"{_base_name(run_dir)}-base-f16.gguf", lora=out / "tiny-run-lora-f16.gguf"), merged, 1e-2)
+
+
+def test_files_say_who_they_are(run_dir, exported, tmp_path):
+    """general.* keys as llama.cpp's converter writes them: what LM Studio and Ollama list."""
+    from edgelora import card as C
+    from edgelora.inspect import format_inspect, inspect_gguf
+    from test_cli import assert_one_line_error, run_cli
+
+    out = run_dir / "export"
+    m = json.loads((out / "manifest.json").read_text())
+    base = _base_name(run_dir)
+    want = {"general.name": "tiny-run", "general.basename": base.lower(), "general.finetune": "tiny-run",
+            "general.size_label": C.gguf.utility.size_label(sum(p.numel() for p in _hf_params(run_dir)), 0, 0, 0),
+            "general.base_model.count": 1, "general.base_model.0.name": base,
+            "edgelora.base_model.sha256": m["inputs"]["base"]["sha256"],
+            "general.dataset.count": 1, "general.dataset.0.name": "chat.jsonl"}
+    assert m["card"] == want
+    for f in ("tiny-run-f16.gguf", "tiny-run-q8_0.gguf", "tiny-run-lora-f16.gguf"):  # the quantiser keeps the keys
+        assert inspect_gguf(out / f)["card"] == want, f
+    base_card = inspect_gguf(out / f"{base}-base-f16.gguf")["card"]  # the bare base is not the fine-tune
+    assert base_card["general.name"] == base and "general.finetune" not in base_card
+    assert base_card["edgelora.base_model.sha256"] == m["inputs"]["base"]["sha256"]
+    shown = format_inspect(inspect_gguf(out / "tiny-run-q8_0.gguf"))
+    assert "  model card\n    name               tiny-run\n" in shown and "dataset.0.name     chat.jsonl" in shown
+    # A GGUF base's own card is carried over to its fine-tune: basename, size, licence, organisation.
+    base_gguf = out / f"{base}-base-f16.gguf"
+    from_gguf = C.model_card(C.base_card("gguf", base_gguf, Path(".")), "abc", "My Tune", "d.jsonl")
+    assert from_gguf["general.finetune"] == "my-tune" and from_gguf["general.size_label"] == want["general.size_label"]
+    r = run_cli("export", run_dir, "--quant", "f16", "--name", "shop-bot", "--out", tmp_path / "named",
+                "--imatrix", "none")
+    assert r.exit_code == 0, r.output
+    assert inspect_gguf(tmp_path / "named" / "shop-bot-f16.gguf")["card"]["general.name"] == "shop-bot"
+    r = run_cli("export", run_dir, "--name", "../x", "--out", tmp_path / "bad")
+    assert_one_line_error(r, "--name '../x': use letters, digits and . _ + - (it names the files)")
+    assert not (tmp_path / "bad").exists()
+
+
+def _hf_params(run_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = json.loads((run_dir / "summary.json").read_text())["base_hf_dir"]
+    return list(AutoModelForCausalLM.from_pretrained(base).parameters())
 
 
 def test_existing_outputs_kept_without_force(run_dir, exported):
