@@ -107,6 +107,10 @@ def target_modules(spec: str, model) -> list[str] | str:
     missing = [w for w in wanted if w not in names]
     if missing:
         raise EdgeloraError(f"--targets: no linear layer named {', '.join(missing)} (the model has: {', '.join(sorted(names))})")
+    if "lm_head" in wanted and getattr(model.config, "tie_word_embeddings", False):
+        raise EdgeloraError("--targets lm_head: this model ties its output layer to the token embedding "
+                            "(tie_word_embeddings), which a GGUF stores once, so an adapter on it could not be "
+                            "exported; leave lm_head out")
     return wanted
 
 

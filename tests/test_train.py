@@ -6,7 +6,7 @@ import torch
 from edgelora.config import load_config
 from edgelora.errors import EdgeloraError
 from edgelora.trainer import TrainingInterrupted, train
-from tiny import cfg
+from tiny import build_model, cfg
 
 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
@@ -122,6 +122,14 @@ def test_resume_refuses_changed_config(tiny_llama, chat_file, tmp_path):
 def test_unknown_target_names_the_layers(tiny_llama, chat_file, tmp_path):
     with pytest.raises(EdgeloraError, match="--targets: no linear layer named qkv .*q_proj"):
         train(cfg(tiny_llama, chat_file, tmp_path / "run", targets="qkv,q_proj"))
+
+
+def test_lm_head_on_a_tied_model_is_refused_before_training(tiny_tokenizer, chat_file, tmp_path):
+    tied = build_model(tmp_path / "tied", "llama", tiny_tokenizer, tie=True)
+    with pytest.raises(EdgeloraError, match=r"^--targets lm_head: this model ties its output layer to the token "
+                                            r"embedding \(tie_word_embeddings\).*leave lm_head out$"):
+        train(cfg(tied, chat_file, tmp_path / "run", targets="q_proj,lm_head"))
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_bad_data_fails_before_loading_the_model(chat_file, tmp_path):
