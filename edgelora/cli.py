@@ -167,23 +167,29 @@ def schema(data, data_format, no_enums):
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")
 @click.option("--name", help="Names the files (NAME-q4_k_m.gguf) and the model in them (general.name, what "
                              "LM Studio and Ollama list). [default: the run folder's name]")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the files on the run's first training examples: the GGUF's chat template gives the "
+                   "training token ids, answers end with a token llama.cpp and the Modelfile stop on, no doubled BOS.")
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, name, out,
-           force):
+def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, name,
+           verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
-                        target_size=target_size, target_bpw=target_bpw, name=name)
+                        target_size=target_size, target_bpw=target_bpw, name=name, verify=verify)
     for f in result.files:
         click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
         fell = f.get("fallbacks") or {}
         if fell.get("count"):  # a K-quant name the model's row widths could not honour
             kinds = ", ".join(f"{t} x{n}" for t, n in fell["by_type"].items())
             click.echo(f"    nominal: {fell['count']} weights fell back ({kinds}); real {f['bpw']:.2f} bits/weight")
+    if result.checks:  # all passed: a failure is an error
+        click.echo(f"verified on the run's training examples: {', '.join(dict.fromkeys(c['name'] for c in result.checks))}"
+                   f" ({', '.join(dict.fromkeys(c['file'] for c in result.checks))})")
     click.echo(f"manifest: {result.manifest}")
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import card as C
+from . import data as D
 from . import imatrix as IM
 from . import quant_presets
+from . import verify as V
 from .errors import EdgeloraError
 from .io import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .meta import package_versions
@@ -50,6 +52,7 @@ class ExportResult:
     out_dir: Path
     files: list[dict]
     manifest: Path
+    checks: list[dict] = field(default_factory=list)  # edgelora.verify's, as in the manifest
 
 
 AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
@@ -120,7 +123,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
            imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
            target_size: Optional[str | int] = None, target_bpw: Optional[float] = None,
-           keep_better: bool = True, name: Optional[str] = None) -> ExportResult:
+           keep_better: bool = True, name: Optional[str] = None, verify: bool = True) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
@@ -129,7 +132,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     chosen to that budget by measured loss (edgelora.budget).
     keep_better: where an imatrix was used, also quantise without it and keep the file with the
     lower KL on held-out training examples (both KLs are in the manifest either way).
-    name: names the files and the model in them (default: the run folder's; see edgelora.card)."""
+    name: names the files and the model in them (default: the run folder's; see edgelora.card).
+    verify: check the written files against the run's own training examples (edgelora.verify);
+    the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
 
@@ -146,7 +151,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
     output_folder(plan.out_dir)
     wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
-    calibration = _calibration(plan, imatrix_data) if (wants_imatrix or budgeted) else None
+    calibration = _calibration(plan, imatrix_data, needed=wants_imatrix or budgeted) if (
+        wants_imatrix or budgeted or verify) else None
     if budgeted and calibration is None:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
     importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
@@ -165,7 +171,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         with _progress(f16.name) as progress:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[role])
         try:
-            measures = role == "merged" and calibration is not None and (importance is not None or AUTO in wanted)
+            measures = role == "merged" and calibration is not None and (
+                (importance is not None and wants_imatrix) or AUTO in wanted)
             probe = _probe(f16, calibration) if measures else None
             for q, path in wanted.items():
                 if q == AUTO:
@@ -173,8 +180,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                         f16, path, importance, probe, target_size, target_bpw)
                 elif q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
-                    results[f"{role}:{q}"], checks[f"{role}:{q}"] = _quantize_checked(f16, path, q, importance, probe,
-                                                                                        keep_better)
+                    results[f"{role}:{q}"], checks[f"{role}:{q}"] = _quantize_checked(
+                        f16, path, q, importance, probe if wants_imatrix else None, keep_better)  # a FILE: as given
         finally:
             if "f16" not in wanted:
                 f16.unlink(missing_ok=True)
@@ -204,7 +211,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         importance_info["sha256"] = file_sha256(path)
     schema_info = _copy_schema(plan)
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
-    _write_modelfiles(plan, base_file, schema_info is not None)
+    stops = _write_modelfiles(plan, base_file, schema_info is not None)
+    verified = _verify(plan, calibration, base_file, stops) if verify else []
+    checks = [{"file": file, **c.as_dict()} for file, c in verified]
     manifest = plan.out_dir / "manifest.json"
     atomic_write_json(manifest, {
         "name": plan.name,
@@ -217,12 +226,15 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         },
         "outputs": files,
         "card": cards["merged"],
+        "checks": checks if verify else None,
         "imatrix": importance_info,
         "json_schema": schema_info,
         "budget": budgets.get(f"merged:{AUTO}"),
         "versions": package_versions(),
     })
-    return ExportResult(plan.out_dir, files, manifest)
+    for file, c in verified:
+        V.failed([c], plan.out_dir / file)
+    return ExportResult(plan.out_dir, files, manifest, checks)
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -234,6 +246,7 @@ class Calibration:
 
     sequences: list[tuple[list[int], list[int]]]  # (token ids, labels: -100 where not an answer)
     source: str  # the data file's name
+    first: list[tuple[D.Example, D.Tokenized]] = field(default_factory=list)  # the first examples, as trained
 
 
 def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration], budget: int):
@@ -259,10 +272,10 @@ def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration
                      "entries": len(imatrix.sums)}
 
 
-def _calibration(plan: ExportPlan, data: Optional[str]) -> Optional[Calibration]:
+def _calibration(plan: ExportPlan, data: Optional[str], needed: bool = True) -> Optional[Calibration]:
     """The run's own training examples through its tokenizer and chat template, or `data` through
-    the base's for a plain conversion; None for a plain conversion without data."""
-    from . import data as D
+    the base's for a plain conversion; None for a plain conversion without data, or (not `needed`:
+    for verification alone) when the run's data has gone."""
     from .config import load_config
     from .trainer import load_tokenizer
 
@@ -272,6 +285,9 @@ def _calibration(plan: ExportPlan, data: Optional[str]) -> Optional[Calibration]
         cfg = load_config(str(plan.adapter_dir.parent / "config.yaml"), {})
         source, fmt, seq_len, seed, tok_dir = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed, plan.adapter_dir
         split = 0.0 if cfg.eval_data else cfg.eval_split
+        if not Path(source).is_file() and not needed:
+            log.warning("the run's training data %s is not found: the files are not verified", source)
+            return None
         if not Path(source).is_file():
             raise EdgeloraError(f"calibration: the run's training data {source} is not found; "
                                 "pass --imatrix-data FILE.jsonl, or --imatrix none")
@@ -283,7 +299,8 @@ def _calibration(plan: ExportPlan, data: Optional[str]) -> Optional[Calibration]
     if shape != "text":
         D.ensure_chat_template(tok)
     tokenized, _ = D.tokenize_all(tok, examples, seq_len, what=str(source))
-    return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name)
+    first = [(ex, D.tokenize_example(tok, ex)) for ex in examples[:V.EXAMPLES]]  # whole: not cut to seq_len
+    return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name, first)
 
 
 def _probe(f16: Path, calibration: Calibration):
@@ -463,7 +480,9 @@ def modelfile_text(model: str, template: Optional[str], system: Optional[str], s
     return "\n".join(lines) + "\n"
 
 
-def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool) -> None:
+def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool) -> Optional[list[str]]:
+    """Modelfile (and Modelfile.lora); returns their stop strings, or None where they give no
+    TEMPLATE of their own (Ollama then takes the template and stops from the GGUF)."""
     template, system, stops = _template_parts(_trained_template(plan))
     main = plan.outputs[f"merged:{_laptop_pick(plan.quants)}"]
     atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops,
@@ -472,6 +491,31 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
         atomic_write_text(plan.out_dir / "Modelfile.lora", modelfile_text(
             _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}",
             schema=schema))
+    return stops if template else None
+
+
+def _verify(plan: ExportPlan, calibration: Optional[Calibration], base_file: Optional[Path],
+            stops: Optional[list[str]]) -> list[tuple[str, "V.Check"]]:
+    """edgelora.verify's checks on the run's first training examples, for the smallest merged
+    file (every quant of it holds the same vocabulary and template) and the base + LoRA route."""
+    from .runtime import load
+
+    if calibration is None or not calibration.first:
+        log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
+        return []
+    examples, trained = zip(*calibration.first)
+    merged = min((p for r, p in plan.outputs.items() if r.startswith("merged:")), key=lambda p: p.stat().st_size)
+    routes = [(merged.name, merged, [])]
+    if "lora" in plan.outputs and base_file is not None:
+        routes.append((plan.outputs["lora"].name, base_file, [(plan.outputs["lora"], 1.0)]))
+    out = []
+    for label, model, loras in routes:
+        rt = load(model, loras=loras, device="cpu")
+        checks = V.token_checks(rt, examples, trained, stops)
+        log.info("verified %s on %d training examples: %s", label, len(examples),
+                 ", ".join(f"{c.name} {'ok' if c.passed else 'FAILED'}" for c in checks))
+        out += [(label, c) for c in checks]
+    return out
 
 
 def _laptop_pick(quants: list[str]) -> str:

@@ -290,23 +290,27 @@ class Runtime:
         """The prompt's token ids exactly as chat() feeds them to the model, and, given `answer`,
         the answer's ids as the template closes the turn (its text plus the end-of-turn token):
         what scoring an answer needs."""
+        head = self.chat_text(messages)
+        # llama-cpp-python's chat formatter writes every special token itself: the tokenizer adds none
+        prompt = self.llm.tokenize(head.encode(), add_bos=False, special=True)
+        if answer is None:
+            return prompt, []
+        full = self.chat_text([*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+        if not full.startswith(head):
+            raise EdgeloraError("the chat template renders the prompt differently once an answer follows it")
+        tail = full[len(head):].rstrip()  # the answer, the end-of-turn token; not the newline after it
+        return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """`messages` rendered by the chat template chat() uses."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.chat_template
         if template is None:
             raise EdgeloraError(NO_TEMPLATE)
-        specials = self._specials()
         with _input_errors():
-            head = Jinja2ChatFormatter(template, **specials)(messages=messages)
-            prompt = self.llm.tokenize(head.prompt.encode(), add_bos=not head.added_special, special=True)
-            if answer is None:
-                return prompt, []
-            full = Jinja2ChatFormatter(template, add_generation_prompt=False, **specials)(
-                messages=[*messages, {"role": "assistant", "content": answer}]).prompt
-        if not full.startswith(head.prompt):
-            raise EdgeloraError("the chat template renders the prompt differently once an answer follows it")
-        tail = full[len(head.prompt):].rstrip()  # the answer, the end-of-turn token; not the newline after it
-        return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)
+            return Jinja2ChatFormatter(template, add_generation_prompt=add_generation_prompt,
+                                       **self._specials())(messages=messages).prompt
 
     def logits(self, tokens: Sequence[int]):
         """Next-token logits (float32 array, one row per token) for `tokens` read from position 0.
