@@ -470,7 +470,7 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
     schema = resolve(json_schema, *(c.model for c in cands if c.route != "hf"))
     if schema is not None:
         cands = [v for c in cands for v in (c, *([] if c.route == "hf" else [
-            replace(c, label=f"{c.label}+grammar", reference=False, json_schema=schema)]))]
+            replace(c, label=f"{c.label}+grammar", reference=False, json_schema=schema, notes=[])]))]  # notes: the row above's
     out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
     files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
     output_folder(out_dir, "report folder")

@@ -248,6 +248,7 @@ def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
     assert got["q8_0"]["kl"] > 0
     md = result.files["md"].read_text()
     assert "| valid JSON | exact |" in md and "+grammar: answers held to the JSON schema" in md
+    assert got["q8_0"]["notes"] and not got["q8_0+grammar"]["notes"]  # the same file: said once
 
 
 # ---------------------------------------------------------------- CLI and bad input
