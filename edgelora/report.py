@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    """ladder.png: task score and KL divergence against file size, one labelled point per row.
+    """ladder.png: task score and KL divergence against file size, one labelled point per row; a
+    +grammar row is a hollow unlabelled point beside its file's score (its KL is its file's).
     False (and a warning) when matplotlib is missing: `pip install 'edgelora[bench]'`."""
     try:
         import matplotlib
@@ -108,12 +109,17 @@ def plot(report: dict, path: Path) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in ((axes[0], "task_score", "task score (higher is better)"),
                            (axes[1], "kl", f"KL divergence vs {report['reference']} (lower is better)")):
-        for i, r in enumerate(sorted(report["rows"], key=lambda r: r["size_bytes"])):
+        rows = sorted((r for r in report["rows"] if key == "task_score" or not r.get("grammar")),
+                      key=lambda r: r["size_bytes"])
+        for i, r in enumerate(r for r in rows if not r.get("grammar")):
             x, y = r["size_bytes"] / 2**20, r[key]
             chosen = r["label"] == report["recommendation"]["label"]
             ax.scatter(x, y, marker=markers.get(r["route"], "o"), s=90 if chosen else 45,
                        color="tab:green" if chosen else ("tab:gray" if r["route"] == "hf" else "tab:blue"), zorder=3)
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(6, 7 if i % 2 else -13), fontsize=8)
+        for r in (r for r in rows if r.get("grammar")):
+            ax.scatter(r["size_bytes"] / 2**20, r[key], marker=markers.get(r["route"], "o"), s=110,
+                       facecolors="none", edgecolors="tab:orange", linewidths=1.2, zorder=4)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -123,8 +129,11 @@ def plot(report: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylim(-0.05, 1.05)
     routes = sorted({r["route"] for r in report["rows"]}, key=list(markers).index)
-    axes[0].legend(handles=[plt.Line2D([], [], marker=markers[k], linestyle="", color="tab:blue", label=ROUTES[k])
-                            for k in routes], loc="lower right", fontsize=8)
+    handles = [plt.Line2D([], [], marker=markers[k], linestyle="", color="tab:blue", label=ROUTES[k]) for k in routes]
+    if any(r.get("grammar") for r in report["rows"]):
+        handles.append(plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="tab:orange",
+                                  markersize=9, label="the same file, answers under the JSON schema"))
+    axes[0].legend(handles=handles, loc="lower right", fontsize=8)
     axes[1].set_yscale("symlog", linthresh=1e-5)
     axes[1].set_ylim(0, max(1e-4, 3 * max(r["kl"] for r in report["rows"])))
     fig.suptitle(f"{Path(report['eval_data']).name}: {report['recommendation']['text']}", fontsize=9)
