@@ -88,7 +88,8 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_d
         writer.add_add_space_prefix(space_prefix)
     else:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre_tokenizer_name(data, path))
+        writer.add_tokenizer_pre(pre_tokenizer_name({"pre_tokenizer": applied_pre_tokenizer(template_dir or model_dir,
+                                                                                           data)}, path))
         writer.add_token_list(tokens)
     writer.add_token_types(types)
     try:
@@ -171,6 +172,19 @@ def _pre_steps(pre: dict | None) -> tuple:
         else:
             shape.append((kind, repr(step)))
     return tuple(shape)
+
+
+def applied_pre_tokenizer(folder: Path, data: dict) -> dict | None:
+    """The pre-tokenizer transformers really applies to `folder`'s tokenizer, which training used:
+    a tokenizer class may put its own over tokenizer.json's (transformers 5's Qwen2Tokenizer
+    splits digits one by one whatever the file says). tokenizer.json's where transformers is absent."""
+    try:
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+    except (ImportError, OSError, ValueError, AttributeError, KeyError):
+        return data.get("pre_tokenizer")
+    return json.loads(backend.to_str()).get("pre_tokenizer")
 
 
 def pre_tokenizer_name(data: dict, path: Path) -> str:

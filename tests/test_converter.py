@@ -450,6 +450,20 @@ def test_tokenization_matches_hf(model_dirs, exports, kind):
     assert_same_tokens(out, model_dirs[kind])
 
 
+def test_the_pre_tokenizer_is_the_one_transformers_applies(tiny_qwen2, tmp_path):
+    """tiny_qwen2's tokenizer.json says plain GPT-2, but transformers loads it as Qwen2Tokenizer,
+    which splits digits one by one: training tokenised that way, so the GGUF must too."""
+    import json as _json
+
+    assert _json.loads((tiny_qwen2 / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "ByteLevel"
+    out = tmp_path / "q.gguf"
+    convert(tiny_qwen2, out, outtype="f32")
+    assert gguf_fields(out)["tokenizer.ggml.pre"] == "qwen2"
+    hf = AutoTokenizer.from_pretrained(tiny_qwen2)
+    assert hf.tokenize("What is 10 plus 10?")[2:4] == ["Ġ", "1"]
+    assert_same_tokens(out, tiny_qwen2)
+
+
 @pytest.mark.parametrize("space_prefix", [False, True], ids=["gemma-style", "llama2-style"])
 def test_sentencepiece_vocab(tmp_path, space_prefix):
     """A SentencePiece-style BPE (Gemma, Llama 2) becomes llama.cpp's "llama" tokenizer, which
