@@ -642,7 +642,10 @@ def test_bad_outtype_and_output_path(tmp_path, model_dirs):
 
 MEASURE_PEAK = textwrap.dedent("""
     import json, sys
+    from pathlib import Path
     from edgelora.converters.hf_to_gguf import convert
+    from edgelora.converters.vocab import applied_pre_tokenizer
+    applied_pre_tokenizer(Path(sys.argv[1]), {})  # transformers' tokenizer code: a constant, loaded before measuring
     def status(key):  # kB -> bytes
         return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) << 10
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from the current RSS
