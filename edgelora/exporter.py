@@ -159,6 +159,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
     cards = {"base": C.model_card(base_card, plan.base_sha256),  # role -> the model card its files carry
              "merged": C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
+    if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
+        cards["merged"][C.K.NAME] = name
     results: dict[str, dict] = {}  # role -> quantize()'s summary
     budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
     checks: dict[str, dict] = {}  # role -> KL with and without the imatrix, and which file was kept
@@ -213,7 +215,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
     stops = _write_modelfiles(plan, base_file, schema_info is not None)
     verified = _verify(plan, calibration, base_file, stops) if verify else []
-    checks = [{"file": file, **c.as_dict()} for file, c in verified]
+    verification = [{"file": file, **c.as_dict()} for file, c in verified]
     manifest = plan.out_dir / "manifest.json"
     atomic_write_json(manifest, {
         "name": plan.name,
@@ -226,7 +228,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         },
         "outputs": files,
         "card": cards["merged"],
-        "checks": checks if verify else None,
+        "checks": verification if verify else None,
         "imatrix": importance_info,
         "json_schema": schema_info,
         "budget": budgets.get(f"merged:{AUTO}"),
@@ -234,7 +236,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     })
     for file, c in verified:
         V.failed([c], plan.out_dir / file)
-    return ExportResult(plan.out_dir, files, manifest, checks)
+    return ExportResult(plan.out_dir, files, manifest, verification)
 
 
 # ---------------------------------------------------------------- importance matrix

@@ -149,6 +149,11 @@ def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
     (f,) = res.files
     assert f["role"] == "merged:f16" and (tmp_path / "o" / f["file"]).is_file()
     close(llama_logits(tmp_path / "o" / f["file"]), peft_logits(tiny_qwen2, None), 1e-2)
+    from edgelora.inspect import inspect_gguf
+
+    named = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "n"), name="q-named")
+    card = inspect_gguf(named.out_dir / "q-named-f16.gguf")["card"]  # the base's own card, under the name asked for
+    assert card["general.name"] == "q-named" and "general.finetune" not in card and "general.size_label" in card
 
 
 @pytest.mark.parametrize("kwargs, message", [
