@@ -318,17 +318,18 @@ def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.
                       keep_better: bool = True) -> tuple[dict, Optional[dict]]:
     """`quant` with the importance matrix where it helps, measured: where the probe can measure (KL
     from the f16 on held-out training examples), the file is also made without the matrix and, if
-    the two differ, with it for one class of weight at a time (attn_q, ffn_up, ...), then with it
-    for exactly the classes that lowered the KL on their own. The file with the lowest KL is kept;
-    without `keep_better`, the lowest of those made with the matrix. All KLs go in the manifest.
-    llama.cpp quantises twice; the per-class files are those two files' tensors recombined.
+    the two differ, with it for one group of weights at a time (a class of weight in a third of the
+    layers: attn_q in blk.0-9, ...), then with it for exactly the groups that lowered the KL on
+    their own. The file with the lowest KL is kept; without `keep_better`, the lowest of those made
+    with the matrix. All KLs go in the manifest. llama.cpp quantises twice; the per-group files are
+    those two files' tensors recombined.
 
-    Why per class: llama.cpp's importance-weighted rounding lowers each weight's error on the
-    calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some classes
-    (attn_output, ffn_up) while lowering it for others (attn_q/k/v): benchmarks/quant_quality.py."""
+    Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
+    calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
+    (attn_output, ffn_up in most layers; attn_q and attn_v in the last third) while lowering it for
+    others: benchmarks/quant_quality.py."""
     import filecmp
 
-    from .inspect import tensor_class
     from .quantize import TensorSwap, quantize
 
     if importance is None or probe is None:
@@ -342,40 +343,63 @@ def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.
             made[label] = (kl, paths[label])
         return kl
 
-    classes: dict[str, list[str]] = {}
-    for name in importance.sums:
-        classes.setdefault(tensor_class(name), []).append(name)
+    groups = _weight_groups(importance.sums)
     try:
         result = quantize(f16, paths["all"], quant, imatrix=importance)
         quantize(f16, paths["none"], quant)
-        by_class, helped = {}, []
+        by_group, helped = {}, []
         if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
             kl_all = kl_none = measure("all")
         else:
             kl_all, kl_none = measure("all"), measure("none")
             swap = TensorSwap(paths["none"], paths["all"])
-            for cls, names in classes.items():
+            for group, names in groups.items():
                 swap.write(names, paths["trial"])
-                by_class[cls] = measure("trial", keep=False)
-            helped = [c for c in classes if by_class[c] < kl_none]
-            if helped and len(helped) < len(classes):
-                swap.write([n for c in helped for n in classes[c]], paths["chosen"])
+                by_group[group] = measure("trial", keep=False)
+            helped = [g for g in groups if by_group[g] < kl_none]
+            if helped and len(helped) < len(groups):
+                swap.write([n for g in helped for n in groups[g]], paths["chosen"])
                 measure("chosen")
         candidates = {k: v for k, v in made.items() if keep_better or k != "none"}
         kept = min(candidates, key=lambda k: candidates[k][0])
         kl = made[kept][0]
         os.replace(paths[kept], dst)
-        used = {"all": sorted(classes), "chosen": helped}.get(kept, [])
+        used = {"all": list(groups), "chosen": helped}.get(kept, [])
         log.info("%s: KL %.3g with the importance matrix, %.3g without%s: keeping the file %s", dst.name, kl_all,
-                 kl_none, f", {made['chosen'][0]:.3g} with it for {', '.join(helped)} only" if "chosen" in made else "",
-                 f"with it for {', '.join(used)}" if kept == "chosen" else f"{'with' if used else 'without'} it")
+                 kl_none, f", {made['chosen'][0]:.3g} with it for the {len(helped)} of {len(groups)} groups of weights"
+                 " it helps alone" if "chosen" in made else "",
+                 "with it for those" if kept == "chosen" else f"{'with' if used else 'without'} it")
         result = {**result, "path": str(dst)}
-        return result, {"kl_with_imatrix": kl_all, "kl_without": kl_none, "kl_by_class": by_class,
+        return result, {"kl_with_imatrix": kl_all, "kl_without": kl_none, "kl_by_group": by_group,
                         "kl_chosen": made["chosen"][0] if "chosen" in made else None, "kl_kept": kl,
-                        "imatrix_kept": bool(used), "imatrix_classes": used, "sequences": len(probe.rows)}
+                        "imatrix_kept": bool(used), "imatrix_groups": used, "sequences": len(probe.rows)}
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+def _weight_groups(names, parts: int = 3) -> dict[str, list[str]]:
+    """{"attn_q blk.0-9": [its weights], ...}: each class of weight split into `parts` runs of
+    consecutive layers (fewer where there are fewer layers); a weight outside the blocks is its own class."""
+    from .inspect import tensor_class
+
+    def layer(name: str) -> Optional[int]:
+        return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+    n_layers = 1 + max((layer(n) for n in names if layer(n) is not None), default=0)
+    parts = min(parts, n_layers)
+    runs: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        at = layer(name)
+        runs.setdefault((tensor_class(name), -1 if at is None else at * parts // n_layers), []).append(name)
+    groups = {}
+    for (cls, part), members in runs.items():
+        if part < 0:
+            groups[cls] = members
+            continue
+        first, last = min(map(layer, members)), max(map(layer, members))
+        groups[f"{cls} blk.{first}-{last}" if last > first else f"{cls} blk.{first}"] = members
+    return groups
 
 
 def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,

@@ -176,6 +176,18 @@ def test_a_changed_llama_cpp_struct_is_refused(computed, monkeypatch):
         IM.quantizer_array(computed)
 
 
+def test_weights_are_grouped_by_class_and_a_third_of_the_layers():
+    from edgelora.exporter import _weight_groups
+
+    names = [f"blk.{i}.{c}.weight" for i in range(30) for c in ("attn_q", "ffn_up")] + ["output.weight"]
+    groups = _weight_groups(names)
+    assert list(groups) == ["attn_q blk.0-9", "ffn_up blk.0-9", "attn_q blk.10-19", "ffn_up blk.10-19",
+                            "attn_q blk.20-29", "ffn_up blk.20-29", "output"]
+    assert groups["ffn_up blk.10-19"] == [f"blk.{i}.ffn_up.weight" for i in range(10, 20)]
+    assert sorted(n for g in groups.values() for n in g) == sorted(names)  # each weight in exactly one group
+    assert list(_weight_groups(["blk.0.attn_q.weight", "blk.1.attn_q.weight"])) == ["attn_q blk.0", "attn_q blk.1"]
+
+
 def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     run = tiny_export["merged:f16"].parent.parent
     out = tmp_path / "ex"
@@ -187,16 +199,17 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
     assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
     (q4,) = manifest["outputs"]
-    check = q4["imatrix_check"]  # made with, without, and with it for the classes it helps alone: lowest KL kept
+    check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
-    by_class = check["kl_by_class"]
-    assert set(by_class) == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
-    helped = sorted(c for c, kl in by_class.items() if kl < check["kl_without"])
-    assert (check["kl_chosen"] is not None) == (0 < len(helped) < len(by_class))
+    by_group = check["kl_by_group"]  # two layers: a group is one class in one layer
+    assert set(by_group) == {f"{c} blk.{i}" for c in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                       "ffn_up", "ffn_down") for i in (0, 1)}
+    helped = sorted(g for g, kl in by_group.items() if kl < check["kl_without"])
+    assert (check["kl_chosen"] is not None) == (0 < len(helped) < len(by_group))
     tried = [check["kl_with_imatrix"], check["kl_without"], check["kl_chosen"] or float("inf")]
     assert check["kl_kept"] == min(tried)
-    expected = [sorted(by_class), [], helped][tried.index(min(tried))]
-    assert sorted(check["imatrix_classes"]) == expected and q4["imatrix"] == check["imatrix_kept"] == bool(expected)
+    expected = [sorted(by_group), [], helped][tried.index(min(tried))]
+    assert sorted(check["imatrix_groups"]) == expected and q4["imatrix"] == check["imatrix_kept"] == bool(expected)
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "none" / "manifest.json").read_text())
