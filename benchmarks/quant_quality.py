@@ -6,8 +6,8 @@ and records (contact cards: 8 fields of mixed types, answers ~4x longer) -- on S
 
   1. a QLoRA run with the demo's settings (60 steps of 8 examples, lr 1e-3), reused from --work;
   2. two exports of that run: --imatrix auto (measured on the run's own training examples; of the
-     files the export tries with it -- every weight, or only the kinds of weight where it lowered
-     KL on their own -- the better) and --imatrix none, each at q8_0, q4_k_m, q2_k and auto
+     files the export tries with it -- every weight, or only the groups of weights (a kind of
+     weight in a third of the layers) where it lowered KL on their own -- the better) and --imatrix none, each at q8_0, q4_k_m, q2_k and auto
      (--target-size), the f16 once;
   3. one bench over all those files on the task's held-out eval set: the f16 GGUF is the
      reference every other file's KL divergence and top-1 agreement are measured against.

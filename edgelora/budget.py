@@ -212,14 +212,23 @@ class KLProbe:
 
     def measure(self, path: Path) -> float:
         """Mean KL(f16 || the GGUF at `path`) over the probe's positions."""
+        return self.against(self.logprobs(path))[0]
+
+    def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
+        """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""
         from .bench import log_softmax
         from .runtime import load
 
-        rt = load(path, n_ctx=self.n_ctx)
-        kl, n = 0.0, 0
-        for (ids, rows), ref in zip(self.rows, self.reference):
-            q = log_softmax(rt.logits(ids)[rows])
+        rt = load(path, loras=loras, n_ctx=self.n_ctx)
+        return [log_softmax(rt.logits(ids)[rows]) for ids, rows in self.rows]
+
+    def against(self, logprobs: list[np.ndarray]) -> tuple[float, float]:
+        """(mean KL(f16 || them), the share of positions where both rank the same token first) for
+        log-probabilities at the probe's positions, from any model with the same vocabulary."""
+        kl, agree, n = 0.0, 0, 0
+        for q, ref in zip(logprobs, self.reference):
             p = ref.astype(np.float64)
             kl += float((np.exp(p) * (p - q)).sum())
-            n += len(rows)
-        return kl / n
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            n += len(p)
+        return kl / n, agree / n

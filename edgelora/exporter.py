@@ -135,6 +135,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
     verify: check the written files against the run's own training examples (edgelora.verify);
     the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
+    from .budget import KLProbe
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
 
@@ -164,6 +165,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     results: dict[str, dict] = {}  # role -> quantize()'s summary
     budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
     checks: dict[str, dict] = {}  # role -> KL with and without the imatrix, and which file was kept
+    verified: list[tuple[str, V.Check]] = []  # (file, check) for the manifest; failures raise once it is written
+    verifying = verify and calibration is not None and bool(calibration.first)
+    reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
+    in_torch = None  # what the model does in torch on them (verify.Trained)
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
@@ -173,6 +178,15 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         with _progress(f16.name) as progress:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[role])
         try:
+            if role == "merged" and verifying:
+                nonlocal reference
+                reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
+                                    max_positions=V.POSITIONS)
+                label = f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)")
+                log.info("comparing the f16 GGUF with the model in torch on %d training examples", len(reference.rows))
+                nonlocal in_torch
+                in_torch = V.trained_model(plan.hf_dir, adapter, reference.rows, [t for _, t in calibration.first])
+                verified.extend((label, c) for c in V.logits_checks(reference, in_torch))
             measures = role == "merged" and calibration is not None and (
                 (importance is not None and wants_imatrix) or AUTO in wanted)
             probe = _probe(f16, calibration) if measures else None
@@ -214,7 +228,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     schema_info = _copy_schema(plan)
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
     stops = _write_modelfiles(plan, base_file, schema_info is not None)
-    verified = _verify(plan, calibration, base_file, stops) if verify else []
+    if verifying:
+        verified += _verify(plan, calibration, base_file, stops, reference, in_torch)
+    elif verify:
+        log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
     verification = [{"file": file, **c.as_dict()} for file, c in verified]
     manifest = plan.out_dir / "manifest.json"
     atomic_write_json(manifest, {
@@ -520,15 +537,14 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
     return stops if template else None
 
 
-def _verify(plan: ExportPlan, calibration: Optional[Calibration], base_file: Optional[Path],
-            stops: Optional[list[str]]) -> list[tuple[str, "V.Check"]]:
+def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path], stops: Optional[list[str]],
+            reference, in_torch: "V.Trained") -> list[tuple[str, "V.Check"]]:
     """edgelora.verify's checks on the run's first training examples, for the smallest merged
-    file (every quant of it holds the same vocabulary and template) and the base + LoRA route."""
+    file (every quant of it holds the same vocabulary and template) and the base + LoRA route
+    (`reference`: the merged f16 at the examples' answers, which that route must come close to;
+    `in_torch`: how often the model as trained stops)."""
     from .runtime import load
 
-    if calibration is None or not calibration.first:
-        log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
-        return []
     examples, trained = zip(*calibration.first)
     merged = min((p for r, p in plan.outputs.items() if r.startswith("merged:")), key=lambda p: p.stat().st_size)
     routes = [(merged.name, merged, [])]
@@ -537,7 +553,10 @@ def _verify(plan: ExportPlan, calibration: Optional[Calibration], base_file: Opt
     out = []
     for label, model, loras in routes:
         rt = load(model, loras=loras, device="cpu")
-        checks = V.token_checks(rt, examples, trained, stops)
+        checks = V.token_checks(rt, examples, trained, stops) + [V.stop_check(rt, examples, trained, in_torch.stopped)]
+        del rt
+        if loras:
+            checks.append(V.lora_route_check(reference, model, loras[0][0]))
         log.info("verified %s on %d training examples: %s", label, len(examples),
                  ", ".join(f"{c.name} {'ok' if c.passed else 'FAILED'}" for c in checks))
         out += [(label, c) for c in checks]

@@ -277,6 +277,14 @@ class Runtime:
             return (piece for c in out if (piece := c["choices"][0]["delta"].get("content")))
         return out["choices"][0]["message"]["content"] or ""
 
+    def chat_finish(self, messages: list[dict], *, max_tokens: int = 512) -> tuple[str, str]:
+        """The greedy answer and why it ended: "stop" (an end-of-generation token) or "length"."""
+        if self.chat_template is None:
+            raise EdgeloraError(NO_TEMPLATE + "; use plain completion")
+        out = self._generate(self.llm.create_chat_completion, {"messages": messages}, max_tokens, 0.0, 1.0, None,
+                             False)["choices"][0]
+        return out["message"]["content"] or "", out["finish_reason"]
+
     def complete(self, prompt: str, *, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 0.95,
                  seed: int | None = None, stream: bool = False, json_schema: dict | None = None) -> str | Iterator[str]:
         """Continue `prompt` as plain text, without the chat template (held to `json_schema` if given)."""

@@ -2,15 +2,23 @@
 
 The failures llama.cpp, Ollama and LM Studio users meet most with a fine-tuned GGUF raise no
 error: a chat template that renders differently from training (gibberish), an end-of-turn token
-the runtime does not stop on (answers that never end), a doubled BOS. Each check here runs a few
-of the run's training examples through llama.cpp's tokenizer and the GGUF's own template, as
-`edgelora run` and llama-cpp-python apply it, and compares with the token ids training used:
+the runtime does not stop on (answers that never end), a doubled BOS, a merge that lost the
+fine-tune, a LoRA applied to the wrong base. Each check here runs a few of the run's training
+examples through llama.cpp, as `edgelora run` and llama-cpp-python apply it, and compares with
+what training used or the model it trained:
 
     template     prompt + answer, rendered from the GGUF and tokenised by llama.cpp, equal the
                  training ids token for token
     end_of_turn  the token training taught the model to end its answer with is in llama.cpp's
                  end-of-generation set, and in the Modelfile's stop list
     bos          the prompt does not start with two BOS tokens
+    logits       the f16 GGUF's next-token distributions at the answers' positions match the HF
+                 base + adapter in torch (KL and top-1 agreement)
+    adapter      ... and the adapter moves them: the base without it is measurably further away
+    lora_route   the base GGUF + LoRA GGUF is closer to the merged f16 than the base alone
+    stops        greedy answers of the file end with an end-of-generation token, not the length
+                 limit, about as often as the model in torch stops (a model that never learnt to
+                 stop is not the export's fault)
 """
 from __future__ import annotations
 
@@ -21,7 +29,13 @@ from typing import Optional, Sequence
 from .errors import EdgeloraError
 
 EXAMPLES = 8  # training examples checked: the first ones in the training order
-NAMES = ("template", "end_of_turn", "bos")
+NAMES = ("template", "end_of_turn", "bos", "logits", "adapter", "lora_route", "stops")
+POSITIONS = 512  # answer positions the logits checks compare, at most
+KL_SAME = 0.01  # f16 GGUF vs the model in torch: f16 rounding alone gives ~1e-5 on SmolLM2
+TOP1_SAME = 0.95
+MOVED = 4.0  # the adapter must move the distributions this many times further than f16 rounding does
+ROUTE_SHARE = 0.5  # the LoRA must close at least half the base file's distance to the merged f16
+STOPPED_SHARE = 0.5  # a file must stop at least half as often as the model in torch
 
 
 @dataclass
@@ -69,11 +83,117 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
         if doubled.passed and bos != -1 and as_served[:2] == [bos, bos]:
             doubled = Check("bos", False, f"{ex.source}: the prompt starts with {piece(bos)!r} twice: the template "
                                           "writes it and the GGUF asks llama.cpp to add it (add_bos_token)")
-        labelled = [i for i, label in enumerate(t.labels) if label != -100 and piece(want[i]).strip()]
-        if labelled:  # the answer's last token that is not the newline after it
-            ends.add(want[labelled[-1]])
+        end = trained_end(t, piece)
+        if end is not None:
+            ends.add(end)
     return [template, _end_of_turn(sorted(ends), piece, rt.llm._model.vocab, stops), doubled]
 
+
+
+@dataclass
+class Trained:
+    """What the model as trained (HF base + adapter in torch) does on the examples: the reference
+    of the logits, adapter and stops checks."""
+
+    tuned: list  # log-probabilities at the probe's answer positions, with the adapter
+    base: Optional[list]  # ... without it (None: no adapter)
+    stopped: list[bool]  # per chat example: its greedy answer ended with an end-of-turn token
+
+
+def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, trained: Sequence) -> Trained:
+    """Run the HF model (float32, CPU) with and without the adapter at `rows`' positions ((token ids,
+    positions) pairs), and greedily answer each `trained` example's prompt (data.Tokenized) up to
+    answer_limit tokens, stopping at the tokens the trained answers end with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .bench import log_softmax
+    from .trainer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+
+    def run(ids, at):
+        return log_softmax(model(torch.tensor([ids])).logits[0, at].numpy())
+
+    tok = load_tokenizer(adapter_dir or hf_dir)
+    ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
+    answered = [(t.input_ids[:next(i for i, x in enumerate(t.labels) if x != -100)], answer_limit(t))
+                for t in trained if any(x != -100 for x in t.labels)]
+    with torch.no_grad():
+        tuned = [run(ids, at) for ids, at in rows]
+        stopped = []
+        for prompt, limit in answered:
+            ids = torch.tensor([prompt])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
+                                 do_sample=False, eos_token_id=ends, pad_token_id=ends[0])[0, len(prompt):]
+            stopped.append(int(out[-1]) in ends)
+        if adapter_dir is None:
+            return Trained(tuned, None, stopped)
+        with model.disable_adapter():
+            return Trained(tuned, [run(ids, at) for ids, at in rows], stopped)
+
+
+def trained_end(t, piece) -> Optional[int]:
+    """The token a trained example (data.Tokenized)'s answer ends with: its last labelled token that
+    is not the newline after it (`piece`: token id -> text)."""
+    labelled = [i for i, label in enumerate(t.labels) if label != -100 and piece(t.input_ids[i]).strip()]
+    return t.input_ids[labelled[-1]] if labelled else None
+
+
+def answer_limit(t) -> int:
+    """The most tokens a greedy answer to a trained example may take: twice the trained answer, + 16."""
+    return 2 * sum(label != -100 for label in t.labels) + 16
+
+
+def logits_checks(probe, reference: Trained) -> list[Check]:
+    """`logits` and `adapter`: `probe` (budget.KLProbe on the f16 GGUF over the examples' answer
+    positions) against the model in torch, with the adapter and (for `adapter`) without it."""
+    kl, top1 = probe.against(reference.tuned)
+    same = kl <= KL_SAME and top1 >= TOP1_SAME
+    where = f"{sum(len(rows) for _, rows in probe.rows)} answer positions of {len(probe.rows)} training examples"
+    model = "the HF base + adapter" if reference.base is not None else "the HF model"
+    checks = [Check("logits", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} with {model} in torch at {where}"
+                    + ("" if same else f" (at most {KL_SAME} and at least {TOP1_SAME})"))]
+    if reference.base is not None:
+        kl_base, _ = probe.against(reference.base)
+        moved = kl_base >= MOVED * kl and kl_base > 0
+        checks.append(Check("adapter", moved, f"KL {kl_base:.2g} from the base without the adapter, {kl:.2g} with it"
+                            + ("" if moved else ": the adapter changes next to nothing (zero, or lost in the merge)")))
+    return checks
+
+
+def lora_route_check(probe, base_file: Path, lora: Path) -> Check:
+    """`lora_route`: `probe` (the merged f16) against the base file with the LoRA GGUF, and without."""
+    kl, top1 = probe.against(probe.logprobs(base_file, loras=[(lora, 1.0)]))
+    kl_base, _ = probe.against(probe.logprobs(base_file))
+    closer = kl <= ROUTE_SHARE * kl_base
+    return Check("lora_route", closer, f"KL {kl:.2g} (top-1 {top1:.3f}) from the merged f16 with the LoRA on "
+                 f"{base_file.name}, {kl_base:.2g} without it" + ("" if closer else
+                 ": the LoRA does not bring this base to the fine-tuned model (another base of the same shape?)"))
+
+
+def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: list[bool]) -> Check:
+    """`stops`: greedy answers to the examples' prompts end with an end-of-generation token within
+    answer_limit tokens at least STOPPED_SHARE times as often as the model in torch stops."""
+    pairs = [(ex, t) for ex, t in zip(examples, trained) if ex.messages]
+    if not pairs:
+        return Check("stops", True, "not applicable: text data has no end of turn")
+    stopped, runaway = 0, None
+    for ex, t in pairs:
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        if rt.chat_finish(ex.messages[:last], max_tokens=answer_limit(t))[1] == "stop":
+            stopped += 1
+        elif runaway is None:
+            runaway = f"; {ex.source} ran to the limit of {answer_limit(t)} tokens"
+    expected = sum(stopped_in_torch)
+    passed = stopped >= STOPPED_SHARE * expected
+    return Check("stops", passed, f"{stopped} of {len(pairs)} greedy answers stop by themselves, {expected} in torch"
+                 + ("" if passed or runaway is None else runaway))
 
 
 def _end_of_turn(ends: list[int], piece, vocab, stops: Optional[list[str]]) -> Check:

@@ -84,11 +84,15 @@ def test_export_ladder_and_lora_gguf_run_in_llama_cpp(smol_run):
     res = export(str(smol_run.run_dir), quants=["all"], lora_gguf=True)
     out = res.out_dir
     roles = {f["role"]: f for f in res.files}
-    # Verified on the run's own examples: SmolLM2's template, <|im_end|> and BOS, merged and LoRA route.
+    # Verified on the run's own examples: the f16 against torch, SmolLM2's template, <|im_end|>, BOS
+    # and stopping for the smallest merged file and the LoRA route, which must land on the merged f16.
     checks = json.loads((out / "manifest.json").read_text())["checks"]
+    token = ["template", "end_of_turn", "bos", "stops"]
     assert [(c["file"], c["name"], c["passed"]) for c in checks] == [
-        (f, n, True) for f in ("smol-extract-q2_k.gguf", "smol-extract-lora-f16.gguf") for n in ("template", "end_of_turn", "bos")]
-    assert "'<|im_end|>' (2)" in checks[1]["figure"]
+        ("smol-extract-f16.gguf", "logits", True), ("smol-extract-f16.gguf", "adapter", True),
+        *[("smol-extract-q2_k.gguf", n, True) for n in token],
+        *[("smol-extract-lora-f16.gguf", n, True) for n in token + ["lora_route"]]], checks
+    assert "'<|im_end|>' (2)" in checks[3]["figure"]
     assert set(roles) == {"merged:f16", "merged:q8_0", "merged:q4_k_m", "merged:q2_k", "lora"}
     for q in ("f16", "q8_0", "q4_k_m", "q2_k"):
         lo, hi = quant_presets.load(q)["expected_bpw"]

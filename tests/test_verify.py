@@ -1,6 +1,7 @@
 """Export verification (edgelora.verify): every export passes, and each property broken on purpose
 (chat template altered or removed, BOS doubled, an end-of-turn token llama.cpp does not stop on,
-a Modelfile without the stop) is named with the example and what differed."""
+a Modelfile without the stop, a merge that lost the adapter, a zero adapter, a LoRA on another
+base of the same shape, answers that do not stop) is named with the example and what differed."""
 import json
 import re
 from pathlib import Path
@@ -46,11 +47,28 @@ def checks_of(path, first, stops=("<|im_end|>", "<|im_start|>")):
 def test_every_export_passes_and_says_so(tiny_export):
     manifest = json.loads((tiny_export["merged:f16"].parent / "manifest.json").read_text())
     checks = manifest["checks"]
-    assert [(c["file"], c["name"]) for c in checks] == [(f, n) for f in ("tiny-run-q8_0.gguf", "tiny-run-lora-f16.gguf")
-                                                        for n in V.NAMES]
+    token = ["template", "end_of_turn", "bos", "stops"]
+    assert [(c["file"], c["name"]) for c in checks] == [
+        ("tiny-run-f16.gguf", "logits"), ("tiny-run-f16.gguf", "adapter"),
+        *[("tiny-run-q8_0.gguf", n) for n in token], *[("tiny-run-lora-f16.gguf", n) for n in token + ["lora_route"]]]
+    assert {c["name"] for c in checks} == set(V.NAMES)
     assert all(c["passed"] for c in checks), checks
-    assert checks[0]["figure"] == "8 training examples render to their training token ids"
-    assert checks[1]["figure"] == "answers end with '<|im_end|>' (2): end of generation in llama.cpp and a Modelfile stop"
+    by = {(c["file"], c["name"]): c["figure"] for c in checks}
+    assert by["tiny-run-q8_0.gguf", "template"] == "8 training examples render to their training token ids"
+    assert by["tiny-run-q8_0.gguf", "end_of_turn"] == ("answers end with '<|im_end|>' (2): end of generation in "
+                                                      "llama.cpp and a Modelfile stop")
+    kl, top1 = re.fullmatch(r"KL (\S+), top-1 agreement (\S+) with the HF base \+ adapter in torch at \d+ answer "
+                            r"positions of 8 training examples", by["tiny-run-f16.gguf", "logits"]).groups()
+    assert float(kl) < 1e-4 and float(top1) == 1.0  # f16 rounding only
+    moved, same = map(float, re.fullmatch(r"KL (\S+) from the base without the adapter, (\S+) with it",
+                                          by["tiny-run-f16.gguf", "adapter"]).groups())
+    assert same == float(kl) and moved > 1000 * same
+    route, alone = re.fullmatch(r"KL (\S+) \(top-1 1.000\) from the merged f16 with the LoRA on \S+-base-f16.gguf, "
+                                r"(\S+) without it", by["tiny-run-lora-f16.gguf", "lora_route"]).groups()
+    assert float(route) < 1e-4 and float(alone) == pytest.approx(moved, rel=0.02)  # the base f16 file is the base in torch
+    stopped, in_torch = re.fullmatch(r"(\d) of 8 greedy answers stop by themselves, (\d) in torch",
+                                     by["tiny-run-q8_0.gguf", "stops"]).groups()
+    assert stopped == in_torch  # the tiny model stops as often in llama.cpp as in torch (not always: 6 steps)
 
 
 def test_an_altered_chat_template_names_the_example_and_token(tiny_export, first, tmp_path):
@@ -114,7 +132,8 @@ def test_a_failed_check_fails_the_export_in_one_line_and_keeps_the_record(run_di
     assert_one_line_error(r, "tiny-run-f16.gguf: verification failed: template: ")
     assert "/chat.jsonl:1: token " in r.output
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert [c["passed"] for c in manifest["checks"]] == [False, True, True]
+    assert [(c["name"], c["passed"]) for c in manifest["checks"]] == [
+        ("logits", True), ("adapter", True), ("template", False), ("end_of_turn", True), ("bos", True), ("stops", True)]
     r = run_cli("export", run_dir, "--quant", "f16", "--imatrix", "none", "--out", tmp_path / "n", "--no-verify")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "n" / "manifest.json").read_text())["checks"] is None
@@ -133,3 +152,59 @@ def test_without_the_runs_data_the_files_are_said_to_be_unverified(run_dir, tmp_
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["checks"] == []
     r = run_cli("export", run, "--quant", "q8_0", "--out", tmp_path / "q")  # the imatrix cannot do without it
     assert_one_line_error(r, "gone.jsonl is not found; pass --imatrix-data FILE.jsonl, or --imatrix none")
+
+
+def test_a_merge_that_lost_the_fine_tune(run_dir, tmp_path, monkeypatch):
+    import edgelora.converters.hf_to_gguf as H
+
+    real = H.convert
+    monkeypatch.setattr(H, "convert", lambda *a, adapter_dir=None, **k: real(*a, **k))  # the adapter dropped
+    r = run_cli("export", run_dir, "--quant", "q8_0", "--imatrix", "none", "--out", tmp_path / "o")
+    assert_one_line_error(r, "tiny-run-f16.gguf (not kept): verification failed: logits: KL ")
+    assert re.search(r"top-1 agreement [\d.]+ with the HF base \+ adapter in torch at \d+ answer positions of 8 "
+                     r"training examples \(at most 0.01 and at least 0.95\)", r.output), r.output
+    adapter = next(c for c in json.loads((tmp_path / "o" / "manifest.json").read_text())["checks"]
+                   if c["name"] == "adapter")
+    assert not adapter["passed"] and adapter["figure"].endswith("the adapter changes next to nothing (zero, or lost "
+                                                                "in the merge)")
+
+
+def test_an_adapter_that_changes_nothing(run_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "zero-run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    r = run_cli("export", run, "--quant", "f16", "--imatrix", "none", "--out", tmp_path / "o")
+    assert_one_line_error(r, "zero-run-f16.gguf: verification failed: adapter: KL ")
+    assert r.output.strip().endswith("with it: the adapter changes next to nothing (zero, or lost in the merge)")
+
+
+def test_a_lora_on_another_base_of_the_same_shape(tiny_export, tiny_tokenizer, first, tmp_path):
+    from tiny import build_model
+
+    from edgelora.budget import KLProbe
+
+    other = build_model(tmp_path / "other", "llama", tiny_tokenizer, seed=7)  # same config, other weights
+    other_gguf = E.export(None, base=str(other), quants=["f16"], out=str(tmp_path / "o"), imatrix="none").files[0]
+    probe = KLProbe(tiny_export["merged:f16"], [(t.input_ids, t.labels) for t in first[1]], tmp_path)
+    check = V.lora_route_check(probe, tmp_path / "o" / other_gguf["file"], tiny_export["lora"])
+    assert not check.passed
+    assert re.fullmatch(r"KL \S+ \(top-1 [\d.]+\) from the merged f16 with the LoRA on other-f16.gguf, \S+ without "
+                        r"it: the LoRA does not bring this base to the fine-tuned model \(another base of the same "
+                        r"shape\?\)", check.figure), check.figure
+    assert V.lora_route_check(probe, tiny_export["base:f16"], tiny_export["lora"]).passed
+
+
+def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
+    rt = load(tiny_export["merged:q8_0"], device="cpu")
+    check = V.stop_check(rt, *first, [True] * 8)  # as if the model in torch stopped every time
+    stopped = int(check.figure.split()[0])
+    assert stopped < 4 and not check.passed  # the tiny model (6 steps) stops in 3 of 8
+    assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
+                        r"limit of \d+ tokens", check.figure), check.figure
+    assert V.stop_check(rt, *first, [False] * 8).passed
