@@ -175,10 +175,10 @@ class KLProbe:
     held-out training sequences, llama.cpp on both sides: what a set of weight types costs."""
 
     def __init__(self, f16: Path, sequences: list[tuple[list[int], list[int]]], scratch: Path,
-                 max_positions: int = 512):
-        """`sequences`: (token ids, labels) as training tokenised them (labels -100 = not an answer)."""
-        from .bench import log_softmax
-        from .runtime import CTX_STEP, load
+                 max_positions: int = 512, loras=()):
+        """`sequences`: (token ids, labels) as training tokenised them (labels -100 = not an answer);
+        `loras`: (LoRA GGUF, scale) pairs applied to the reference."""
+        from .runtime import CTX_STEP
 
         self.f16, self.scratch, self.rows = f16, scratch, []
         budget = max_positions
@@ -192,9 +192,7 @@ class KLProbe:
         if not self.rows:
             raise EdgeloraError("no answer tokens in the calibration examples to measure KL divergence on")
         self.n_ctx = -(-max(len(ids) for ids, _ in self.rows) // CTX_STEP) * CTX_STEP
-        rt = load(f16, n_ctx=self.n_ctx)
-        self.reference = [log_softmax(rt.logits(ids)[rows]).astype(np.float32) for ids, rows in self.rows]
-        del rt
+        self.reference = [lp.astype(np.float32) for lp in self.logprobs(f16, loras)]
 
     def __call__(self, types: dict[str, str]) -> float:
         """KL of the f16 model with the weights in `types` quantised as given (the rest kept f16)."""

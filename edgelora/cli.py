@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import os
+from pathlib import Path
 import sys
 import warnings
 
@@ -211,6 +212,39 @@ def inspect(path, tensors, as_json):
         click.echo(json.dumps(info, indent=2))
     else:
         click.echo(format_inspect(info, tensors=tensors))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lora", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A LoRA GGUF to check on PATH as its base.")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Chat or instruction JSONL (the training data): template, end of turn, BOS and stopping on its "
+                   "first 8 examples.")
+@click.option("--base", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The HF model folder or edgelora run the file came from (needs --data): its tokenizer's ids and "
+                   "its logits in torch to compare with.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def doctor(path, lora, data, base, as_json):
+    """Check any GGUF for the faults that raise no error: tokenizer, special tokens, chat template,
+    end of turn, doubled BOS, stopping, a LoRA on the wrong base, logits against the source model.
+    Exits 1 if a check fails."""
+    from .doctor import diagnose
+
+    result = diagnose(path, lora=lora, data=data, base=base)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        info = result.info
+        click.echo(f"{path}  {info['arch'] or '?'}  {info['name'] or ''}  {info['size_bytes'] / 2**20:.1f} MiB  "
+                   f"{info['bpw']:.2f} bpw")
+        for c in result.checks:
+            click.echo(f"  {'ok  ' if c.passed else 'FAIL'}  {c.name:<15} {c.figure}")
+        bad = [c.name for c in result.checks if not c.passed]
+        click.echo(f"verdict: {'healthy' if not bad else 'problems: ' + ', '.join(bad)} ({len(result.checks)} checks)")
+    if not result.healthy:
+        sys.exit(1)
 
 
 @main.command()

@@ -65,7 +65,7 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
 
     template = Check("template", True, f"{len(pairs)} training examples render to their training token ids")
     doubled = Check("bos", True, "no doubled BOS")
-    ends = set()
+    ends, inside = set(), {}  # the answers' end tokens; token -> an example it occurs in before the end
     for ex, t in pairs:
         last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
         prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last]["content"])
@@ -86,7 +86,10 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
         end = trained_end(t, piece)
         if end is not None:
             ends.add(end)
-    return [template, _end_of_turn(sorted(ends), piece, rt.llm._model.vocab, stops), doubled]
+            answer = [want[i] for i, label in enumerate(t.labels) if label != -100]
+            for token in answer[:answer.index(end)]:
+                inside.setdefault(token, ex.source)
+    return [template, _end_of_turn(sorted(ends), inside, piece, rt.llm._model.vocab, stops), doubled]
 
 
 
@@ -150,15 +153,15 @@ def answer_limit(t) -> int:
     return 2 * sum(label != -100 for label in t.labels) + 16
 
 
-def logits_checks(probe, reference: Trained) -> list[Check]:
+def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: float = TOP1_SAME) -> list[Check]:
     """`logits` and `adapter`: `probe` (budget.KLProbe on the f16 GGUF over the examples' answer
     positions) against the model in torch, with the adapter and (for `adapter`) without it."""
     kl, top1 = probe.against(reference.tuned)
-    same = kl <= KL_SAME and top1 >= TOP1_SAME
+    same = kl <= kl_max and top1 >= top1_min
     where = f"{sum(len(rows) for _, rows in probe.rows)} answer positions of {len(probe.rows)} training examples"
     model = "the HF base + adapter" if reference.base is not None else "the HF model"
     checks = [Check("logits", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} with {model} in torch at {where}"
-                    + ("" if same else f" (at most {KL_SAME} and at least {TOP1_SAME})"))]
+                    + ("" if same else f" (at most {kl_max} and at least {top1_min})"))]
     if reference.base is not None:
         kl_base, _ = probe.against(reference.base)
         moved = kl_base >= MOVED * kl and kl_base > 0
@@ -177,9 +180,10 @@ def lora_route_check(probe, base_file: Path, lora: Path) -> Check:
                  ": the LoRA does not bring this base to the fine-tuned model (another base of the same shape?)"))
 
 
-def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: list[bool]) -> Check:
+def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Optional[list[bool]]) -> Check:
     """`stops`: greedy answers to the examples' prompts end with an end-of-generation token within
-    answer_limit tokens at least STOPPED_SHARE times as often as the model in torch stops."""
+    answer_limit tokens at least STOPPED_SHARE times as often as the model in torch stops (None:
+    no model in torch to compare with, so STOPPED_SHARE of the answers)."""
     pairs = [(ex, t) for ex, t in zip(examples, trained) if ex.messages]
     if not pairs:
         return Check("stops", True, "not applicable: text data has no end of turn")
@@ -190,14 +194,20 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: list
             stopped += 1
         elif runaway is None:
             runaway = f"; {ex.source} ran to the limit of {answer_limit(t)} tokens"
-    expected = sum(stopped_in_torch)
+    expected = len(pairs) if stopped_in_torch is None else sum(stopped_in_torch)
     passed = stopped >= STOPPED_SHARE * expected
-    return Check("stops", passed, f"{stopped} of {len(pairs)} greedy answers stop by themselves, {expected} in torch"
+    return Check("stops", passed, f"{stopped} of {len(pairs)} greedy answers stop by themselves"
+                 + ("" if stopped_in_torch is None else f", {expected} in torch")
                  + ("" if passed or runaway is None else runaway))
 
 
-def _end_of_turn(ends: list[int], piece, vocab, stops: Optional[list[str]]) -> Check:
+def _end_of_turn(ends: list[int], inside: dict[int, str], piece, vocab, stops: Optional[list[str]]) -> Check:
     import llama_cpp
+
+    for token, source in inside.items():
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            return Check("end_of_turn", False, f"{source}: {piece(token)!r} ({token}) occurs inside the trained answer, "
+                                               "and llama.cpp ends generation at it: answers would be cut short")
 
     for e in ends:
         if not llama_cpp.llama_vocab_is_eog(vocab, e):

@@ -208,3 +208,15 @@ def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
     assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
                         r"limit of \d+ tokens", check.figure), check.figure
     assert V.stop_check(rt, *first, [False] * 8).passed
+
+
+def test_an_eos_that_occurs_inside_the_answers(tiny_export, first, tmp_path):
+    """EOS set to a token the answers use: llama.cpp would end every answer there."""
+    t = first[1][0]
+    inner = next(t.input_ids[i] for i, label in enumerate(t.labels) if label != -100)
+    path = with_metadata(tiny_export["merged:f16"], tmp_path / "eos.gguf",
+                         {T.EOS_ID: MetadataDetails(gguf.GGUFValueType.UINT32, inner)})
+    got = checks_of(path, first)
+    assert got["template"].passed and not got["end_of_turn"].passed
+    assert re.fullmatch(rf".+/chat\.jsonl:1: '.+' \({inner}\) occurs inside the trained answer, and llama\.cpp ends "
+                        r"generation at it: answers would be cut short", got["end_of_turn"].figure), got["end_of_turn"].figure
