@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -135,10 +136,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
     verify: check the written files against the run's own training examples (edgelora.verify);
     the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
-    from .budget import KLProbe
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
 
+    started = time.perf_counter()
     if target_size is not None and target_bpw is not None:
         raise EdgeloraError("give --target-size or --target-bpw, not both")
     if target_bpw is not None and not 1.5 <= target_bpw <= 16:
@@ -169,6 +170,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     verifying = verify and calibration is not None and bool(calibration.first)
     reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
     in_torch = None  # what the model does in torch on them (verify.Trained)
+    seconds = {"verify": 0.0}  # verification's part of the export's time
 
     def ladder(adapter: Optional[Path], role: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
@@ -179,14 +181,12 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[role])
         try:
             if role == "merged" and verifying:
-                nonlocal reference
-                reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
-                                    max_positions=V.POSITIONS)
-                label = f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)")
-                log.info("comparing the f16 GGUF with the model in torch on %d training examples", len(reference.rows))
-                nonlocal in_torch
-                in_torch = V.trained_model(plan.hf_dir, adapter, reference.rows, [t for _, t in calibration.first])
-                verified.extend((label, c) for c in V.logits_checks(reference, in_torch))
+                nonlocal reference, in_torch
+                t0 = time.perf_counter()
+                reference, in_torch, parity = _against_torch(plan, f16, calibration)
+                verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
+                                for c in parity)
+                seconds["verify"] += time.perf_counter() - t0
             measures = role == "merged" and calibration is not None and (
                 (importance is not None and wants_imatrix) or AUTO in wanted)
             probe = _probe(f16, calibration) if measures else None
@@ -229,7 +229,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
     stops = _write_modelfiles(plan, base_file, schema_info is not None)
     if verifying:
+        t0 = time.perf_counter()
         verified += _verify(plan, calibration, base_file, stops, reference, in_torch)
+        seconds["verify"] += time.perf_counter() - t0
     elif verify:
         log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
     verification = [{"file": file, **c.as_dict()} for file, c in verified]
@@ -249,6 +251,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         "imatrix": importance_info,
         "json_schema": schema_info,
         "budget": budgets.get(f"merged:{AUTO}"),
+        "seconds": {**seconds, "total": time.perf_counter() - started},
         "versions": package_versions(),
     })
     for file, c in verified:
@@ -535,6 +538,17 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
             _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}",
             schema=schema))
     return stops if template else None
+
+
+def _against_torch(plan: ExportPlan, f16: Path, calibration: Calibration):
+    """(KLProbe of the merged f16 at the first examples' answers, verify.Trained, the logits checks)."""
+    from .budget import KLProbe
+
+    reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
+                        max_positions=V.POSITIONS)
+    log.info("comparing the f16 GGUF with the model in torch on %d training examples", len(reference.rows))
+    in_torch = V.trained_model(plan.hf_dir, plan.adapter_dir, reference.rows, [t for _, t in calibration.first])
+    return reference, in_torch, V.logits_checks(reference, in_torch)
 
 
 def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path], stops: Optional[list[str]],

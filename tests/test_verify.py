@@ -52,6 +52,7 @@ def test_every_export_passes_and_says_so(tiny_export):
         ("tiny-run-f16.gguf", "logits"), ("tiny-run-f16.gguf", "adapter"),
         *[("tiny-run-q8_0.gguf", n) for n in token], *[("tiny-run-lora-f16.gguf", n) for n in token + ["lora_route"]]]
     assert {c["name"] for c in checks} == set(V.NAMES)
+    assert 0 < manifest["seconds"]["verify"] < manifest["seconds"]["total"]
     assert all(c["passed"] for c in checks), checks
     by = {(c["file"], c["name"]): c["figure"] for c in checks}
     assert by["tiny-run-q8_0.gguf", "template"] == "8 training examples render to their training token ids"
