@@ -9,6 +9,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .errors import EdgeloraError
 
@@ -21,6 +22,20 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# For a base without a chat template, the first of these whose turn markers are single tokens of its
+# vocabulary; the last (ChatML markup, each turn closed by the base's own EOS) fits any vocabulary.
+# Either way a turn ends with a token llama.cpp treats as end of generation, so answers stop.
+FALLBACK_TEMPLATES = {
+    "ChatML": (("<|im_start|>", "<|im_end|>"), CHATML_TEMPLATE),
+    "Gemma": (("<start_of_turn>", "<end_of_turn>"), (  # a system message opens the first user turn
+        "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<start_of_turn>user\n' + message['content'] + '\n\n' }}"
+        "{% elif message['role'] == 'user' and loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system' %}"
+        "{{ message['content'] + '<end_of_turn>\n' }}"
+        "{% else %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' "
+        "+ message['content'] + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")),
+    "ChatML closed by EOS": ((), CHATML_TEMPLATE.replace("<|im_end|>", "{EOS}")),  # {EOS}: the base's EOS text
+}
 
 
 @dataclass
@@ -154,12 +169,20 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a tokenizer without a chat template the ChatML one. Returns True if it was added."""
+def ensure_chat_template(tokenizer) -> Optional[str]:
+    """Give a tokenizer without a chat template the first of FALLBACK_TEMPLATES its vocabulary
+    holds the markers of as single tokens. Returns the name of the one added, None if it had one."""
     if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return True
+        return None
+    for name, (markers, template) in FALLBACK_TEMPLATES.items():
+        if all(_single_token(tokenizer, m) for m in markers):
+            tokenizer.chat_template = template.replace("{EOS}", (tokenizer.eos_token or "").replace("'", "\\'"))
+            return name
+    raise AssertionError("the last fallback template needs no markers")
+
+
+def _single_token(tokenizer, text: str) -> bool:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
 
 
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:

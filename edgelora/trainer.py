@@ -383,8 +383,10 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     method = pick_method(cfg.method, device)
     dtype = compute_dtype(device)
     tok = load_tokenizer(hf_dir)
-    if D.ensure_chat_template(tok) and shape != "text":
-        log.warning("%s has no chat template: using ChatML for training and export", base.spec)
+    added = D.ensure_chat_template(tok)
+    if added and shape != "text":
+        log.warning("%s has no chat template: training with %s turns, each closed by one token llama.cpp stops at; "
+                    "the exported GGUF and Modelfile carry the template", base.spec, added)
     train_set, train_stats = D.tokenize_all(tok, train_ex, cfg.seq_len, what=str(cfg.data))
     eval_set, eval_stats = (D.tokenize_all(tok, eval_ex, cfg.seq_len, what=str(cfg.eval_data or "eval split"))
                             if eval_ex else ([], D.TokenStats()))

@@ -196,8 +196,10 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Opti
             runaway = f"; {ex.source} ran to the limit of {answer_limit(t)} tokens"
     expected = len(pairs) if stopped_in_torch is None else sum(stopped_in_torch)
     passed = stopped >= STOPPED_SHARE * expected
+    never = " (the model as trained does not stop either: train longer)" if stopped_in_torch is not None and \
+        expected == 0 and stopped < len(pairs) else ""
     return Check("stops", passed, f"{stopped} of {len(pairs)} greedy answers stop by themselves"
-                 + ("" if stopped_in_torch is None else f", {expected} in torch")
+                 + ("" if stopped_in_torch is None else f", {expected} in torch") + never
                  + ("" if passed or runaway is None else runaway))
 
 

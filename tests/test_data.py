@@ -112,7 +112,29 @@ def test_chatml_fallback_for_tokenizer_without_template(tiny_tokenizer):
 
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = None
-    assert D.ensure_chat_template(tok) is True
-    assert D.ensure_chat_template(tok) is False
+    assert D.ensure_chat_template(tok) == "ChatML"  # its vocabulary has ChatML's tokens
+    assert D.ensure_chat_template(tok) is None
     text = tok.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("specials, name, rendered", [
+    (["<unk>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "Gemma",
+     "<start_of_turn>user\nbe brief\n\nq<end_of_turn>\n<start_of_turn>model\na<end_of_turn>\n"),
+    (["<unk>", "</s>"], "ChatML closed by EOS",
+     "<|im_start|>system\nbe brief</s>\n<|im_start|>user\nq</s>\n<|im_start|>assistant\na</s>\n"),
+])
+def test_the_fallback_template_ends_turns_with_a_token_of_the_vocabulary(tmp_path, specials, name, rendered):
+    """A base without a template and without ChatML's tokens gets turns that end with one token
+    (its own turn marker, or its EOS), which llama.cpp stops at."""
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer(tmp_path, specials=specials)
+    assert tok.chat_template is None
+    assert D.ensure_chat_template(tok) == name
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == rendered
+    t = D.tokenize_example(tok, D.Example("f:1", messages))
+    answer = [i for i, label in zip(t.input_ids, t.labels) if label != -100]
+    assert tok.convert_ids_to_tokens(answer)[-2:] == [specials[-1] if name == "Gemma" else "</s>", "Ċ"]

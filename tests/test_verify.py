@@ -208,7 +208,9 @@ def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
     assert stopped < 4 and not check.passed  # the tiny model (6 steps) stops in 3 of 8
     assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
                         r"limit of \d+ tokens", check.figure), check.figure
-    assert V.stop_check(rt, *first, [False] * 8).passed
+    never = V.stop_check(rt, *first, [False] * 8)
+    assert never.passed and never.figure == (f"{stopped} of 8 greedy answers stop by themselves, 0 in torch (the model "
+                                             "as trained does not stop either: train longer)")
 
 
 def test_an_eos_that_occurs_inside_the_answers(tiny_export, first, tmp_path):
@@ -221,3 +223,24 @@ def test_an_eos_that_occurs_inside_the_answers(tiny_export, first, tmp_path):
     assert got["template"].passed and not got["end_of_turn"].passed
     assert re.fullmatch(rf".+/chat\.jsonl:1: '.+' \({inner}\) occurs inside the trained answer, and llama\.cpp ends "
                         r"generation at it: answers would be cut short", got["end_of_turn"].figure), got["end_of_turn"].figure
+
+
+@pytest.mark.parametrize("specials, end", [(["<unk>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+                                           (["<unk>", "</s>"], "</s>")])
+def test_a_base_without_a_chat_template_learns_to_end_where_llama_cpp_stops(tmp_path, chat_file, specials, end):
+    """Trained with the fallback template, answers end with a token in llama.cpp's end-of-generation
+    set (not ChatML's <|im_end|> spelt out in pieces), and the export says so."""
+    from tiny import build_model, build_tokenizer, cfg
+
+    from edgelora.trainer import train
+
+    base = build_model(tmp_path / "base", "llama", build_tokenizer(tmp_path / "tok", specials=specials))
+    run = tmp_path / "run"
+    train(cfg(base, chat_file, run, max_steps=2, eval_split=0.0))
+    r = run_cli("export", run, "--quant", "q8_0", "--imatrix", "none", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    checks = {c["name"]: c for c in json.loads((tmp_path / "o" / "manifest.json").read_text())["checks"]}
+    assert checks["end_of_turn"]["passed"] and checks["template"]["passed"]
+    assert checks["end_of_turn"]["figure"].startswith(f"answers end with {end!r} (")
+    modelfile = (tmp_path / "o" / "Modelfile").read_text()
+    assert (f'PARAMETER stop "{end}"' in modelfile) == (end == "</s>")  # Gemma's turns: Ollama's own template

@@ -25,20 +25,25 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer(out: Path, vocab_size: int = 512):
-    """A byte-level BPE with GPT-2 style pre-tokenisation and a ChatML template, like SmolLM2's."""
+def build_tokenizer(out: Path, vocab_size: int = 512, specials=None):
+    """A byte-level BPE with GPT-2 style pre-tokenisation and a ChatML template, like SmolLM2's;
+    given `specials` (unk, eos, then any others), those special tokens and no chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials or SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
-    fast.chat_template = CHATML
+    if specials:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=specials[0], eos_token=specials[1],
+                                       pad_token=specials[1], additional_special_tokens=specials[2:])
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                       pad_token="<|im_end|>", unk_token="<|endoftext|>")
+        fast.chat_template = CHATML
     fast.save_pretrained(out)
     return fast
 
