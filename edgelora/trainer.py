@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import data as D
 from . import schema as S
@@ -193,12 +194,39 @@ def collate(items: list[D.Tokenized], pad_id: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
+HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # logits = lm_head(h) [soft-capped]
+HEAD_CHUNK = 1024  # target positions whose logits exist at once
+
+
 def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens, and how many there were."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    """Sum of next-token cross-entropy over target tokens, and how many there were.
+
+    With completion-only labels most positions are prompt, so for the architectures whose logits
+    are the LM head of the last hidden state (HEAD_ONLY_AT_TARGETS) the head and the loss run only
+    at the positions that predict a target, HEAD_CHUNK at a time, each chunk recomputed in the
+    backward pass rather than kept: the batch x length x vocabulary logits never exist."""
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=D.IGNORE, reduction="sum")
-    return loss, int((targets != D.IGNORE).sum())
+    keep = targets != D.IGNORE
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config.model_type not in HEAD_ONLY_AT_TARGETS:
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        return F.cross_entropy(logits[keep], targets[keep], reduction="sum"), int(keep.sum())
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]
+    wanted = targets[keep]
+    head, cap = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+    def chunk_loss(h, y):
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(wanted), HEAD_CHUNK):
+        h, y = hidden[start:start + HEAD_CHUNK], wanted[start:start + HEAD_CHUNK]
+        loss = loss + (torch.utils.checkpoint.checkpoint(chunk_loss, h, y, use_reentrant=False)
+                       if torch.is_grad_enabled() else chunk_loss(h, y))
+    return loss, len(wanted)
 
 
 @torch.no_grad()

@@ -138,3 +138,59 @@ def test_bad_data_fails_before_loading_the_model(chat_file, tmp_path):
     with pytest.raises(EdgeloraError, match="bad.jsonl:2: malformed JSON"):
         train(cfg(tmp_path / "no-such-model", bad, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def _gemma3_softcapped(path, tokenizer):
+    """A tiny gemma3_text model whose logits are soft-capped (final_logit_softcapping)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(3)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, final_logit_softcapping=5.0,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch, method", [("tiny_llama", "lora"), ("tiny_qwen2", "lora"), ("tiny_llama", "qlora"),
+                                          ("gemma3", "lora")])
+def test_logits_only_at_targets_give_the_full_loss_and_gradients(request, tiny_tokenizer, tmp_path, monkeypatch,
+                                                                  arch, method):
+    """The LM head run only where the labels are (in chunks, recomputed in backward) gives the
+    loss and the adapter's gradients of the model's own full logits (soft-capped for Gemma)."""
+    import torch.nn.functional as F
+
+    from edgelora import trainer as T
+    from edgelora.data import IGNORE
+
+    base = _gemma3_softcapped(tmp_path / "g", tiny_tokenizer) if arch == "gemma3" else request.getfixturevalue(arch)
+    monkeypatch.setattr(T, "HEAD_CHUNK", 5)  # several chunks
+    c = load_config(None, {"rank": 4, "dropout": 0.0, "targets": "all-linear"})
+    torch.manual_seed(0)
+    model = T.add_adapter(T.load_model(base, method, "cpu", torch.float32), c, method)
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    ids = torch.randint(3, 200, (3, 12))
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 6:] = ids[0, 6:]
+    labels[1, 9:11] = ids[1, 9:11]
+    labels[2, 2:5] = ids[2, 2:5]
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    keep = labels[:, 1:] != IGNORE
+    full = F.cross_entropy(logits[keep], labels[:, 1:][keep], reduction="sum")
+    full_grads = grads(full)
+    loss, n = T.summed_loss(model, ids, labels, mask)
+    assert n == 11 and torch.allclose(loss, full, rtol=1e-5), (loss, full)
+    for name, g in grads(loss).items():
+        assert torch.allclose(g, full_grads[name], rtol=1e-4, atol=1e-6), name
