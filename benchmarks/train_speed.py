@@ -1,10 +1,12 @@
 """Training speed and memory: `edgelora train` against a plain PEFT + bitsandbytes loop.
 
-Both sides train the same base, data, batches, LoRA settings and step count, each in its own
+Both sides train the same base, data, batch size, LoRA settings and step count, each in its own
 process (so peak memory is its own), one after the other in this run; the table reports
-steady-state tokens/s (the first --warmup steps are left out) and peak memory, and the
-ratios edgelora / plain. The plain loop is what the PEFT + bitsandbytes docs show: padded
-batches from the tokenizer, labels = input_ids, model(..., labels=...).loss.
+steady-state tokens/s of real (not padding) tokens (the first --warmup steps are left out) and
+peak memory, and the ratios edgelora / plain. The plain loop is what the PEFT + bitsandbytes docs
+show: seeded random batches padded by the tokenizer, labels = input_ids, model(..., labels=...).loss.
+edgelora draws the same examples per epoch grouped by length (less padding) and runs the LM head
+only at the answer tokens its loss covers.
 
     python benchmarks/train_speed.py                      # SmolLM2-135M, QLoRA, CPU
     python benchmarks/train_speed.py --device cuda --batch-size 16

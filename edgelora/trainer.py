@@ -170,16 +170,40 @@ def add_adapter(model, cfg: TrainConfig, method: str):
 
 # ---------------------------------------------------------------- batches
 
-def micro_batches(n: int, batch_size: int, seed: int, start: int = 0) -> Iterator[list[int]]:
-    """Endless micro-batches of example indices, a fresh fixed-seed shuffle each epoch; skips `start`."""
+GROUP_WINDOW = 16  # micro-batches whose examples are grouped by length
+
+
+def micro_batches(n: int, batch_size: int, seed: int, start: int = 0,
+                  lengths: Optional[list[int]] = None) -> Iterator[list[int]]:
+    """Endless micro-batches of example indices, a fresh fixed-seed shuffle each epoch; skips `start`.
+
+    Given the examples' `lengths`, each run of GROUP_WINDOW micro-batches of the shuffle is sorted
+    by length before it is cut, and its micro-batches are shuffled again: similar lengths share a
+    micro-batch (little padding) while the order stays random. Every example once per epoch; the
+    same seed gives the same batches, so a resumed run sees what the first run would have."""
     per_epoch = math.ceil(n / batch_size)
-    k = start
+    k, epoch_batches = start, (None, [])
     while True:
         epoch, j = divmod(k, per_epoch)
-        order = list(range(n))
-        random.Random(seed * 100003 + epoch).shuffle(order)
-        yield order[j * batch_size:(j + 1) * batch_size]
+        if epoch_batches[0] != epoch:
+            epoch_batches = (epoch, _epoch_batches(n, batch_size, random.Random(seed * 100003 + epoch), lengths))
+        yield epoch_batches[1][j]
         k += 1
+
+
+def _epoch_batches(n: int, batch_size: int, rng: random.Random, lengths: Optional[list[int]]) -> list[list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = []
+    span = batch_size * GROUP_WINDOW
+    for w in range(0, n, span):
+        window = sorted(order[w:w + span], key=lengths.__getitem__)
+        cut = [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+        rng.shuffle(cut)
+        batches += cut
+    return batches
 
 
 def collate(items: list[D.Tokenized], pad_id: int, device: str):
@@ -461,7 +485,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
              f"{trainable:,}", total_steps)
 
     pad_id = tok.pad_token_id
-    batches = micro_batches(len(train_set), cfg.batch_size, cfg.seed, start=step * cfg.grad_accum)
+    batches = micro_batches(len(train_set), cfg.batch_size, cfg.seed, start=step * cfg.grad_accum,
+                            lengths=[len(t.input_ids) for t in train_set])
     metrics, last_loss, first_eval = [], float("nan"), None
     if eval_set and step == 0:
         first_eval = evaluate(model, eval_set, cfg.batch_size, pad_id, device)

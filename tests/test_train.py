@@ -194,3 +194,31 @@ def test_logits_only_at_targets_give_the_full_loss_and_gradients(request, tiny_t
     assert n == 11 and torch.allclose(loss, full, rtol=1e-5), (loss, full)
     for name, g in grads(loss).items():
         assert torch.allclose(g, full_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_length_grouped_batches_keep_every_example_once_and_resume_exactly():
+    import itertools
+    import random
+
+    from edgelora.trainer import micro_batches
+
+    rng = random.Random(1)
+    lengths = [rng.randint(10, 500) for _ in range(203)]
+    per_epoch = 51  # ceil(203 / 4)
+    grouped = list(itertools.islice(micro_batches(203, 4, seed=7, lengths=lengths), 3 * per_epoch))
+    plain = list(itertools.islice(micro_batches(203, 4, seed=7), 3 * per_epoch))
+    for batches in (grouped, plain):
+        for e in range(3):
+            epoch = batches[e * per_epoch:(e + 1) * per_epoch]
+            assert sorted(i for b in epoch for i in b) == list(range(203))
+    assert grouped[:per_epoch] != grouped[per_epoch:2 * per_epoch]  # a fresh shuffle each epoch
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 4
+    widths = [max(lengths[i] for i in b) for b in grouped[:per_epoch]]
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)  # not long-to-short or back
+    for start in (0, 5, per_epoch - 1, per_epoch + 3):  # resuming at micro-batch `start`
+        resumed = list(itertools.islice(micro_batches(203, 4, seed=7, start=start, lengths=lengths), 10))
+        assert resumed == grouped[start:start + 10]
