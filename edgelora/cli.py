@@ -101,7 +101,9 @@ def main(verbose: bool) -> None:
 @click.option("--seq-len", type=int, help="Longest sequence in tokens; longer ones are truncated. [default: 512]")
 @click.option("--seed", type=int, help="Seed for data order, split and init. [default: 0]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None, help="Trade compute for memory. [default: on]")
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
+              help="Trade compute for memory. [default: on only where the activations would not fit --max-memory]")
+@click.option("--max-memory", metavar="SIZE", help="Memory training may use, e.g. 8GiB. [default: what is free]")
 @click.option("--json-schema/--no-json-schema", default=None,
               help="When every answer is JSON, infer its schema into RUN_DIR/schema.json. [default: on]")
 @click.option("--eval-every", type=int, help="Steps between eval-loss measurements. [default: 50]")

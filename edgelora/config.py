@@ -37,7 +37,8 @@ class TrainConfig:
     seq_len: int = 512
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | mps
-    grad_checkpointing: bool = True
+    grad_checkpointing: Optional[bool] = None  # None: on only where the activations would not fit the memory
+    max_memory: Optional[str] = None  # the memory training may use (e.g. 8GiB); default: what is free
     json_schema: bool = True  # JSON answers: infer their schema into schema.json (export ships it)
     eval_every: int = 50
     save_every: int = 100
@@ -76,6 +77,7 @@ class TrainConfig:
             ("log_every", c.log_every >= 1, "must be >= 1"),
             ("targets", c.targets in ("attn", "all-linear") or bool(target_names(c.targets)),
              "must be attn, all-linear or layer names separated by commas"),
+            ("max_memory", c.max_memory is None or _is_size(c.max_memory), "must be a size such as 8GiB"),
         ]
         for name, ok, msg in checks:
             if not ok:
@@ -87,6 +89,15 @@ class TrainConfig:
         if not d["extra"]:
             d.pop("extra")
         return d
+
+
+def _is_size(text: str) -> bool:
+    from .budget import parse_size
+
+    try:
+        return parse_size(text, "max_memory") > 0
+    except EdgeloraError:
+        return False
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

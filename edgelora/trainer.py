@@ -154,13 +154,46 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def add_adapter(model, cfg: TrainConfig, method: str):
+def activation_bytes(config, tokens: int, longest: int, dtype: torch.dtype) -> int:
+    """A micro-batch's activations kept for the backward pass without gradient checkpointing:
+    per layer and token ~12 hidden-size and 5 MLP-width values (inputs of the norms, projections,
+    activations, the LoRA branches) and the attention weights over up to `longest` positions."""
+    e = torch.finfo(dtype).bits // 8
+    per_token = 12 * config.hidden_size + 5 * config.intermediate_size + 2 * config.num_attention_heads * longest
+    return e * tokens * config.num_hidden_layers * per_token
+
+
+def free_memory(device: str) -> int:
+    """Bytes training can still use on `device` (CUDA: free device memory; else free RAM)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def choose_checkpointing(cfg: TrainConfig, config, tokens: int, longest: int, device: str,
+                         dtype: torch.dtype) -> tuple[bool, str]:
+    """Gradient checkpointing (and why): as asked, else on only where a micro-batch's activations
+    would take more than half of --max-memory or of the memory free now (it costs ~30% compute)."""
+    if cfg.grad_checkpointing is not None:
+        return cfg.grad_checkpointing, "as asked"
+    from .budget import parse_size
+
+    need = activation_bytes(config, tokens, longest, dtype)
+    room = parse_size(cfg.max_memory, "max_memory") if cfg.max_memory else free_memory(device)
+    on = need > room / 2
+    return on, f"activations ~{need / 2**30:.1f} GiB without it, {room / 2**30:.1f} GiB " + (
+        "allowed" if cfg.max_memory else "free")
+
+
+def add_adapter(model, cfg: TrainConfig, method: str, checkpointing: bool = True):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.grad_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.grad_checkpointing:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_dora=cfg.dora,
@@ -456,7 +489,11 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    model = add_adapter(load_model(hf_dir, method, device, dtype), cfg, method)
+    model = load_model(hf_dir, method, device, dtype)
+    longest = max(len(t.input_ids) for t in train_set)
+    checkpointing, why = choose_checkpointing(cfg, model.config, cfg.batch_size * longest, longest, device, dtype)
+    log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
+    model = add_adapter(model, cfg, method, checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -549,7 +586,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         "base": base.spec, "base_path": str(base.path), "base_hf_dir": str(hf_dir), "base_sha256": digest,
         "data": str(cfg.data), "data_format": shape, "method": method, "dora": cfg.dora, "rslora": cfg.rslora,
         "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device,
-        "compute_dtype": str(dtype).replace("torch.", ""),
+        "compute_dtype": str(dtype).replace("torch.", ""), "grad_checkpointing": checkpointing,
         "trainable_params": trainable, "total_params": total_params,
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "truncated_examples": train_stats.truncated + eval_stats.truncated,

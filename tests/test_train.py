@@ -222,3 +222,22 @@ def test_length_grouped_batches_keep_every_example_once_and_resume_exactly():
     for start in (0, 5, per_epoch - 1, per_epoch + 3):  # resuming at micro-batch `start`
         resumed = list(itertools.islice(micro_batches(203, 4, seed=7, start=start, lengths=lengths), 10))
         assert resumed == grouped[start:start + 10]
+
+
+def test_gradient_checkpointing_is_chosen_from_the_memory(tiny_llama, chat_file, tmp_path, caplog):
+    """Off where the activations fit (the tiny model: always), on under a --max-memory they do not
+    fit, as asked when asked; the loss is the same either way."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edgelora")
+    runs = {}
+    for name, kw in (("auto", {}), ("tight", {"max_memory": "1KiB"}), ("asked", {"grad_checkpointing": True})):
+        train(cfg(tiny_llama, chat_file, tmp_path / name, max_steps=2, eval_split=0.0, **kw))
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    assert [runs[n]["grad_checkpointing"] for n in ("auto", "tight", "asked")] == [False, True, True]
+    assert "gradient checkpointing off (activations ~0.0 GiB without it, " in caplog.text
+    assert "GiB free)" in caplog.text and "gradient checkpointing on (as asked)" in caplog.text
+    assert "gradient checkpointing on (activations ~0.0 GiB without it, 0.0 GiB allowed)" in caplog.text
+    assert runs["auto"]["final_loss"] == pytest.approx(runs["tight"]["final_loss"], rel=1e-5)
+    with pytest.raises(EdgeloraError, match="max_memory must be a size such as 8GiB, not 'lots'"):
+        load_config(None, {"data": str(chat_file), "max_memory": "lots"})
