@@ -9,6 +9,7 @@ NF4 and the paged 8-bit optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ class TrainResult:
     run_dir: Path
     summary: dict
     metrics: list = field(default_factory=list)
+    main: bool = True  # False in the other processes of a distributed run (which wrote nothing)
 
 
 # ---------------------------------------------------------------- device and model
@@ -286,6 +288,18 @@ def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
     return loss, len(wanted)
 
 
+class TargetLoss(torch.nn.Module):
+    """The model with its loss as one module: summed_loss(model, ids, labels, mask). Run through its
+    forward, DistributedDataParallel (Accelerate's prepare) syncs the gradients of what it ran."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, labels, mask):
+        return summed_loss(self.model, ids, labels, mask)
+
+
 @torch.no_grad()
 def evaluate(model, items: list[D.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
     model.eval()
@@ -313,9 +327,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
     ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step-{step:07d}"
+    final = checkpoint_dir(run_dir, step)
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp / "adapter")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -461,10 +479,16 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     else:
         train_ex, eval_ex = D.split_eval(train_ex, cfg.eval_split, cfg.seed)
 
+    accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
+    main = accelerator is None or accelerator.is_main_process  # only it writes and reports
+    world = 1 if accelerator is None else accelerator.num_processes
     base = resolve_base(cfg.base)
     digest = base_hash(base)
-    hf_dir = materialise(base, digest)
-    device = pick_device(cfg.device)
+    hf_dir = materialise(base, digest) if main else None
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        hf_dir = materialise(base, digest)  # made by the main process, found by the others
+    device = pick_device(cfg.device) if accelerator is None else str(accelerator.device)
     method = pick_method(cfg.method, device)
     dtype = compute_dtype(device)
     tok = load_tokenizer(hf_dir)
@@ -482,10 +506,11 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
 
     schema = _answer_schema(cfg, shape, train_ex)  # training answers only: the eval set stays unseen
 
-    prepare_run_dir(run_dir, force, resume)
-    save_config(cfg, run_dir / "config.yaml")
-    if schema is not None:
-        atomic_write_json(run_dir / S.SCHEMA_FILE, schema)
+    if main:
+        prepare_run_dir(run_dir, force, resume)
+        save_config(cfg, run_dir / "config.yaml")
+        if schema is not None:
+            atomic_write_json(run_dir / S.SCHEMA_FILE, schema)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -503,7 +528,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_step = cfg.batch_size * cfg.grad_accum
+    loss_of = TargetLoss(model) if accelerator is None else accelerator.prepare(TargetLoss(model))
+    per_step = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
@@ -514,18 +540,22 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     if resume:
         step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler)
         log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
-        _truncate_metrics(metrics_path, step)
-    else:
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main:
         metrics_path.write_text("")
-    log.info("base %s | %s on %s (%s) | %d train / %d eval examples | %s trainable params | %d steps",
-             base.spec, method, device, str(dtype).replace("torch.", ""), len(train_set), len(eval_set),
-             f"{trainable:,}", total_steps)
+    log.info("base %s | %s on %s (%s)%s | %d train / %d eval examples | %s trainable params | %d steps",
+             base.spec, method, device, str(dtype).replace("torch.", ""), f" x {world} processes" if world > 1 else "",
+             len(train_set), len(eval_set), f"{trainable:,}", total_steps)
 
     pad_id = tok.pad_token_id
-    batches = micro_batches(len(train_set), cfg.batch_size, cfg.seed, start=step * cfg.grad_accum,
+    # a global micro-batch is batch_size x world examples; each process takes its own slice of it
+    batches = micro_batches(len(train_set), cfg.batch_size * world, cfg.seed, start=step * cfg.grad_accum,
                             lengths=[len(t.input_ids) for t in train_set])
+    rank = 0 if accelerator is None else accelerator.process_index
+    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     metrics, last_loss, first_eval = [], float("nan"), None
-    if eval_set and step == 0:
+    if eval_set and step == 0 and main:
         first_eval = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
         _log_metric(metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
     if device == "cuda":
@@ -533,19 +563,23 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     model.train()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
     train_tokens = 0
     with _CtrlC() as ctrl_c:
         while step < total_steps:
             t0 = time.time()
-            chunks = [[train_set[i] for i in next(batches)] for _ in range(cfg.grad_accum)]
+            chunks = [[train_set[i] for i in next(batches)] for _ in range(cfg.grad_accum)]  # every process's
             n_targets = sum(t.n_targets for c in chunks for t in c)
             n_tokens = sum(len(t.input_ids) for c in chunks for t in c)
             step_loss = 0.0
-            for chunk in chunks:
-                loss, _ = summed_loss(model, *collate(chunk, pad_id, device))
-                (loss / n_targets).backward()
+            for k, chunk in enumerate(chunks):
+                last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
+                with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(loss_of):
+                    loss, _ = loss_of(*collate(chunk[mine], pad_id, device))
+                    (loss * world / n_targets).backward()  # DDP averages over the processes
                 step_loss += loss.item()
+            if accelerator is not None:
+                step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
@@ -558,19 +592,29 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
                 raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
             row = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                    "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-            if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
+            if eval_set and main and (step % cfg.eval_every == 0 or step == total_steps):
                 row["eval_loss"] = round(evaluate(model, eval_set, cfg.batch_size, pad_id, device), 5)
-            _log_metric(metrics_path, metrics, row)
+            if main:
+                _log_metric(metrics_path, metrics, row)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}",
                             **({"eval": f"{row['eval_loss']:.4f}"} if "eval_loss" in row else {}))
             bar.update(1)
             stop = bool(on_step and on_step(step, last_loss)) or ctrl_c.hit
+            if accelerator is not None:  # one process stopping stops them all
+                stop = bool(accelerator.reduce(torch.tensor(int(stop), device=device), "sum").item())
             if stop or (step % cfg.save_every == 0 and step < total_steps):
-                ckpt = save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                ckpt = checkpoint_dir(run_dir, step)
+                if main:
+                    save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
                 if stop:
                     bar.close()
                     raise TrainingInterrupted(step, ckpt)
     bar.close()
+    if not main:
+        accelerator.wait_for_everyone()  # the main process writes the adapter and the summary
+        return TrainResult(run_dir, json.loads((run_dir / "summary.json").read_text()), metrics, main=False)
 
     with atomic_path(run_dir / "adapter") as tmp:
         model.save_pretrained(tmp)
@@ -586,7 +630,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         "base": base.spec, "base_path": str(base.path), "base_hf_dir": str(hf_dir), "base_sha256": digest,
         "data": str(cfg.data), "data_format": shape, "method": method, "dora": cfg.dora, "rslora": cfg.rslora,
         "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device,
-        "compute_dtype": str(dtype).replace("torch.", ""), "grad_checkpointing": checkpointing,
+        "compute_dtype": str(dtype).replace("torch.", ""), "grad_checkpointing": checkpointing, "world_size": world,
         "trainable_params": trainable, "total_params": total_params,
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "truncated_examples": train_stats.truncated + eval_stats.truncated,
@@ -600,7 +644,22 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     }
     atomic_write_json(run_dir / "summary.json", summary)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return TrainResult(run_dir, summary, metrics)
+
+
+def _accelerator(device: str):
+    """Hugging Face Accelerate's Accelerator when this process is one of several (`accelerate
+    launch` or torchrun set WORLD_SIZE): DDP over NCCL on GPUs, gloo on CPUs (`device` cpu, or no
+    GPU); None when alone."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
 
 
 def _answer_schema(cfg: TrainConfig, shape: str, examples: list) -> Optional[dict]:

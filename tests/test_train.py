@@ -241,3 +241,35 @@ def test_gradient_checkpointing_is_chosen_from_the_memory(tiny_llama, chat_file,
     assert runs["auto"]["final_loss"] == pytest.approx(runs["tight"]["final_loss"], rel=1e-5)
     with pytest.raises(EdgeloraError, match="max_memory must be a size such as 8GiB, not 'lots'"):
         load_config(None, {"data": str(chat_file), "max_memory": "lots"})
+
+
+def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, chat_file, tmp_path):
+    """`torchrun --nproc_per_node 2 -m edgelora.cli train` (gloo on CPU, through Accelerate): each
+    process takes half of every global batch, and the run matches one process with the whole batch."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from edgelora.config import save_config
+
+    one = cfg(tiny_llama, chat_file, tmp_path / "one", max_steps=3, batch_size=4, eval_split=0.0, save_every=2,
+              grad_checkpointing=False)
+    train(one)
+    two = cfg(tiny_llama, chat_file, tmp_path / "two", max_steps=3, batch_size=2, eval_split=0.0, save_every=2,
+              grad_checkpointing=False)
+    save_config(two, tmp_path / "two.yaml")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "edgelora.cli", "train", str(tmp_path / "two.yaml")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]  # the same examples each step
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not (tmp_path / "two" / "checkpoints").exists()  # written at step 2 by one process, removed at the end
