@@ -273,3 +273,40 @@ def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, chat_file, 
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert not (tmp_path / "two" / "checkpoints").exists()  # written at step 2 by one process, removed at the end
+
+
+def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama, chat_file, tmp_path):
+    """edgelora's loop (head only at targets, grouped batches, its own loss sum) against the plain
+    PEFT loop: model(..., labels=...).loss on the same batches, AdamW, cosine schedule."""
+    import random
+
+    from transformers import get_cosine_schedule_with_warmup
+
+    from edgelora import data as D
+    from edgelora.trainer import add_adapter, collate, load_model, load_tokenizer, micro_batches
+
+    c = cfg(tiny_llama, chat_file, tmp_path / "run", max_steps=5, batch_size=4, eval_split=0.0, method="lora",
+            grad_checkpointing=False)
+    ours = [r["loss"] for r in train(c).metrics if "loss" in r]
+
+    tok = load_tokenizer(tiny_llama)
+    items, _ = D.tokenize_all(tok, D.read_jsonl(chat_file)[0], c.seq_len)
+    torch.manual_seed(c.seed)
+    random.seed(c.seed)
+    model = add_adapter(load_model(tiny_llama, "lora", "cpu", torch.float32), c, "lora", checkpointing=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(opt, 1, 5)
+    batches = micro_batches(len(items), 4, c.seed, lengths=[len(t.input_ids) for t in items])
+    model.train()
+    plain = []
+    for _ in range(5):
+        ids, labels, mask = collate([items[i] for i in next(batches)], tok.pad_token_id, "cpu")
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        plain.append(loss.item())
+    assert ours == pytest.approx(plain, rel=2e-4) and ours[-1] < ours[0]
