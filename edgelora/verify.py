@@ -55,7 +55,8 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
 
     pairs = [(ex, t) for ex, t in zip(examples, trained) if ex.messages]
     if not pairs:
-        return [Check(name, True, "not applicable: text data has no chat template") for name in NAMES]
+        return [Check(name, True, "not applicable: text data has no chat template")
+                for name in ("template", "end_of_turn", "bos")]
     if rt.chat_template is None:
         return [Check("template", False, "the GGUF has no chat template (tokenizer.chat_template)")]
     bos = rt.llm.token_bos()
@@ -125,8 +126,8 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
 
     tok = load_tokenizer(adapter_dir or hf_dir)
     ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
-    answered = [(t.input_ids[:next(i for i, x in enumerate(t.labels) if x != -100)], answer_limit(t))
-                for t in trained if any(x != -100 for x in t.labels)]
+    starts = [(t, next((i for i, x in enumerate(t.labels) if x != -100), 0)) for t in trained]
+    answered = [(t.input_ids[:start], answer_limit(t)) for t, start in starts if start > 0 and ends]  # chat only
     with torch.no_grad():
         tuned = [run(ids, at) for ids, at in rows]
         stopped = []

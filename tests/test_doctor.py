@@ -52,11 +52,12 @@ def test_a_healthy_export_against_its_run(tiny_export, run_dir, chat_file):
     assert report["name"] == "tiny-run" and report["card"]["general.finetune"] == "tiny-run"
     assert [c["name"] for c in report["checks"]] == ["tokenizer", "special_tokens", "loads", "chat_template",
                                                      "end_of_turn", "bos", "stops"]  # no --base: no ids to compare
-    # without the model in torch to compare with, half the answers must stop: the tiny model (6 steps) stops in 3
+    # without the model in torch to compare with, half the answers must stop: the tiny model (6 steps) stops in fewer
     (stops,) = [c for c in report["checks"] if not c["passed"]]
     assert r.exit_code == 1 and not report["healthy"]
-    assert re.fullmatch(r"3 of 8 greedy answers stop by themselves; .+/chat\.jsonl:\d+ ran to the limit of \d+ tokens",
-                        stops["figure"]), stops
+    stopped = re.fullmatch(r"(\d) of 8 greedy answers stop by themselves; .+/chat\.jsonl:\d+ ran to the limit of \d+ "
+                           r"tokens", stops["figure"])
+    assert stopped and int(stopped[1]) < 4, stops
 
 
 def test_the_base_file_is_not_the_fine_tune(tiny_export, run_dir, chat_file):

@@ -67,9 +67,9 @@ def test_every_export_passes_and_says_so(tiny_export):
     route, alone = re.fullmatch(r"KL (\S+) \(top-1 1.000\) from the merged f16 with the LoRA on \S+-base-f16.gguf, "
                                 r"(\S+) without it", by["tiny-run-lora-f16.gguf", "lora_route"]).groups()
     assert float(route) < 1e-4 and float(alone) == pytest.approx(moved, rel=0.02)  # the base f16 file is the base in torch
-    stopped, in_torch = re.fullmatch(r"(\d) of 8 greedy answers stop by themselves, (\d) in torch",
-                                     by["tiny-run-q8_0.gguf", "stops"]).groups()
-    assert stopped == in_torch  # the tiny model stops as often in llama.cpp as in torch (not always: 6 steps)
+    stopped, in_torch = map(int, re.fullmatch(r"(\d) of 8 greedy answers stop by themselves, (\d) in torch",
+                                              by["tiny-run-q8_0.gguf", "stops"]).groups())
+    assert stopped >= in_torch / 2  # the rule (the tiny model, 6 steps, stops now and then either way)
 
 
 def test_an_altered_chat_template_names_the_example_and_token(tiny_export, first, tmp_path):
@@ -205,7 +205,7 @@ def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
     rt = load(tiny_export["merged:q8_0"], device="cpu")
     check = V.stop_check(rt, *first, [True] * 8)  # as if the model in torch stopped every time
     stopped = int(check.figure.split()[0])
-    assert stopped < 4 and not check.passed  # the tiny model (6 steps) stops in 3 of 8
+    assert stopped < 4 and not check.passed  # the tiny model (6 steps) rarely stops
     assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
                         r"limit of \d+ tokens", check.figure), check.figure
     never = V.stop_check(rt, *first, [False] * 8)
@@ -244,3 +244,22 @@ def test_a_base_without_a_chat_template_learns_to_end_where_llama_cpp_stops(tmp_
     assert checks["end_of_turn"]["figure"].startswith(f"answers end with {end!r} (")
     modelfile = (tmp_path / "o" / "Modelfile").read_text()
     assert (f'PARAMETER stop "{end}"' in modelfile) == (end == "</s>")  # Gemma's turns: Ollama's own template
+
+
+def test_a_run_on_plain_text_is_verified_on_its_logits(tiny_llama, tmp_path):
+    """Text data has no chat template or end of turn: those checks say so; the logits are checked."""
+    from tiny import CORPUS, cfg, write_jsonl
+
+    from edgelora.trainer import train
+
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": t} for t in CORPUS[:9]])
+    train(cfg(tiny_llama, data, tmp_path / "run", max_steps=2, eval_split=0.0, lr=2e-2))
+    r = run_cli("export", tmp_path / "run", "--quant", "f16", "--imatrix", "none", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    listed = json.loads((tmp_path / "o" / "manifest.json").read_text())["checks"]
+    checks = {c["name"]: c for c in listed}
+    assert len(listed) == len(checks) == 6 and checks["logits"]["passed"] and checks["adapter"]["passed"]
+    assert {n: c["figure"] for n, c in checks.items() if n not in ("logits", "adapter")} == {
+        "template": "not applicable: text data has no chat template", "end_of_turn": "not applicable: text data has "
+        "no chat template", "bos": "not applicable: text data has no chat template",
+        "stops": "not applicable: text data has no end of turn"}
