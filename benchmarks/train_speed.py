@@ -171,6 +171,11 @@ def main() -> None:
     print(f"| tokens/s | {best['edgelora']['tokens_per_s']:.0f} | {best['plain']['tokens_per_s']:.0f} | "
           f"{best['edgelora']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f} |")
     print(f"| {kind} (MB) | {mem['edgelora']:.0f} | {mem['plain']:.0f} | {mem['edgelora'] / mem['plain']:.2f} |")
+    speedup = best["edgelora"]["tokens_per_s"] / best["plain"]["tokens_per_s"]
+    floor = 2.0 if dev == "cuda" else 1.5  # issue #14
+    print(f"\n{'PASS' if speedup >= floor else 'MISS'}  tokens/s at least {floor}x the plain loop's: {speedup:.2f}x")
+    print(f"{'PASS' if mem['edgelora'] <= mem['plain'] else 'MISS'}  peak memory at most the plain loop's: "
+          f"{mem['edgelora']:.0f} vs {mem['plain']:.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=2))
 
