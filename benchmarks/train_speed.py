@@ -48,7 +48,8 @@ def child_edgelora(a, hf_dir: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, dict(base=hf_dir, data=str(DATA), out=f"{tmp}/run", method=a.method, rank=a.rank,
                                      batch_size=a.batch_size, seq_len=a.seq_len, max_steps=a.steps, device=a.device,
-                                     save_every=10**6, seed=0))
+                                     save_every=10**6, seed=0,
+                                     grad_checkpointing={"auto": None, "on": True, "off": False}[a.grad_checkpointing]))
         times = []
         res = train(cfg, on_step=lambda s, loss: times.append(time.perf_counter()) and None)
         tokens = [r["tokens"] for r in res.metrics if "tokens" in r]
@@ -134,6 +135,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times")
+    p.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="edgelora's gradient checkpointing (the plain loop's is on, as prepare_model_for_kbit_training sets)")
     p.add_argument("--child", choices=["edgelora", "plain"], help=argparse.SUPPRESS)
     p.add_argument("--hf-dir", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the results here")
@@ -166,7 +169,8 @@ def main() -> None:
     dev = best["edgelora"]["device"]
     kind = "GPU memory allocated" if dev == "cuda" else "peak RSS"
     print(f"\n{a.method} on {dev}, base {a.base}{' (random weights)' if a.random_weights else ''}, "
-          f"batch {a.batch_size}, seq-len {a.seq_len}, rank {a.rank}, {a.steps} steps ({a.warmup} warm-up)")
+          f"batch {a.batch_size}, seq-len {a.seq_len}, rank {a.rank}, {a.steps} steps ({a.warmup} warm-up), "
+          f"edgelora's gradient checkpointing {a.grad_checkpointing}")
     print("| | edgelora | plain PEFT+bnb | ratio |\n|---|---|---|---|")
     print(f"| tokens/s | {best['edgelora']['tokens_per_s']:.0f} | {best['plain']['tokens_per_s']:.0f} | "
           f"{best['edgelora']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f} |")
