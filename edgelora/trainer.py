@@ -331,13 +331,13 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, world: int = 1) -> Path:
     ckpt_root = run_dir / "checkpoints"
     final = checkpoint_dir(run_dir, step)
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp / "adapter")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, tmp / "state.pt")
+                    "rng": _rng_state(), "world_size": world}, tmp / "state.pt")
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -368,9 +368,10 @@ def read_checkpoint(ckpt: Path, device: str) -> tuple[dict, dict]:
     return weights, state
 
 
-def restore_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int, Path]:
+def restore_checkpoint(run_dir: Path, model, optimizer, scheduler, world: int = 1) -> tuple[int, Path]:
     """Load the newest checkpoint that reads whole into model, optimizer and scheduler; a damaged
-    one is reported and the one before it used. Returns (step, checkpoint)."""
+    one is reported and the one before it used. Returns (step, checkpoint). A run resumes with as
+    many processes as it had: each step's batch is batch_size x processes."""
     from peft import set_peft_model_state_dict
 
     device, damaged = str(next(model.parameters()).device), []
@@ -381,6 +382,9 @@ def restore_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[int,
             log.warning("%s; trying an older checkpoint", e)
             damaged.append(str(e))
             continue
+        if state.get("world_size", 1) != world:
+            raise EdgeloraError(f"--resume: {ckpt} was written by a run of {state.get('world_size', 1)} processes, "
+                                f"this one has {world}: launch it as it was launched")
         set_peft_model_state_dict(model, weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -538,7 +542,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler)
+        step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler, world)
         log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
         if main:
             _truncate_metrics(metrics_path, step)
@@ -574,10 +578,12 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
             step_loss = 0.0
             for k, chunk in enumerate(chunks):
                 last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
+                share = chunk[mine] or chunk[:1]  # an epoch's last batch may leave a process nothing: it
+                weight = world / n_targets if chunk[mine] else 0.0  # still joins the gradient sync, weighing 0
                 with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(loss_of):
-                    loss, _ = loss_of(*collate(chunk[mine], pad_id, device))
-                    (loss * world / n_targets).backward()  # DDP averages over the processes
-                step_loss += loss.item()
+                    loss, _ = loss_of(*collate(share, pad_id, device))
+                    (loss * weight).backward()  # DDP averages over the processes: world / n_targets undoes it
+                step_loss += loss.item() if chunk[mine] else 0.0
             if accelerator is not None:
                 step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -605,7 +611,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
             if stop or (step % cfg.save_every == 0 and step < total_steps):
                 ckpt = checkpoint_dir(run_dir, step)
                 if main:
-                    save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints)
+                    save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, world)
                 if accelerator is not None:
                     accelerator.wait_for_everyone()
                 if stop:

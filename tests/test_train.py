@@ -243,20 +243,23 @@ def test_gradient_checkpointing_is_chosen_from_the_memory(tiny_llama, chat_file,
         load_config(None, {"data": str(chat_file), "max_memory": "lots"})
 
 
-def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, chat_file, tmp_path):
+def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, tmp_path):
     """`torchrun --nproc_per_node 2 -m edgelora.cli train` (gloo on CPU, through Accelerate): each
-    process takes half of every global batch, and the run matches one process with the whole batch."""
+    process takes half of every global batch, and the run matches one process with the whole batch,
+    through an epoch whose last batch (1 of 21 examples) leaves the second process nothing."""
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
     from edgelora.config import save_config
+    from tiny import chat_rows, write_jsonl
 
-    one = cfg(tiny_llama, chat_file, tmp_path / "one", max_steps=3, batch_size=4, eval_split=0.0, save_every=2,
+    data = write_jsonl(tmp_path / "chat21.jsonl", chat_rows(21))
+    one = cfg(tiny_llama, data, tmp_path / "one", max_steps=7, batch_size=4, eval_split=0.0, save_every=2,
               grad_checkpointing=False)
     train(one)
-    two = cfg(tiny_llama, chat_file, tmp_path / "two", max_steps=3, batch_size=2, eval_split=0.0, save_every=2,
+    two = cfg(tiny_llama, data, tmp_path / "two", max_steps=7, batch_size=2, eval_split=0.0, save_every=2,
               grad_checkpointing=False)
     save_config(two, tmp_path / "two.yaml")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -264,7 +267,7 @@ def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, chat_file, 
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert summary["world_size"] == 2 and summary["steps"] == 7
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in ref]  # the same examples each step
