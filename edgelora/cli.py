@@ -243,6 +243,9 @@ def doctor(path, lora, data, base, as_json):
         info = result.info
         click.echo(f"{path}  {info['arch'] or '?'}  {info['name'] or ''}  {info['size_bytes'] / 2**20:.1f} MiB  "
                    f"{info['bpw']:.2f} bpw")
+        if info["card"]:  # who the file says it is (edgelora.card)
+            click.echo("  card  " + ", ".join(f"{k.removeprefix('general.')}={', '.join(map(str, v)) if isinstance(v, list) else v}"
+                                              for k, v in info["card"].items()))
         for c in result.checks:
             click.echo(f"  {'ok  ' if c.passed else 'FAIL'}  {c.name:<15} {c.figure}")
         bad = [c.name for c in result.checks if not c.passed]

@@ -47,6 +47,9 @@ def test_a_healthy_export_against_its_run(tiny_export, run_dir, chat_file):
     assert re.fullmatch(r"KL \S+, top-1 agreement 1.000 with the HF base \+ adapter in torch at \d+ answer positions of "
                         r"8 training examples", checks["logits"][1])
     assert r.output.strip().splitlines()[-1] == "verdict: healthy (10 checks)"
+    (card,) = [line for line in r.output.splitlines() if line.startswith("  card  ")]
+    assert card.startswith("  card  name=tiny-run, ") and ", finetune=tiny-run, " in card
+    assert "base_model.count=1" in card and "edgelora.base_model.sha256=" in card and "dataset.0.name=chat.jsonl" in card
     r = run_cli("doctor", tiny_export["merged:q8_0"], "--data", chat_file, "--json")
     report = json.loads(r.output)
     assert report["name"] == "tiny-run" and report["card"]["general.finetune"] == "tiny-run"
