@@ -138,11 +138,9 @@ def _base_model(base: Path) -> tuple[Path, Optional[Path]]:
 def _tokenizer(reader) -> V.Check:
     import gguf
 
-    def field(key):
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
+    from .inspect import field_value
 
-    model, pre = field(gguf.Keys.Tokenizer.MODEL), field(gguf.Keys.Tokenizer.PRE)
+    model, pre = field_value(reader, gguf.Keys.Tokenizer.MODEL), field_value(reader, gguf.Keys.Tokenizer.PRE)
     if model is None:
         return V.Check("tokenizer", False, "no tokenizer.ggml.model: llama.cpp cannot tokenise with this file")
     if model == "gpt2" and pre in (None, "default"):
@@ -152,11 +150,10 @@ def _tokenizer(reader) -> V.Check:
 
 
 def _special_tokens(reader, n_vocab: Optional[int]) -> V.Check:
-    found = {}
-    for name in SPECIAL:
-        f = reader.fields.get(f"tokenizer.ggml.{name}_token_id")
-        if f is not None:
-            found[name] = int(f.contents())
+    from .inspect import field_value
+
+    ids = {name: field_value(reader, f"tokenizer.ggml.{name}_token_id") for name in SPECIAL}
+    found = {name: int(token) for name, token in ids.items() if token is not None}
     for name, token in found.items():
         if n_vocab is None or not 0 <= token < n_vocab:
             return V.Check("special_tokens", False, f"tokenizer.ggml.{name}_token_id {token} is outside the "

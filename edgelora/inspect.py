@@ -52,7 +52,7 @@ def read_gguf(path: Path | str) -> gguf.GGUFReader:
         raise EdgeloraError(f"{path}: not a GGUF file, or truncated ({type(e).__name__}: {e})") from None
 
 
-def _field(reader: gguf.GGUFReader, key: str):
+def field_value(reader: gguf.GGUFReader, key: str):
     field = reader.fields.get(key)
     return None if field is None else field.contents()
 
@@ -73,17 +73,17 @@ def inspect_gguf(path: Path | str) -> dict:
     """Metadata and per-tensor types of a GGUF; shapes are in llama.cpp order (row length first)."""
     path = Path(path)
     reader = read_gguf(path)
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
     tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
                 "n_elements": int(t.n_elements), "bytes": int(t.n_bytes)} for t in reader.tensors]
     n_params = sum(t["n_elements"] for t in tensors)
     tensor_bytes = sum(t["bytes"] for t in tensors)
     info = {
         "path": str(path),
-        "type": _field(reader, gguf.Keys.General.TYPE) or "model",
+        "type": field_value(reader, gguf.Keys.General.TYPE) or "model",
         "arch": arch,
-        "name": _field(reader, gguf.Keys.General.NAME),
-        "file_type": _file_type(_field(reader, gguf.Keys.General.FILE_TYPE)),
+        "name": field_value(reader, gguf.Keys.General.NAME),
+        "file_type": _file_type(field_value(reader, gguf.Keys.General.FILE_TYPE)),
         "size_bytes": path.stat().st_size,
         "n_params": n_params,
         "tensor_bytes": tensor_bytes,
@@ -92,10 +92,10 @@ def inspect_gguf(path: Path | str) -> dict:
         "class_types": class_types(tensors),
         "vocab_size": _vocab_size(reader),
     }
-    info["card"] = {k: _field(reader, k) for k in reader.fields if is_card_key(k)}
-    info.update({k: _field(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
+    info["card"] = {k: field_value(reader, k) for k in reader.fields if is_card_key(k)}
+    info.update({k: field_value(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
     if info["type"] == "adapter":
-        info["lora_alpha"] = _field(reader, gguf.Keys.Adapter.LORA_ALPHA)
+        info["lora_alpha"] = field_value(reader, gguf.Keys.Adapter.LORA_ALPHA)
     info["tensors"] = tensors
     return info
 
