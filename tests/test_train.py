@@ -296,7 +296,8 @@ def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama
     items, _ = D.tokenize_all(tok, D.read_jsonl(chat_file)[0], c.seq_len)
     torch.manual_seed(c.seed)
     random.seed(c.seed)
-    model = add_adapter(load_model(tiny_llama, "lora", "cpu", torch.float32), c, "lora", checkpointing=False)
+    model = add_adapter(load_model(tiny_llama, "lora", "cpu", torch.float32), c, "lora", checkpointing=False,
+                        lean_layers=False)  # the plain PEFT layers
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(opt, 1, 5)
@@ -313,3 +314,91 @@ def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama
         opt.zero_grad(set_to_none=True)
         plain.append(loss.item())
     assert ours == pytest.approx(plain, rel=2e-4) and ours[-1] < ours[0]
+
+
+def test_dropout_linear_is_dropout_then_linear():
+    """The fused LoRA dropout + lora_A: the output and both gradients of F.linear(dropout(x), W)
+    with the same mask (drawn as rand >= p from torch's generator), and plain F.linear in eval."""
+    import torch.nn.functional as F
+
+    from edgelora.lean import DropoutLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 4, bias=False)
+    fused = DropoutLinear(linear, 0.3)
+    assert fused.weight is linear.weight
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    grad = torch.randn(3, 5, 4)
+    torch.manual_seed(7)
+    out = fused(x)
+    got = torch.autograd.grad(out, (x, linear.weight), grad)
+    torch.manual_seed(7)
+    keep = torch.rand_like(x) >= 0.3
+    assert 0.15 < 1 - keep.float().mean() < 0.45
+    ref = F.linear(x * keep / 0.7, linear.weight)
+    want = torch.autograd.grad(ref, (x, linear.weight), grad)
+    assert torch.allclose(out, ref, atol=1e-6)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+    fused.eval()
+    assert torch.equal(fused(x), F.linear(x, linear.weight))
+
+
+@pytest.mark.parametrize("arch, method", [("tiny_llama", "qlora"), ("tiny_qwen2", "lora"), ("gemma3", "lora")])
+def test_lean_layers_keep_the_math_and_less_memory(request, tiny_tokenizer, tmp_path, arch, method):
+    """With the lean layers (fused LoRA dropout, gated MLP product recomputed): without dropout the
+    same loss and adapter gradients; with dropout the same eval logits and adapter keys, a
+    training forward that does drop, and under 70% of the activation bytes autograd keeps."""
+    from edgelora import trainer as T
+
+    base = _gemma3_softcapped(tmp_path / "g", tiny_tokenizer) if arch == "gemma3" else request.getfixturevalue(arch)
+    ids = torch.randint(3, 200, (2, 24))
+    labels = ids.clone()
+    mask = torch.ones_like(ids)
+
+    def build(dropout, lean_layers):
+        c = load_config(None, {"rank": 4, "dropout": dropout, "targets": "all-linear"})
+        torch.manual_seed(0)
+        model = T.add_adapter(T.load_model(base, method, "cpu", torch.float32), c, method, checkpointing=False,
+                              lean_layers=lean_layers)
+        for name, p in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
+        return model
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss, _ = T.summed_loss(model, ids, labels, mask)
+        loss.backward()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads(build(0.0, False))
+    lean_loss, lean_grads = loss_and_grads(build(0.0, True))
+    assert torch.allclose(lean_loss, plain_loss, rtol=1e-5)
+    assert plain_grads.keys() == lean_grads.keys()
+    for name, g in lean_grads.items():
+        assert torch.allclose(g, plain_grads[name], rtol=1e-4, atol=1e-6), name
+
+    def kept_bytes(model):  # activations: storages autograd keeps that are not the model's own
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            T.summed_loss(model, ids, labels, mask)
+        return sum(storages.values())
+
+    plain, lean = build(0.1, False), build(0.1, True)
+    assert plain.state_dict().keys() == lean.state_dict().keys()
+    assert any(type(m).__name__ == "DropoutLinear" for m in lean.modules())
+    assert kept_bytes(lean) < 0.7 * kept_bytes(plain)
+    with torch.no_grad():
+        plain.eval(), lean.eval()
+        eval_logits = lean(input_ids=ids).logits
+        assert torch.allclose(eval_logits, plain(input_ids=ids).logits, atol=1e-5)
+    lean.train()
+    assert not torch.allclose(lean(input_ids=ids).logits, eval_logits, atol=1e-4)  # dropout applied
