@@ -9,7 +9,7 @@ dropout's float noise and the dropped input each LoRA branch keeps):
     x for every adapted layer (q, k and v each their own). `DropoutLinear` keeps x (shared by the
     layers that read it), a one-byte mask, and recomputes the dropped input in backward.
   - Gated MLPs `down(act(gate(x)) * up(x))`: autograd keeps gate(x), act(gate(x)) and up(x);
-    `GatedProduct` keeps gate(x) and up(x) and recomputes the activation (elementwise, cheap).
+    `_GatedProduct` keeps gate(x) and up(x) and recomputes the activation (elementwise, cheap).
 
 Nothing is recomputed that costs a matrix multiply, so unlike gradient checkpointing this costs
 no speed; `lean(model)` applies both to a PEFT model in place.
@@ -91,7 +91,7 @@ GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # mlp: down(a
 
 def lean(model) -> dict[str, int]:
     """Swap the LoRA dropout + lora_A of every plain LoRA layer (not DoRA) for DropoutLinear and
-    the MLP product of GATED_MLP families for GatedProduct, in place. Returns how many of each."""
+    the MLP product of GATED_MLP families for _GatedProduct, in place. Returns how many of each."""
     counts = {"lora": 0, "mlp": 0}
     for module in list(model.modules()):
         dropouts, loras = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
