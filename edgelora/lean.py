@@ -89,10 +89,9 @@ def _gated_mlp_forward(self, x):
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # mlp: down(act(gate(x)) * up(x))
 
 
-def lean(model) -> dict[str, int]:
+def lean(model) -> None:
     """Swap the LoRA dropout + lora_A of every plain LoRA layer (not DoRA) for DropoutLinear and
-    the MLP product of GATED_MLP families for _GatedProduct, in place. Returns how many of each."""
-    counts = {"lora": 0, "mlp": 0}
+    the MLP product of GATED_MLP families for _GatedProduct, in place."""
     for module in list(model.modules()):
         dropouts, loras = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
         if dropouts is None or loras is None:
@@ -102,10 +101,7 @@ def lean(model) -> dict[str, int]:
                     and name not in getattr(module, "lora_variant", {})):
                 loras[name] = DropoutLinear(loras[name], drop.p)
                 dropouts[name] = torch.nn.Identity()
-                counts["lora"] += 1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if base.config.model_type in GATED_MLP:
         for layer in base.get_decoder().layers:
             layer.mlp.forward = types.MethodType(_gated_mlp_forward, layer.mlp)
-            counts["mlp"] += 1
-    return counts
