@@ -19,17 +19,19 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import EdgeloraError
+from .verify import EXAMPLES as VERIFY_EXAMPLES
 from .io import atomic_write_json, output_folder, read_json
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
 TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
 MODES = {  # steps of 8 examples; eval loss while training (quick: none); examples benched (None: all 60); torch row;
-    # the task importance matrix, the auto file and the +grammar bench rows (quick: none, to stay within 5 minutes)
-    "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=12, hf=False, imatrix="none",
-                  target_size=None, json_schema=None),
+    # the task importance matrix, the auto file and the +grammar bench rows (quick: none); training examples the
+    # export is verified on (quick: fewer). The quick demo stays within 5 minutes on 2 cores.
+    "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=8, hf=False, imatrix="none",
+                  target_size=None, json_schema=None, verify_examples=4),
     "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True, imatrix="auto",
-                 target_size=TARGET_SIZE, json_schema="auto"),
+                 target_size=TARGET_SIZE, json_schema="auto", verify_examples=VERIFY_EXAMPLES),
 }
 
 
@@ -105,7 +107,7 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     budget = f" + auto (to {m['target_size']})" if m["target_size"] else ""
     stage("export", (export_dir / "manifest.json").is_file(), f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF",
           lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True, imatrix=m["imatrix"],
-                         target_size=m["target_size"]))
+                         target_size=m["target_size"], verify_examples=m["verify_examples"]))
     stage("before", (base_dir / "bench" / "report.json").is_file(), "the untrained base at f16 and q4_k_m, benched",
           lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
                    bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))

@@ -124,7 +124,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
            imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
            target_size: Optional[str | int] = None, target_bpw: Optional[float] = None,
-           keep_better: bool = True, name: Optional[str] = None, verify: bool = True) -> ExportResult:
+           keep_better: bool = True, name: Optional[str] = None, verify: bool = True,
+           verify_examples: int = V.EXAMPLES) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
@@ -134,8 +135,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     keep_better: where an imatrix was used, also quantise without it and keep the file with the
     lower KL on held-out training examples (both KLs are in the manifest either way).
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
-    verify: check the written files against the run's own training examples (edgelora.verify);
-    the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
+    verify: check the written files against the run's first `verify_examples` training examples
+    (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .inspect import inspect_gguf
 
@@ -146,6 +147,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
     budgeted = target_size is not None or target_bpw is not None
     plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
+    if verify and verify_examples < 1:
+        raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
     if imatrix_tokens < 1:
         raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
     taken = [p for p in plan.outputs.values() if p.exists()]
@@ -153,7 +156,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
     output_folder(plan.out_dir)
     wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
-    calibration = _calibration(plan, imatrix_data, needed=wants_imatrix or budgeted) if (
+    calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
         wants_imatrix or budgeted or verify) else None
     if budgeted and calibration is None:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
@@ -192,8 +195,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             probe = _probe(f16, calibration) if measures else None
             for q, path in wanted.items():
                 if q == AUTO:
-                    results[f"{role}:{q}"], budgets[f"{role}:{q}"] = _budgeted(
-                        f16, path, importance, probe, target_size, target_bpw)
+                    results[f"{role}:{q}"], budgets[f"{role}:{q}"], checks[f"{role}:{q}"] = _budgeted(
+                        f16, path, importance, probe, target_size, target_bpw, wants_imatrix and keep_better)
                 elif q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
                     results[f"{role}:{q}"], checks[f"{role}:{q}"] = _quantize_checked(
@@ -294,9 +297,9 @@ def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration
                      "entries": len(imatrix.sums)}
 
 
-def _calibration(plan: ExportPlan, data: Optional[str], needed: bool = True) -> Optional[Calibration]:
+def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool = True) -> Optional[Calibration]:
     """The run's own training examples through its tokenizer and chat template, or `data` through
-    the base's for a plain conversion; None for a plain conversion without data, or (not `needed`:
+    the base's for a plain conversion, the `first` of them also whole (for verification); None for a plain conversion without data, or (not `needed`:
     for verification alone) when the run's data has gone."""
     from .config import load_config
     from .trainer import load_tokenizer
@@ -321,8 +324,8 @@ def _calibration(plan: ExportPlan, data: Optional[str], needed: bool = True) -> 
     if shape != "text":
         D.ensure_chat_template(tok)
     tokenized, _ = D.tokenize_all(tok, examples, seq_len, what=str(source))
-    first = [(ex, D.tokenize_example(tok, ex)) for ex in examples[:V.EXAMPLES]]  # whole: not cut to seq_len
-    return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name, first)
+    whole = [(ex, D.tokenize_example(tok, ex)) for ex in examples[:first]]  # not cut to seq_len
+    return Calibration([(t.input_ids, t.labels) for t in tokenized], Path(source).name, whole)
 
 
 def _probe(f16: Path, calibration: Calibration):
@@ -334,7 +337,7 @@ def _probe(f16: Path, calibration: Calibration):
     return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:32], f16.parent)
 
 
-def _quantize_checked(f16: Path, dst: Path, quant: str, importance: Optional[IM.IMatrix], probe,
+def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optional[IM.IMatrix], probe,
                       keep_better: bool = True) -> tuple[dict, Optional[dict]]:
     """`quant` with the importance matrix where it helps, measured: where the probe can measure (KL
     from the f16 on held-out training examples), the file is also made without the matrix and, if
@@ -422,13 +425,14 @@ def _weight_groups(names, parts: int = 3) -> dict[str, list[str]]:
     return groups
 
 
-def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
-              target_size, target_bpw: Optional[float]) -> tuple[dict, dict]:
-    """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured."""
+def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, target_size,
+              target_bpw: Optional[float], keep_better: bool) -> tuple[dict, dict, Optional[dict]]:
+    """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured;
+    with `keep_better`, quantised to those types with and without the importance matrix as
+    _quantize_checked does for a fixed quant (the types, so the size, are the same either way)."""
     import gguf
 
     from . import budget as B
-    from .quantize import quantize
 
     reader = gguf.GGUFReader(f16)
     weights = [t for t in reader.tensors if B.quantisable(t.name, t.shape)]
@@ -452,17 +456,17 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe,
     preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
     log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
              target / 2**20)
-    result = quantize(f16, dst, preset, imatrix=importance)
+    result, check = _quantize_checked(f16, dst, preset, importance, probe if keep_better else None)
     size = dst.stat().st_size
     if size > target:
         dst.unlink()
         raise EdgeloraError(f"{dst}: {size / 2**20:.2f} MiB came out over the target of "
                             f"{target / 2**20:.2f} MiB")
-    measured = probe.measure(dst)
-    return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": dst.stat().st_size,
+    measured = check["kl_kept"] if check else probe.measure(dst)
+    return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": size,
                     "predicted_kl": choice.predicted_kl, "measured_kl": measured,
                     "kl_sequences": len(probe.rows), "sensitivity": choice.sensitivity,
-                    "class_types": result["class_types"]}
+                    "class_types": result["class_types"]}, check
 
 
 def _copy_schema(plan: ExportPlan) -> Optional[dict]:

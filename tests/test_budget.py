@@ -92,7 +92,11 @@ def test_the_budgeted_file_meets_the_target_and_reports_its_choice(budgeted):
     out, manifest = budgeted
     auto = next(o for o in manifest["outputs"] if o["role"] == "merged:auto")
     path = out / auto["file"]
-    assert auto["file"] == "tiny-run-auto.gguf" and auto["imatrix"] and auto["fallbacks"]["count"] == 0
+    assert auto["file"] == "tiny-run-auto.gguf" and auto["fallbacks"]["count"] == 0
+    check = auto["imatrix_check"]  # the budget's types made with and without the matrix: the lower KL kept
+    made = [check["kl_with_imatrix"], check["kl_without"]] + ([check["kl_chosen"]] if check["kl_chosen"] else [])
+    assert check["kl_kept"] == min(made) == manifest["budget"]["measured_kl"]
+    assert auto["imatrix"] == check["imatrix_kept"]
     assert 900_000 <= path.stat().st_size <= 1_000_000
     info = inspect_gguf(path)
     b = manifest["budget"]

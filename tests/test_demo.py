@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgelora.cli import main
-from edgelora.demo import demo_data
+from edgelora.demo import MODES, demo_data
 from test_models import needs_smollm2
 
 pytestmark = [pytest.mark.slow, needs_smollm2]
@@ -31,7 +31,7 @@ def test_training_beats_the_base_for_f16_and_q4_k_m(quick_demo):
         assert s["after"] >= 0.75, (quant, s)
     before = json.loads((out / "base" / "bench" / "report.json").read_text())
     after = json.loads((out / "run" / "export" / "bench" / "report.json").read_text())
-    assert before["expected"] == after["expected"] and after["examples"] == summary["examples"] == 12
+    assert before["expected"] == after["expected"] and after["examples"] == summary["examples"] == MODES["quick"]["limit"]
     assert {r["label"] for r in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora"}
     assert summary["example"]["after"].strip() == summary["example"]["expected"]
 

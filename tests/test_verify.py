@@ -13,6 +13,7 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metada
 from edgelora import data as D
 from edgelora import exporter as E
 from edgelora import verify as V
+from edgelora.errors import EdgeloraError
 from edgelora.runtime import load
 from test_cli import assert_one_line_error, run_cli
 from tiny import CHATML
@@ -29,7 +30,7 @@ def run_dir(tiny_export) -> Path:
 def first(run_dir, tmp_path_factory):
     """The run's first training examples and the token ids training made of them."""
     plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path_factory.mktemp("plan")))
-    examples, trained = zip(*E._calibration(plan, None).first)
+    examples, trained = zip(*E._calibration(plan, None, V.EXAMPLES).first)
     return list(examples), list(trained)
 
 
@@ -70,6 +71,16 @@ def test_every_export_passes_and_says_so(tiny_export):
     stopped, in_torch = map(int, re.fullmatch(r"(\d) of 8 greedy answers stop by themselves, (\d) in torch",
                                               by["tiny-run-q8_0.gguf", "stops"]).groups())
     assert stopped >= in_torch / 2  # the rule (the tiny model, 6 steps, stops now and then either way)
+
+
+def test_fewer_examples_verified_when_asked(run_dir, tmp_path):
+    """The quick demo verifies on 4 examples: the figures say how many, and fewer than one is refused."""
+    result = E.export(str(run_dir), quants=["f16"], out=str(tmp_path / "o"), imatrix="none", verify_examples=2)
+    logits = next(c for c in result.checks if c["name"] == "logits")
+    assert logits["passed"] and logits["figure"].endswith("answer positions of 2 training examples")
+    with pytest.raises(EdgeloraError, match="verify_examples must be at least 1, not 0"):
+        E.export(str(run_dir), quants=["f16"], out=str(tmp_path / "p"), imatrix="none", verify_examples=0)
+    assert not (tmp_path / "p").exists()
 
 
 def test_an_altered_chat_template_names_the_example_and_token(tiny_export, first, tmp_path):
