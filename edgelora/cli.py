@@ -104,6 +104,10 @@ def main(verbose: bool) -> None:
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
               help="Trade compute for memory. [default: on only where the activations would not fit --max-memory]")
 @click.option("--max-memory", metavar="SIZE", help="Memory training may use, e.g. 8GiB. [default: what is free]")
+@click.option("--fsdp/--no-fsdp", default=None,
+              help="Under torchrun / accelerate launch: shard the model over the processes (PyTorch FSDP2, a unit per "
+                   "decoder block) instead of a copy in each (DDP), for a model too large for one device; LoRA/DoRA "
+                   "(a 4-bit QLoRA base is not sharded). [default: off]")
 @click.option("--json-schema/--no-json-schema", default=None,
               help="When every answer is JSON, infer its schema into RUN_DIR/schema.json. [default: on]")
 @click.option("--eval-every", type=int, help="Steps between eval-loss measurements. [default: 50]")

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     grad_checkpointing: Optional[bool] = None  # None: on only where the activations would not fit the memory
     max_memory: Optional[str] = None  # the memory training may use (e.g. 8GiB); default: what is free
+    fsdp: bool = False  # several processes: shard the model over them (FSDP2) instead of copying it to each (DDP)
     json_schema: bool = True  # JSON answers: infer their schema into schema.json (export ships it)
     eval_every: int = 50
     save_every: int = 100

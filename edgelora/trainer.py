@@ -306,13 +306,15 @@ class TargetLoss(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model, items: list[D.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
-    model.eval()
+def evaluate(loss_of: TargetLoss, items: list[D.Tokenized], batch_size: int, pad_id: int, device: str) -> float:
+    """Mean loss per target token of `items`; under FSDP every process runs it (each forward
+    gathers the weights from all of them)."""
+    loss_of.eval()
     total, count = 0.0, 0
     for i in range(0, len(items), batch_size):
-        loss, n = summed_loss(model, *collate(items[i:i + batch_size], pad_id, device))
+        loss, n = loss_of(*collate(items[i:i + batch_size], pad_id, device))
         total, count = total + loss.item(), count + n
-    model.train()
+    loss_of.train()
     return total / max(count, 1)
 
 
@@ -336,13 +338,29 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, world: int = 1) -> Path:
+def trainable_state(model, optimizer, sharded: bool) -> tuple[Optional[dict], dict]:
+    """(adapter weights by parameter name, optimizer state) as one process holds them: None and
+    the optimizer's own state unsharded; sharded (FSDP), gathered from every process (each must
+    call this) into the main one's CPU memory (the others get empty dicts)."""
+    if not sharded:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, state: tuple[Optional[dict], dict], scheduler, keep: int,
+                    world: int = 1) -> Path:
+    """`state`: trainable_state's. A sharded run's checkpoint also keeps the weights under the
+    model's own parameter names, which restoring them into the shards needs."""
     ckpt_root = run_dir / "checkpoints"
     final = checkpoint_dir(run_dir, step)
+    weights, optimizer_state = state
     with atomic_path(final) as tmp:
-        model.save_pretrained(tmp / "adapter")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "world_size": world}, tmp / "state.pt")
+        model.save_pretrained(tmp / "adapter", state_dict=weights)
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "world_size": world, "sharded_weights": weights}, tmp / "state.pt")
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -373,10 +391,11 @@ def read_checkpoint(ckpt: Path, device: str) -> tuple[dict, dict]:
     return weights, state
 
 
-def restore_checkpoint(run_dir: Path, model, optimizer, scheduler, world: int = 1) -> tuple[int, Path]:
+def restore_checkpoint(run_dir: Path, model, optimizer, scheduler, world: int = 1,
+                       sharded: bool = False) -> tuple[int, Path]:
     """Load the newest checkpoint that reads whole into model, optimizer and scheduler; a damaged
     one is reported and the one before it used. Returns (step, checkpoint). A run resumes with as
-    many processes as it had: each step's batch is batch_size x processes."""
+    many processes as it had (each step's batch is batch_size x processes), sharded if it was."""
     from peft import set_peft_model_state_dict
 
     device, damaged = str(next(model.parameters()).device), []
@@ -390,8 +409,18 @@ def restore_checkpoint(run_dir: Path, model, optimizer, scheduler, world: int = 
         if state.get("world_size", 1) != world:
             raise EdgeloraError(f"--resume: {ckpt} was written by a run of {state.get('world_size', 1)} processes, "
                                 f"this one has {world}: launch it as it was launched")
-        set_peft_model_state_dict(model, weights)
-        optimizer.load_state_dict(state["optimizer"])
+        if (state.get("sharded_weights") is not None) != sharded:
+            raise EdgeloraError(f"--resume: {ckpt} was written by a run {'with' if not sharded else 'without'} "
+                                f"--fsdp: launch it as it was launched")
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=state["sharded_weights"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            set_peft_model_state_dict(model, weights)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         return int(state["step"]), ckpt
@@ -490,6 +519,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
 
     accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
     main = accelerator is None or accelerator.is_main_process  # only it writes and reports
+    if not main:
+        log.setLevel(logging.WARNING)  # one copy of each line: the main process's
     world = 1 if accelerator is None else accelerator.num_processes
     base = resolve_base(cfg.base)
     digest = base_hash(base)
@@ -498,7 +529,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         accelerator.wait_for_everyone()
         hf_dir = materialise(base, digest)  # made by the main process, found by the others
     device = pick_device(cfg.device) if accelerator is None else str(accelerator.device)
-    method = pick_method(cfg.method, device)
+    method = pick_method("lora" if cfg.fsdp and cfg.method == "auto" else cfg.method, device)
+    sharded = _check_fsdp(cfg, method, world)
     dtype = compute_dtype(device)
     tok = load_tokenizer(hf_dir)
     added = D.ensure_chat_template(tok)
@@ -530,6 +562,11 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     model = add_adapter(model, cfg, method, checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
+    if sharded:  # before the optimizer: FSDP replaces the parameters with their shards
+        loss_of = shard(TargetLoss(model), device, world)
+    else:
+        loss_of = TargetLoss(model) if accelerator is None else accelerator.prepare(TargetLoss(model))
+    scorer = loss_of if sharded else TargetLoss(model)  # eval: sharded, every process runs it; else the main one
     params = [p for p in model.parameters() if p.requires_grad]
     if device == "cuda" and method == "qlora":
         import bitsandbytes as bnb
@@ -537,7 +574,6 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    loss_of = TargetLoss(model) if accelerator is None else accelerator.prepare(TargetLoss(model))
     per_step = cfg.batch_size * cfg.grad_accum * world
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -547,7 +583,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler, world)
+        step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler, world, sharded)
         log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
         if main:
             _truncate_metrics(metrics_path, step)
@@ -564,9 +600,11 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     rank = 0 if accelerator is None else accelerator.process_index
     mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     metrics, last_loss, first_eval = [], float("nan"), None
-    if eval_set and step == 0 and main:
-        first_eval = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
-        _log_metric(metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
+    evaluating = bool(eval_set) and (main or sharded)
+    if evaluating and step == 0:
+        first_eval = evaluate(scorer, eval_set, cfg.batch_size, pad_id, device)
+        if main:
+            _log_metric(metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
@@ -585,7 +623,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
                 last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
                 share = chunk[mine] or chunk[:1]  # an epoch's last batch may leave a process nothing: it
                 weight = world / n_targets if chunk[mine] else 0.0  # still joins the gradient sync, weighing 0
-                with contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(loss_of):
+                with _sync_if(last, loss_of, accelerator, sharded):
                     loss, _ = loss_of(*collate(share, pad_id, device))
                     (loss * weight).backward()  # DDP averages over the processes: world / n_targets undoes it
                 step_loss += loss.item() if chunk[mine] else 0.0
@@ -603,8 +641,8 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
                 raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
             row = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                    "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-            if eval_set and main and (step % cfg.eval_every == 0 or step == total_steps):
-                row["eval_loss"] = round(evaluate(model, eval_set, cfg.batch_size, pad_id, device), 5)
+            if evaluating and (step % cfg.eval_every == 0 or step == total_steps):
+                row["eval_loss"] = round(evaluate(scorer, eval_set, cfg.batch_size, pad_id, device), 5)
             if main:
                 _log_metric(metrics_path, metrics, row)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}",
@@ -615,20 +653,22 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
                 stop = bool(accelerator.reduce(torch.tensor(int(stop), device=device), "sum").item())
             if stop or (step % cfg.save_every == 0 and step < total_steps):
                 ckpt = checkpoint_dir(run_dir, step)
+                state = trainable_state(model, optimizer, sharded)
                 if main:
-                    save_checkpoint(run_dir, step, model, optimizer, scheduler, cfg.keep_checkpoints, world)
+                    save_checkpoint(run_dir, step, model, state, scheduler, cfg.keep_checkpoints, world)
                 if accelerator is not None:
                     accelerator.wait_for_everyone()
                 if stop:
                     bar.close()
                     raise TrainingInterrupted(step, ckpt)
     bar.close()
+    weights, _ = trainable_state(model, optimizer, sharded)
     if not main:
         accelerator.wait_for_everyone()  # the main process writes the adapter and the summary
         return TrainResult(run_dir, json.loads((run_dir / "summary.json").read_text()), metrics, main=False)
 
     with atomic_path(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         cfg_path = tmp / "adapter_config.json"
         adapter_cfg = json.loads(cfg_path.read_text())
         adapter_cfg["base_model_name_or_path"] = str(hf_dir)
@@ -642,6 +682,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         "data": str(cfg.data), "data_format": shape, "method": method, "dora": cfg.dora, "rslora": cfg.rslora,
         "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device,
         "compute_dtype": str(dtype).replace("torch.", ""), "grad_checkpointing": checkpointing, "world_size": world,
+        "fsdp": sharded,
         "trainable_params": trainable, "total_params": total_params,
         "train_examples": len(train_set), "eval_examples": len(eval_set),
         "truncated_examples": train_stats.truncated + eval_stats.truncated,
@@ -671,6 +712,50 @@ def _accelerator(device: str):
     from accelerate import Accelerator
 
     return Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+
+
+def _check_fsdp(cfg: TrainConfig, method: str, world: int) -> bool:
+    """Whether this run shards the model (--fsdp), refusing what FSDP cannot do here."""
+    if not cfg.fsdp:
+        return False
+    if world < 2:
+        raise EdgeloraError("--fsdp shards the model over several processes: launch with "
+                            "torchrun --nproc_per_node N -m edgelora.cli train ... (or accelerate launch)")
+    if method == "qlora":
+        raise EdgeloraError("--fsdp: a 4-bit (QLoRA) base is not sharded here; use --method lora")
+    return True
+
+
+def shard(loss_of: TargetLoss, device: str, world: int) -> TargetLoss:
+    """PyTorch FSDP2 (`fully_shard`) over the processes: each decoder block (the model's
+    `_no_split_modules`) is a unit whose weights are gathered for its forward and backward and
+    sharded again after; the embedding, final norm and head are the root's. Accelerate hands
+    FSDP only to GPU processes, so this calls the torch API it calls, on any device."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+    blocks = set(getattr(loss_of.model.get_base_model(), "_no_split_modules", None) or ())
+    units = [m for m in loss_of.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise EdgeloraError(f"--fsdp: {type(loss_of.model.get_base_model()).__name__} names no decoder block "
+                            "class (_no_split_modules) to shard by")
+    whole = sum(p.numel() for p in loss_of.parameters())
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(loss_of, mesh=mesh)
+    held = sum(p.to_local().numel() for p in loss_of.parameters())
+    log.info("FSDP: %d decoder blocks and the rest sharded over %d processes; this one holds %.0f%% of the "
+             "weights between uses", len(units), world, 100 * held / whole)
+    return loss_of
+
+
+def _sync_if(last: bool, loss_of, accelerator, sharded: bool):
+    """The processes synchronise gradients once per step, in the backward of its last micro-batch."""
+    if sharded:
+        loss_of.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if accelerator is None or last else accelerator.no_sync(loss_of)
 
 
 def _answer_schema(cfg: TrainConfig, shape: str, examples: list) -> Optional[dict]:

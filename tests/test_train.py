@@ -278,6 +278,63 @@ def test_two_processes_train_as_one_with_twice_the_batch(tiny_llama, tmp_path):
     assert not (tmp_path / "two" / "checkpoints").exists()  # written at step 2 by one process, removed at the end
 
 
+def _fsdp_worker(rank: int, world: int, port: int, config: dict, stop_at, resume: bool) -> None:
+    """One process of a `torchrun --nproc_per_node 2` launch (the environment torchrun sets)."""
+    import os
+
+    from edgelora.config import TrainConfig
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(**config), resume=resume, on_step=None if stop_at is None else lambda s, _: s == stop_at)
+    except TrainingInterrupted:
+        pass
+
+
+def test_fsdp_shards_over_two_processes_resumes_and_trains_as_one(tiny_llama, tmp_path):
+    """--fsdp with two CPU processes (gloo): stopped after step 3 (a checkpoint gathered from the
+    shards), resumed to step 7, it matches one process with the whole batch: the same examples,
+    losses and eval losses, and the same adapter."""
+    import dataclasses
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    from tiny import chat_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "chat21.jsonl", chat_rows(21))
+    common = dict(max_steps=7, eval_split=0.2, eval_every=3, save_every=100, grad_checkpointing=False)
+    one = cfg(tiny_llama, data, tmp_path / "one", batch_size=4, **common)
+    train(one)
+    two = dataclasses.asdict(cfg(tiny_llama, data, tmp_path / "two", batch_size=2, fsdp=True, **common))
+    for stop_at, resume in ((3, False), (None, True)):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.spawn(_fsdp_worker, args=(2, port, two, stop_at, resume), nprocs=2, join=True)
+        if stop_at:
+            assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-0000003"]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["fsdp"] and summary["steps"] == 7
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in rows] == [sorted(r) for r in ref] and len(rows) == 1 + 7  # step 0's eval, 7 steps
+    for key in ("tokens", "loss", "eval_loss"):
+        assert [r.get(key, 0) for r in rows] == pytest.approx([r.get(key, 0) for r in ref], rel=1e-4), key
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fsdp_refuses_one_process_and_a_4bit_base(tiny_llama, chat_file, tmp_path):
+    with pytest.raises(EdgeloraError, match="--fsdp shards the model over several processes: launch with torchrun"):
+        train(cfg(tiny_llama, chat_file, tmp_path / "r", fsdp=True))
+    assert not (tmp_path / "r").exists()
+
+
 def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama, chat_file, tmp_path):
     """edgelora's loop (head only at targets, grouped batches, its own loss sum) against the plain
     PEFT loop: model(..., labels=...).loss on the same batches, AdamW, cosine schedule."""
