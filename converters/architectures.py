@@ -36,6 +36,12 @@ class Arch:
     # llama.cpp's llama graph applies RoPE to interleaved pairs, HF to rotated halves:
     # the Q/K rows (of the weights, biases and LoRA B matrices) must be re-ordered.
     permute_qk: bool = False
+    # The config key of the MLP's activation and the one llama.cpp's graph for it computes.
+    activation: tuple[str, str] = ("hidden_act", "silu")
+    # Whether llama.cpp's graph rotates only part of each head (partial_rotary_factor < 1).
+    partial_rotary: bool = False
+    # Whether the config may have sliding-window layers (add_metadata then writes or refuses them).
+    sliding_window: bool = False
     hparams: dict[str, tuple[str, ...]] = field(default_factory=lambda: COMMON_HPARAMS)
     # Config values the HF config class supplies when config.json leaves them out.
     defaults: dict = field(default_factory=dict)
@@ -65,9 +71,6 @@ def gemma3_metadata(writer: gguf.GGUFWriter, config: dict, source: str) -> None:
     for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
         if config.get(key):
             raise ConvertError(f"{source}: {key} is not supported by llama.cpp's gemma3")
-    if config["hidden_activation"] != "gelu_pytorch_tanh":
-        raise ConvertError(f"{source}: hidden_activation {config['hidden_activation']!r} is not supported "
-                           "by llama.cpp's gemma3 (gelu_pytorch_tanh)")
     # What Gemma3 checkpoints use, and what is checked against transformers: linear scaling, global layers only.
     local, scaling = rope_parameters(config, "sliding_attention"), rope_type(rope_parameters(config))
     if scaling not in ("default", "linear") or rope_type(local) != "default":
@@ -113,13 +116,57 @@ def gemma3_adjust(name: str, t: torch.Tensor, config: dict) -> torch.Tensor:
     return t
 
 
+def phi3_metadata(writer: gguf.GGUFWriter, config: dict, source: str) -> None:
+    """Phi-3, Phi-3.5 and Phi-4-mini: the pre-training context, LongRoPE's attention factor (its
+    per-frequency factors are tensors: extra_tensors) and the sliding window, 0 for none (what
+    llama.cpp reads; it attends to the whole context either way, as HF does up to the window)."""
+    rope = rope_parameters(config)
+    kind = rope_type(rope)
+    if kind not in ("default", "longrope"):
+        raise ConvertError(f"{source}: phi3 RoPE scaling {kind!r} is not supported (default or longrope)")
+    writer.add_rope_scaling_orig_ctx_len(original_context(config, rope))
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+    if kind == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config, rope))
+
+
+def smollm3_metadata(writer: gguf.GGUFWriter, config: dict, source: str) -> None:
+    """SmolLM3 leaves RoPE out of every fourth layer; llama.cpp's smollm3 always so (layer i has
+    RoPE unless (i + 1) % 4 == 0): HF's no_rope_layers (1: RoPE) must say the same."""
+    n_layer = config["num_hidden_layers"]
+    interval = config.get("no_rope_layer_interval", 4)
+    layers = config.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n_layer)]
+    if list(layers) != [int((i + 1) % 4 != 0) for i in range(n_layer)]:
+        raise ConvertError(f"{source}: no_rope_layers {layers} is not RoPE left out of every fourth layer, which is "
+                           "all llama.cpp's smollm3 can express")
+
+
+def original_context(config: dict, rope: dict) -> int:
+    """The context the model was pre-trained with (HF: the config's, else the RoPE parameters', else the maximum)."""
+    return int(config.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+               or config["max_position_embeddings"])
+
+
+def longrope_attention_factor(config: dict, rope: dict) -> float:
+    """HF's LongRoPE cos/sin scale: given, or sqrt(1 + ln(factor) / ln(original context)) with
+    factor the given one or the ratio of the maximum to the original context."""
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = original_context(config, rope)
+    factor = rope.get("factor") or config["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "qwen2": Arch(gguf.MODEL_ARCH.QWEN2),
     "qwen3": Arch(gguf.MODEL_ARCH.QWEN3),
-    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata,
-                        adjust=gemma3_adjust),
+    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, activation=("hidden_activation", "gelu_pytorch_tanh"), sliding_window=True,
+                        defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata, adjust=gemma3_adjust),
+    # qkv_proj and gate_up_proj stay fused: llama.cpp's phi3 reads them so (attn_qkv, ffn_up of 2 x n_ff)
+    "phi3": Arch(gguf.MODEL_ARCH.PHI3, partial_rotary=True, sliding_window=True, add_metadata=phi3_metadata),
+    "smollm3": Arch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, add_metadata=smollm3_metadata),
 }
 
 
@@ -156,11 +203,23 @@ def permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def rotary_dims(config: dict, arch: Arch, source: str) -> int:
+    """How many dimensions of each head RoPE rotates (HF: head_dim x partial_rotary_factor)."""
+    fraction = rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if fraction != 1.0 and not arch.partial_rotary:
+        raise ConvertError(f"{source}: partial_rotary_factor {fraction} is not supported for {arch.name} "
+                           "(llama.cpp's graph rotates whole heads)")
+    return int(head_dim(config, source) * fraction)
+
+
 def add_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, n_vocab: int, source: str) -> None:
+    key, computed = arch.activation
+    if config.get(key, computed) != computed:
+        raise ConvertError(f"{source}: {key} {config[key]!r} is not supported by llama.cpp's {arch.name} ({computed})")
     for name, keys in arch.hparams.items():
         getattr(writer, f"add_{name}")(hparam(config, keys, source))
     dim = head_dim(config, source)
-    writer.add_rope_dimension_count(dim)
+    writer.add_rope_dimension_count(rotary_dims(config, arch, source))
     writer.add_key_length(dim)
     writer.add_value_length(dim)
     writer.add_vocab_size(n_vocab)
@@ -175,10 +234,11 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict, arch: Arch, n_vocab: int,
         writer.add_rope_scaling_factor(float(rope["factor"]))
         original = rope.get("original_max_position_embeddings", config["max_position_embeddings"])
         writer.add_rope_scaling_orig_ctx_len(int(original))
+    if not arch.sliding_window and ("sliding_attention" in (config.get("layer_types") or ())
+                                    or config.get("use_sliding_window")):
+        raise ConvertError(f"{source}: sliding-window attention layers are not supported for {arch.name}")
     if arch.add_metadata is not None:
         arch.add_metadata(writer, config, source)
-    elif "sliding_attention" in (config.get("layer_types") or ()):
-        raise ConvertError(f"{source}: sliding-window attention layers are not supported for {arch.name}")
 
 
 def rope_parameters(config: dict, layer_type: str = "full_attention") -> dict:
@@ -197,7 +257,8 @@ def rope_type(rope: dict) -> str:
 
 
 def extra_tensors(config: dict, arch: Arch, source: str) -> dict[str, np.ndarray]:
-    """Tensors llama.cpp needs that the checkpoint does not hold (llama3 RoPE frequency factors)."""
+    """Tensors llama.cpp needs that the checkpoint does not hold (llama3 RoPE frequency factors,
+    LongRoPE's long and short factors)."""
     rope = rope_parameters(config)
     kind = rope_type(rope)
     if kind in ("default", "linear", "yarn"):
@@ -205,6 +266,17 @@ def extra_tensors(config: dict, arch: Arch, source: str) -> dict[str, np.ndarray
     if kind == "llama3" and gguf.MODEL_TENSOR.ROPE_FREQS in gguf.MODEL_TENSORS[arch.gguf_arch]:
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
         return {name: llama3_rope_factors(rope, head_dim(config, source))}
+    if kind == "longrope" and gguf.MODEL_TENSOR.ROPE_FACTORS_LONG in gguf.MODEL_TENSORS[arch.gguf_arch]:
+        pairs = rotary_dims(config, arch, source) // 2
+        tensors = {}
+        for which, tensor in (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG),
+                              ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            factors = rope.get(f"{which}_factor")
+            if not isinstance(factors, list) or len(factors) != pairs:
+                raise ConvertError(f"{source}: longrope {which}_factor must be a list of {pairs} numbers "
+                                   "(one per rotated pair of dimensions)")
+            tensors[gguf.TENSOR_NAMES[tensor] + ".weight"] = np.array(factors, dtype=np.float32)
+        return tensors
     raise ConvertError(f"{source}: unsupported RoPE scaling {kind!r} for {arch.name}")
 
 

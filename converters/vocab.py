@@ -63,9 +63,11 @@ def chat_template(folder: Path) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_dir: Path | None = None) -> None:
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_dir: Path | None = None,
+              name: str = "") -> None:
     """The vocabulary of `model_dir`'s tokenizer; the chat template of `template_dir`'s when given
-    (the tokenizer a run trained with: it may have added a template the base lacks)."""
+    (the tokenizer a run trained with: it may have added a template the base lacks). `name`: the
+    file's general.name, on which llama.cpp's tokenizer partly depends (check_name_rules)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")
@@ -80,6 +82,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_d
                            "fallback (Llama 2, Gemma) tokenizers are supported")
 
     tokens, types = token_table(data, n_vocab, path)
+    check_name_rules(data, name, path)
     if sentencepiece:
         space_prefix = sentencepiece_space_prefix(data, path)
         writer.add_tokenizer_model("llama")
@@ -127,6 +130,61 @@ def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[i
     if byte_fallback and unk in data["model"]["vocab"]:
         types[data["model"]["vocab"][unk]] = gguf.TokenType.UNKNOWN
     return tokens, types
+
+
+# llama.cpp's tokenizer takes a model whose general.name holds "phi3" or "phi-3" for Phi-3
+# (llama-vocab.cpp): it strips the whitespace after each added token but PHI3_KEPT (rstrip, as
+# Phi-3's tokenizer.json says), and after "</s>", looking each of these tokens up by text.
+PHI3_NAMES = ("phi3", "phi-3")
+PHI3_KEPT = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _phi3_named(name: str) -> bool:
+    return any(n in name.lower() for n in PHI3_NAMES)
+
+
+def _phi3_stripped(data: dict) -> set[str]:
+    """The added tokens llama.cpp strips the whitespace after in a model named phi3."""
+    return {a["content"] for a in data.get("added_tokens") or [] if a["content"] not in PHI3_KEPT} | {"</s>"}
+
+
+def llama_cpp_name(model_dir: Path, name: str) -> str:
+    """`name`, or `name (phi-3)` for a tokenizer that strips the whitespace after its added tokens
+    as Phi-3's does: llama.cpp does the same only for a model whose name says phi-3."""
+    try:
+        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return name  # add_vocab names the problem
+    stripped = {a["content"] for a in data.get("added_tokens") or [] if a.get("rstrip")}
+    if _phi3_named(name) or not stripped or stripped != _phi3_stripped(data):
+        return name
+    log.info("general.name %r: with ' (phi-3)' added, for llama.cpp to strip the whitespace after the special tokens "
+             "as the HF tokenizer does", name)
+    return f"{name} (phi-3)"
+
+
+def check_name_rules(data: dict, name: str, path: Path) -> None:
+    """Refuse a general.name that makes llama.cpp look up tokens this vocabulary lacks (the GGUF
+    would not load); warn where llama.cpp and HF would strip different whitespace around added
+    tokens (what `edgelora export` then checks on the run's own examples)."""
+    stripped = set()
+    if _phi3_named(name):
+        known = set(data["model"]["vocab"]) | {a["content"] for a in data.get("added_tokens") or []}
+        missing = [t for t in ("</s>", *PHI3_KEPT) if t not in known]
+        if missing:
+            raise ConvertError(f"{path}: llama.cpp reads a model named {name!r} as Phi-3 and looks up its token "
+                               f"{missing[0]!r}, which this vocabulary lacks (the GGUF would not load): choose a "
+                               "name without 'phi3' or 'phi-3'")
+        stripped = _phi3_stripped(data)
+    for a in data.get("added_tokens") or []:
+        text, ours = a["content"], a["content"] in stripped
+        if a.get("lstrip") or bool(a.get("rstrip")) != ours:
+            side, hf = ("before", True) if a.get("lstrip") else ("after", bool(a.get("rstrip")))
+            log.warning("%s: the HF tokenizer %s the whitespace %s %r, llama.cpp's (for a model named %r) %s it%s",
+                        path, "strips" if hf else "keeps", side, text, name, "keeps" if hf else "strips",
+                        " (it strips after added tokens only for a model named phi3 or phi-3)" if side == "after"
+                        else "")
+            return
 
 
 def sentencepiece_space_prefix(data: dict, path: Path) -> bool:

@@ -86,7 +86,7 @@ def _gated_mlp_forward(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
-GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # mlp: down(act(gate(x)) * up(x))
+GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3")  # mlp: down(act(gate(x)) * up(x))
 
 
 def lean(model) -> None:

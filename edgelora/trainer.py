@@ -258,7 +258,7 @@ def collate(items: list[D.Tokenized], pad_id: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")  # logits = lm_head(h) [soft-capped]
+HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3")  # logits = lm_head(h) [soft-capped]
 HEAD_CHUNK = 1024  # target positions whose logits exist at once
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from llama_cpp import GGML_TYPE_F32, Llama
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from edgelora.converters import ConvertError
@@ -57,6 +57,7 @@ TRICKY = [
     "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
     "I've been 'told' he's there, 'RE you sure?",
     "(normal) [brackets] $dollars #hash @handle",
+    "<|user|>\nhi there<|end|>\n<|assistant|>\n </s>  <s> <|endoftext|> x",
 ]
 PROMPT = " ".join(CORPUS[:6])
 N_POS = 48
@@ -64,16 +65,23 @@ N_POS = 48
 
 # ---------------------------------------------------------------- fixtures: models and adapters
 
+# Phi-3's added tokens: each strips the whitespace after it (rstrip) but <unk>, <s>, <|endoftext|>
+PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PHI3_CHAT = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+             "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
 @functools.cache
 def train_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE whose pre-tokenizer mirrors SmolLM2 ("llama") or Qwen2 ("qwen2")."""
+    """A byte-level BPE whose pre-tokenizer mirrors SmolLM2 ("llama"), Qwen2 ("qwen2") or
+    SmolLM2's with Phi-3's added tokens and chat template instead of ChatML ("phi3")."""
     tok = Tokenizer(models.BPE())
-    if kind == "llama":  # SmolLM2: digits split one by one, then GPT-2's regex; specials first
+    if kind in ("llama", "phi3"):  # SmolLM2: digits split one by one, then GPT-2's regex; specials first
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-        specials = SPECIALS
+        specials = SPECIALS if kind == "llama" else []
     else:  # Qwen2: its own split regex, NFC; specials appended after the BPE vocabulary
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -85,6 +93,11 @@ def train_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    if kind == "phi3":
+        tok.add_special_tokens([AddedToken(t, special=True, rstrip=t not in ("<unk>", "<s>", "<|endoftext|>"),
+                                           normalized=False) for t in PHI3_SPECIALS])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>", unk_token="<unk>", chat_template=PHI3_CHAT)
     if kind == "qwen2":
         tok.add_special_tokens(SPECIALS)
     bos = "<|im_start|>" if kind == "llama" else None
@@ -136,9 +149,11 @@ def build_model(out: Path, kind: str, *, hidden: int = 256, tok: PreTrainedToken
     "qwen2": 2 blocks, untied, f32, with q/k/v biases and embeddings padded past the tokenizer;
     "qwen3": 2 blocks, q/k norms and a head_dim (96) apart from hidden / heads (64);
     "gemma3_text": 4 blocks, sliding-window blocks 0, 1, 3 with a window (8) shorter than the
-    prompt and global block 2; query_pre_attn_scalar left at HF's 256 while head_dim is 64.
+    prompt and global block 2; query_pre_attn_scalar left at HF's 256 while head_dim is 64;
+    "phi3": 2 blocks, fused qkv_proj and gate_up_proj, untied;
+    "smollm3": 4 blocks, the fourth without RoPE.
     The tokenizer is a byte-level BPE (`train_tokenizer`) unless `tok` is given."""
-    tok = tok or train_tokenizer("qwen2" if kind.startswith("qwen") else "llama")
+    tok = tok or train_tokenizer("qwen2" if kind.startswith("qwen") else "phi3" if kind == "phi3" else "llama")
     config = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, vocab_size=len(tok),
                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -149,6 +164,10 @@ def build_model(out: Path, kind: str, *, hidden: int = 256, tok: PreTrainedToken
         config.update(head_dim=96)
     elif kind == "gemma3_text":
         config.update(num_hidden_layers=4, head_dim=64, sliding_window=8, sliding_window_pattern=3)
+    elif kind == "phi3":
+        config.update(tie_word_embeddings=False)
+    elif kind == "smollm3":
+        config.update(num_hidden_layers=4)
     config = AutoConfig.for_model(kind, **{**config, **overrides})
     model = AutoModelForCausalLM.from_config(config)
     randomize(model)
@@ -193,6 +212,8 @@ MODEL_OPTIONS = {
     "qwen2": {},
     "qwen3": {},
     "gemma3_text": {},
+    "phi3": {},
+    "smollm3": {"rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
 }
 
 
@@ -323,7 +344,14 @@ def test_plain_export_matches_hf(model_dirs, exports, kind, outtype, rel):
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 20.0}},
                      "final_logit_softcapping": 5.0}),
     ("gemma3_text", {"sliding_window_pattern": 1}),
-], ids=["mistral", "llama3-rope", "linear-rope", "yarn-rope", "gemma3-rope-softcap", "gemma3-all-global"])
+    # Phi-3.5 / Phi-4-mini style: LongRoPE scaled from 256 to 512 (an attention factor of 1.06; llama.cpp's
+    # smallest context, 256, is the original: it and HF both take the short factors), RoPE on half of each head
+    ("phi3", {"original_max_position_embeddings": 256, "max_position_embeddings": 512, "tie_word_embeddings": True,
+              "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+        "short_factor": [1.0 + 0.25 * i for i in range(16)], "long_factor": [2.0 + i for i in range(16)]}}),
+], ids=["mistral", "llama3-rope", "linear-rope", "yarn-rope", "gemma3-rope-softcap", "gemma3-all-global",
+        "phi3-longrope-partial"])
 def test_variants_match_hf(tmp_path, kind, overrides):
     model_dir = build_model(tmp_path / "model", kind, **overrides)
     convert(model_dir, tmp_path / "out.gguf", outtype="f32")
@@ -443,10 +471,10 @@ def test_pre_tokenizer_regexes_match_transformers():
 
 # ---------------------------------------------------------------- 2. tokenisation
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
 def test_tokenization_matches_hf(model_dirs, exports, kind):
     out = exports[kind, "f16", None]
-    assert gguf_fields(out)["tokenizer.ggml.pre"] == {"llama": "smollm", "qwen2": "qwen2"}[kind]
+    assert gguf_fields(out)["tokenizer.ggml.pre"] == {"llama": "smollm", "qwen2": "qwen2", "phi3": "smollm"}[kind]
     assert_same_tokens(out, model_dirs[kind])
 
 
@@ -507,7 +535,8 @@ def test_unsupported_tokenizer(tmp_path, change, message):
 
 @pytest.mark.parametrize("kind, variant", [("llama", "lora"), ("qwen2", "lora"), ("qwen3", "lora"),
                                            ("gemma3_text", "lora"), ("llama", "rslora"), ("llama", "patterns"),
-                                           ("llama", "dora"), ("qwen2", "dora"), ("gemma3_text", "dora")])
+                                           ("llama", "dora"), ("qwen2", "dora"), ("gemma3_text", "dora"),
+                                           ("phi3", "lora"), ("phi3", "dora"), ("smollm3", "lora")])
 def test_merged_adapter_matches_peft(model_dirs, adapters, exports, kind, variant):
     tokens = prompt_tokens(model_dirs[kind])
     ref = hf_logits(model_dirs[kind], tokens, adapters[kind, variant])
@@ -517,7 +546,7 @@ def test_merged_adapter_matches_peft(model_dirs, adapters, exports, kind, varian
 
 @pytest.mark.parametrize("kind, variant", [("llama", "lora"), ("qwen2", "lora"), ("qwen3", "lora"),
                                            ("gemma3_text", "lora"), ("llama", "rslora"), ("qwen2", "rslora"),
-                                           ("llama", "patterns")])
+                                           ("llama", "patterns"), ("phi3", "lora"), ("smollm3", "lora")])
 def test_lora_gguf_matches_merged(work, model_dirs, adapters, exports, kind, variant):
     lora = work / f"{kind}-{variant}.lora.gguf"
     info = convert_lora(model_dirs[kind], adapters[kind, variant], lora)
@@ -526,7 +555,8 @@ def test_lora_gguf_matches_merged(work, model_dirs, adapters, exports, kind, var
     rslora = ADAPTER_OPTIONS[variant].get("use_rslora", False)
     assert fields["adapter.lora.alpha"] == pytest.approx(16 * 8 ** 0.5 if rslora else 16)
     n_blocks = json.loads((model_dirs[kind] / "config.json").read_text())["num_hidden_layers"]
-    assert info["tensors"] == 2 * 7 * n_blocks  # (lora_a, lora_b) x 7 linear layers x blocks
+    linear = 4 if kind == "phi3" else 7  # phi3's are fused: qkv_proj, o_proj, gate_up_proj, down_proj
+    assert info["tensors"] == 2 * linear * n_blocks  # (lora_a, lora_b) x linear layers x blocks
     tokens = prompt_tokens(model_dirs[kind])
     merged = gguf_logits(exports[kind, "f16", variant], tokens)
     assert_logits_close(gguf_logits(exports[kind, "f16", None], tokens, lora=lora), merged, 1e-2)
@@ -577,7 +607,7 @@ def test_truncated_safetensors(tmp_path, model_dirs):
     assert_nothing_written(tmp_path / "out.gguf")
 
 
-SUPPORTED = "supported: gemma3_text, llama, mistral, qwen2, qwen3$"
+SUPPORTED = "supported: gemma3_text, llama, mistral, phi3, qwen2, qwen3, smollm3$"
 
 
 @pytest.mark.parametrize("model_type, message", [
@@ -602,7 +632,19 @@ def test_unsupported_architecture(tmp_path, model_dirs, model_type, message):
     ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      "gemma3 RoPE scaling other than linear"),
-], ids=["qwen3-sliding", "gemma3-layer-types", "gemma3-attn-softcap", "gemma3-gelu", "gemma3-yarn"])
+    ("qwen2", {"use_sliding_window": True}, "sliding-window attention layers are not supported for qwen2"),
+    ("smollm3", {"no_rope_layers": [1, 0, 1, 1]},
+     r"no_rope_layers \[1, 0, 1, 1\] is not RoPE left out of every fourth layer"),
+    ("llama", {"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported by llama.cpp's llama \(silu\)"),
+    ("llama", {"partial_rotary_factor": 0.5},
+     r"partial_rotary_factor 0.5 is not supported for llama \(llama.cpp's graph rotates whole heads\)"),
+    ("phi3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
+     "phi3 RoPE scaling 'yarn' is not supported"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 31,
+                                  "long_factor": [1.0] * 32}},
+     "longrope short_factor must be a list of 32 numbers"),
+], ids=["qwen3-sliding", "gemma3-layer-types", "gemma3-attn-softcap", "gemma3-gelu", "gemma3-yarn", "qwen2-sliding",
+        "smollm3-nope-layers", "llama-gelu", "llama-partial-rotary", "phi3-yarn", "phi3-longrope-factors"])
 def test_unsupported_config(tmp_path, model_dirs, kind, change, message):
     """What llama.cpp's graph for the architecture cannot reproduce is refused, not approximated."""
     model = shutil.copytree(model_dirs[kind], tmp_path / "model")
@@ -611,6 +653,29 @@ def test_unsupported_config(tmp_path, model_dirs, kind, change, message):
     with pytest.raises(ConvertError, match=f"{model / 'config.json'}: {message}"):
         convert(model, tmp_path / "out.gguf")
     assert_nothing_written(tmp_path / "out.gguf")
+
+
+def test_llama_cpp_reads_phi3_tokens_by_the_models_name(tmp_path, model_dirs, caplog):
+    """llama.cpp strips the whitespace after Phi-3's added tokens (as HF does) only in a model whose
+    general.name holds phi3 or phi-3, and then looks those tokens up: a Phi-3 vocabulary under
+    another name gets ' (phi-3)' added and tokenises as in HF; a vocabulary without Phi-3's tokens
+    under a phi3 name is refused (the file would not load); rstrip flags no name explains are
+    warned about."""
+    convert(model_dirs["phi3"], tmp_path / "bot.gguf", card={"general.name": "support-bot"})
+    assert gguf_fields(tmp_path / "bot.gguf")["general.name"] == "support-bot (phi-3)"
+    assert_same_tokens(tmp_path / "bot.gguf", model_dirs["phi3"])
+    with pytest.raises(ConvertError, match=r"llama.cpp reads a model named 'my-phi3-bot' as Phi-3 and looks up its "
+                                           r"token '</s>', which this vocabulary lacks"):
+        convert(model_dirs["llama"], tmp_path / "out.gguf", card={"general.name": "my-phi3-bot"})
+    assert_nothing_written(tmp_path / "out.gguf")
+    model = shutil.copytree(model_dirs["phi3"], tmp_path / "odd")
+    data = json.loads((model / "tokenizer.json").read_text())
+    next(a for a in data["added_tokens"] if a["content"] == "<|end|>")["rstrip"] = False
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    convert(model, tmp_path / "odd.gguf")
+    assert gguf_fields(tmp_path / "odd.gguf")["general.name"] == "odd"
+    assert ("the HF tokenizer strips the whitespace after '</s>', llama.cpp's (for a model named 'odd') "
+            "keeps it (it strips after added tokens only for a model named phi3 or phi-3)") in caplog.text
 
 
 @pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])

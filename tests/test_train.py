@@ -154,8 +154,19 @@ def _gemma3_softcapped(path, tokenizer):
     return path
 
 
+def _family(request, tiny_tokenizer, tmp_path, arch):
+    """A tiny base: a fixture's, the soft-capped gemma3, or test_converter's model of a family."""
+    if arch == "gemma3":
+        return _gemma3_softcapped(tmp_path / "g", tiny_tokenizer)
+    if arch in ("phi3", "smollm3"):
+        from test_converter import build_model
+
+        return build_model(tmp_path / arch, arch, hidden=64)
+    return request.getfixturevalue(arch)
+
+
 @pytest.mark.parametrize("arch, method", [("tiny_llama", "lora"), ("tiny_qwen2", "lora"), ("tiny_llama", "qlora"),
-                                          ("gemma3", "lora")])
+                                          ("gemma3", "lora"), ("phi3", "lora"), ("smollm3", "qlora")])
 def test_logits_only_at_targets_give_the_full_loss_and_gradients(request, tiny_tokenizer, tmp_path, monkeypatch,
                                                                   arch, method):
     """The LM head run only where the labels are (in chunks, recomputed in backward) gives the
@@ -165,7 +176,7 @@ def test_logits_only_at_targets_give_the_full_loss_and_gradients(request, tiny_t
     from edgelora import trainer as T
     from edgelora.data import IGNORE
 
-    base = _gemma3_softcapped(tmp_path / "g", tiny_tokenizer) if arch == "gemma3" else request.getfixturevalue(arch)
+    base = _family(request, tiny_tokenizer, tmp_path, arch)
     monkeypatch.setattr(T, "HEAD_CHUNK", 5)  # several chunks
     c = load_config(None, {"rank": 4, "dropout": 0.0, "targets": "all-linear"})
     torch.manual_seed(0)
@@ -401,14 +412,15 @@ def test_dropout_linear_is_dropout_then_linear():
     assert torch.equal(fused(x), F.linear(x, linear.weight))
 
 
-@pytest.mark.parametrize("arch, method", [("tiny_llama", "qlora"), ("tiny_qwen2", "lora"), ("gemma3", "lora")])
+@pytest.mark.parametrize("arch, method", [("tiny_llama", "qlora"), ("tiny_qwen2", "lora"), ("gemma3", "lora"),
+                                          ("smollm3", "lora")])
 def test_lean_layers_keep_the_math_and_less_memory(request, tiny_tokenizer, tmp_path, arch, method):
     """With the lean layers (fused LoRA dropout, gated MLP product recomputed): without dropout the
     same loss and adapter gradients; with dropout the same eval logits and adapter keys, a
     training forward that does drop, and under 70% of the activation bytes autograd keeps."""
     from edgelora import trainer as T
 
-    base = _gemma3_softcapped(tmp_path / "g", tiny_tokenizer) if arch == "gemma3" else request.getfixturevalue(arch)
+    base = _family(request, tiny_tokenizer, tmp_path, arch)
     ids = torch.randint(3, 200, (2, 24))
     labels = ids.clone()
     mask = torch.ones_like(ids)

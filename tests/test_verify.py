@@ -274,3 +274,22 @@ def test_a_run_on_plain_text_is_verified_on_its_logits(tiny_llama, tmp_path):
         "template": "not applicable: text data has no chat template", "end_of_turn": "not applicable: text data has "
         "no chat template", "bos": "not applicable: text data has no chat template",
         "stops": "not applicable: text data has no end of turn"}
+
+
+def test_a_phi3_run_verifies_through_both_routes(tmp_path):
+    """A tiny Phi-3 (fused qkv_proj / gate_up_proj, Phi-3's added tokens stripping the whitespace
+    after them) trained with LoRA: the merged q8_0 and the LoRA GGUF pass every check, the
+    template's among them, which needs llama.cpp to strip as HF does (the name says phi-3)."""
+    from test_converter import build_model, gguf_fields
+    from tiny import cfg, chat_rows, write_jsonl
+
+    from edgelora.trainer import train
+
+    base = build_model(tmp_path / "base", "phi3")
+    train(cfg(base, write_jsonl(tmp_path / "chat.jsonl", chat_rows(16)), tmp_path / "run", max_steps=3,
+              eval_split=0.0))
+    result = E.export(str(tmp_path / "run"), quants=["q8_0"], lora_gguf=True, imatrix="none")
+    assert {(c["file"], c["name"]) for c in result.checks} >= {("run-q8_0.gguf", "template"),
+                                                                ("run-lora-f16.gguf", "lora_route")}
+    assert all(c["passed"] for c in result.checks), result.checks
+    assert gguf_fields(result.out_dir / "run-q8_0.gguf")["general.name"] == "run (phi-3)"
