@@ -531,6 +531,49 @@ def test_unsupported_tokenizer(tmp_path, change, message):
     assert_nothing_written(tmp_path / "out.gguf")
 
 
+# ---------------------------------------------------------------- 2b. against llama.cpp's own converter
+
+LLAMA_CPP_CONVERTER = Path(os.environ.get("EDGELORA_LLAMA_CPP_CONVERTER",
+                                          Path(__file__).resolve().parent.parent / ".venv" / "llama.cpp-converter"))
+# Keys edgelora writes where llama.cpp's converter leaves llama.cpp to work the value out (the
+# same, or for BOS/EOS what the HF tokenizer does where llama.cpp's default for its type differs).
+WRITTEN_OUT = ("attention.key_length", "attention.value_length", "rope.dimension_count", "vocab_size",
+               "attention.sliding_window_pattern", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token")
+
+
+@pytest.mark.skipif(not (LLAMA_CPP_CONVERTER / "convert_hf_to_gguf.py").is_file(),
+                    reason=f"llama.cpp's converter is not at {LLAMA_CPP_CONVERTER} (bash .ci/setup puts it there)")
+@pytest.mark.parametrize("kind", MODEL_OPTIONS)
+def test_the_file_llama_cpps_own_converter_writes(tmp_path, model_dirs, exports, kind):
+    """Tensor for tensor (names, types, shapes, every value) and key for key (but general.* and
+    WRITTEN_OUT), our f32 GGUF is the one llama.cpp's convert_hf_to_gguf.py writes. Two changes to
+    the model's files first: Phi-4-mini's tokenizer class, for which llama.cpp reads tokenizer.json
+    (Phi-3's tokenizer.model path needs SentencePiece's file), and for gemma3 a
+    query_pre_attn_scalar equal to head_dim (otherwise llama.cpp's converter is wrong: it ignores
+    the key, which edgelora folds into the query norm, checked against transformers above)."""
+    model = shutil.copytree(model_dirs[kind], tmp_path / kind)
+    edits = {"phi3": ("tokenizer_config.json", {"tokenizer_class": "GPT2Tokenizer"}),
+             "gemma3_text": ("config.json", {"query_pre_attn_scalar": 64})}
+    if kind in edits:
+        name, change = edits[kind]
+        (model / name).write_text(json.dumps({**json.loads((model / name).read_text()), **change}))
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    convert(model, ours, outtype="f32")
+    pre = gguf_fields(ours).get("tokenizer.ggml.pre", "default")
+    r = subprocess.run([sys.executable, str(Path(__file__).parent / "llama_cpp_reference.py"), str(LLAMA_CPP_CONVERTER),
+                        pre, str(model), "--outtype", "f32", "--outfile", str(theirs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = ({t.name: t for t in gguf.GGUFReader(path).tensors} for path in (ours, theirs))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name].tensor_type, a[name].shape.tolist()) == (b[name].tensor_type, b[name].shape.tolist()), name
+        assert np.array_equal(a[name].data, b[name].data), name
+    fa, fb = ({k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()
+               if not k.startswith(("GGUF.", "general."))} for path in (ours, theirs))
+    assert {k: v for k, v in fb.items() if fa.get(k) != v} == {}
+    assert all(k.endswith(WRITTEN_OUT) for k in fa.keys() - fb.keys()), sorted(fa.keys() - fb.keys())
+
+
 # ---------------------------------------------------------------- 3./4. adapters: merged and as LoRA GGUF
 
 @pytest.mark.parametrize("kind, variant", [("llama", "lora"), ("qwen2", "lora"), ("qwen3", "lora"),
