@@ -181,6 +181,26 @@ def ensure_chat_template(tokenizer) -> Optional[str]:
     raise AssertionError("the last fallback template needs no markers")
 
 
+# Qwen3's and SmolLM3's templates switch the model's reasoning with `enable_thinking`: unset, the
+# assistant turn is left open for a <think> block; false, it opens with an empty one (the no-think
+# variant). Put in front of such a template, this makes no-think the default.
+NO_THINK = "{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}"
+
+
+def default_to_no_think(tokenizer, examples: list[Example]) -> bool:
+    """For data without reasoning (no <think> in any answer), make a thinking template's default
+    the no-think variant: training then renders the turns the model answers directly after, and
+    the run's template, which the GGUF and Modelfile carry, renders the same prompt. Returns
+    whether the template was changed."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "enable_thinking" not in template or template.startswith(NO_THINK):
+        return False
+    if any("<think>" in m["content"] for ex in examples for m in ex.messages or () if m["role"] == "assistant"):
+        return False
+    tokenizer.chat_template = NO_THINK + template
+    return True
+
+
 def _single_token(tokenizer, text: str) -> bool:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
 

@@ -497,21 +497,22 @@ def _trained_template(plan: ExportPlan) -> Optional[str]:
 
 def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str], list[str]]:
     """(Ollama TEMPLATE, default SYSTEM, stop strings) for a ChatML-style template (<|im_start|>
-    role, content, then whatever closes its turns: <|im_end|>, or a base's EOS); None otherwise."""
+    role, content, then whatever closes its turns: <|im_end|>, or a base's EOS; the answer may
+    open with more, such as a no-think template's empty <think> block); None otherwise."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if not source or "<|im_start|>" not in source:
         return None, None, []
     rendered = ImmutableSandboxedEnvironment().from_string(source).render(
         messages=[{"role": "user", "content": "\x00"}], add_generation_prompt=True)
-    close = re.search(r"<\|im_start\|>user\n\x00(.+?)\n<\|im_start\|>assistant\n$", rendered, re.S)
+    close = re.search(r"<\|im_start\|>user\n\x00(.+?)\n<\|im_start\|>assistant\n(.*)$", rendered, re.S)
     if close is None:
         return None, None, []
-    end = close.group(1)
+    end, opening = close.group(1), close.group(2)
     m = re.match(rf"<\|im_start\|>system\n(.*?){re.escape(end)}", rendered, re.S)
     template = (f'{{{{- if .System }}}}<|im_start|>system\n{{{{ .System }}}}{end}\n{{{{ end }}}}'
                 f'{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}\n{{{{ .Content }}}}{end}\n{{{{ end }}}}'
-                '<|im_start|>assistant\n')
+                '<|im_start|>assistant\n' + opening)
     return template, (m.group(1) if m else None), [end, "<|im_start|>"]
 
 

@@ -534,6 +534,9 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     dtype = compute_dtype(device)
     tok = load_tokenizer(hf_dir)
     added = D.ensure_chat_template(tok)
+    if shape != "text" and D.default_to_no_think(tok, train_ex):
+        log.info("chat template: its no-think variant by default (enable_thinking false), as the answers hold no "
+                 "<think> reasoning; the exported files carry it")
     if added and shape != "text":
         log.warning("%s has no chat template: training with %s turns, each closed by one token llama.cpp stops at; "
                     "the exported GGUF and Modelfile carry the template", base.spec, added)

@@ -138,3 +138,40 @@ def test_the_fallback_template_ends_turns_with_a_token_of_the_vocabulary(tmp_pat
     t = D.tokenize_example(tok, D.Example("f:1", messages))
     answer = [i for i, label in zip(t.input_ids, t.labels) if label != -100]
     assert tok.convert_ids_to_tokens(answer)[-2:] == [specials[-1] if name == "Gemma" else "</s>", "Ċ"]
+
+
+# Qwen3's way with reasoning, in brief: the answer of the last turn opens with its <think> block
+# (empty when there was none); the generation prompt leaves the turn open for one, or with
+# enable_thinking false closes an empty one first.
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- if loop.last and '<think>' not in content %}{%- set content = '<think>\n\n</think>\n\n' + content %}{%- endif %}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+def test_a_thinking_template_defaults_to_no_think_for_data_without_reasoning(tiny_tokenizer):
+    """Answers without <think>: the template's no-think variant becomes the default, so training
+    learns the answer alone after the empty think block the prompt closes (not to write an empty
+    block itself); answers with reasoning keep the template as it is."""
+    import copy
+
+    plain = D.Example("t:1", messages=[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    reasoned = D.Example("t:2", messages=[{"role": "user", "content": "3+3?"},
+                                          {"role": "assistant", "content": "<think>add</think>6"}])
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = THINKING_TEMPLATE
+    assert not D.default_to_no_think(tok, [plain, reasoned]) and tok.chat_template == THINKING_TEMPLATE
+    learnt = tok.decode([t for t in D.tokenize_example(tok, plain).labels if t != D.IGNORE])
+    assert learnt.startswith("<think>\n\n</think>\n\n4")  # as given: the model would learn to write the block
+    assert D.default_to_no_think(tok, [plain]) and tok.chat_template == D.NO_THINK + THINKING_TEMPLATE
+    assert not D.default_to_no_think(tok, [plain])  # once
+    t = D.tokenize_example(tok, plain)
+    assert tok.decode([i for i in t.labels if i != D.IGNORE]) == "4<|im_end|>\n"
+    assert tok.decode(t.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n")
+    assert tok.apply_chat_template(plain.messages[:1], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=True).endswith("assistant\n")  # still switchable

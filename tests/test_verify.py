@@ -293,3 +293,27 @@ def test_a_phi3_run_verifies_through_both_routes(tmp_path):
                                                                 ("run-lora-f16.gguf", "lora_route")}
     assert all(c["passed"] for c in result.checks), result.checks
     assert gguf_fields(result.out_dir / "run-q8_0.gguf")["general.name"] == "run (phi-3)"
+
+
+def test_a_thinking_template_trains_and_exports_its_no_think_variant(tmp_path):
+    """A tiny qwen3 whose template switches reasoning (Qwen3's enable_thinking), trained on answers
+    without <think>: the GGUF carries the no-think default, so llama.cpp renders the prompts
+    training saw (the template check passes), and the Modelfile's assistant turn opens with the
+    empty think block."""
+    from test_converter import build_model, train_tokenizer
+    from test_data import THINKING_TEMPLATE
+    from tiny import cfg, chat_rows, write_jsonl
+
+    from edgelora.trainer import train
+
+    tok = train_tokenizer("qwen2")
+    tok.chat_template = THINKING_TEMPLATE
+    base = build_model(tmp_path / "base", "qwen3", tok=tok)
+    train(cfg(base, write_jsonl(tmp_path / "chat.jsonl", chat_rows(16)), tmp_path / "run", max_steps=3,
+              eval_split=0.0))
+    result = E.export(str(tmp_path / "run"), quants=["q8_0"], imatrix="none")
+    assert all(c["passed"] for c in result.checks), result.checks
+    template = gguf.GGUFReader(result.out_dir / "run-q8_0.gguf").fields["tokenizer.chat_template"].contents()
+    assert template == D.NO_THINK + THINKING_TEMPLATE
+    modelfile = (result.out_dir / "Modelfile").read_text()
+    assert '<|im_start|>assistant\n<think>\n\n</think>\n\n"""' in modelfile
