@@ -109,3 +109,34 @@ def test_gguf_base_tokenises_like_llama_cpp():
     for text in TRICKY:
         ours = tok(text, add_special_tokens=False)["input_ids"]
         assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
+
+
+def test_a_split_embedded_base_is_joined_once_and_checked(tmp_path, monkeypatch):
+    """Parts in data/ of several packages are joined in order into the cache, once; a wrong
+    sha256 is refused with nothing left behind; a missing package names the pip command."""
+    import hashlib
+
+    from edgelora import models as M
+    from edgelora.errors import EdgeloraError
+
+    chunks = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]
+    for i, chunk in enumerate(chunks):
+        (tmp_path / "pkgs" / f"part_{i}" / "data").mkdir(parents=True)
+        (tmp_path / "pkgs" / f"part_{i}" / "__init__.py").write_text("")
+        (tmp_path / "pkgs" / f"part_{i}" / "data" / f"m.gguf.part{i:02d}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("EDGELORA_CACHE", str(tmp_path / "cache"))
+    good = hashlib.sha256(b"".join(chunks)).hexdigest()
+    packages = tuple(f"part_{i}" for i in range(3))
+    monkeypatch.setitem(M.ALIASES, "split", M.Embedded(packages, "m.gguf", "pip install part-0 part-1 part-2", good))
+    monkeypatch.setitem(M.ALIASES, "bad", M.Embedded(packages, "m.gguf", "pip install part-0 part-1 part-2", "0" * 64))
+    monkeypatch.setitem(M.ALIASES, "gone", M.Embedded(("part_9",), "m.gguf", "pip install part-9"))
+    with pytest.raises(EdgeloraError, match=r"base 'bad': the joined parts have sha256 \w{12}\.\.\., not 000000000000"):
+        M.alias_path("bad")
+    assert not list((tmp_path / "cache" / "embedded").iterdir())
+    path = M.resolve_base("split").path
+    assert path == tmp_path / "cache" / "embedded" / "m.gguf" and path.read_bytes() == b"".join(chunks)
+    mtime = path.stat().st_mtime_ns
+    assert M.alias_path("split").stat().st_mtime_ns == mtime  # joined once
+    with pytest.raises(EdgeloraError, match=r"base 'gone' needs the package part-9 \(pip install part-9\)"):
+        M.alias_path("gone")
