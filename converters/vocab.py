@@ -192,9 +192,22 @@ def sentencepiece_space_prefix(data: dict, path: Path) -> bool:
 
     llama.cpp's "llama" tokenizer does that and nothing else, on the whole text between special
     tokens: the normalizer must be Gemma's (spaces to ▁) or Llama 2's (a ▁ prepended, then the
-    same), with no pre-tokenizer but Gemma's split on spaces (none are left by then).
+    same), with no pre-tokenizer but Gemma's split on spaces (none are left by then); or no
+    normalizer and the same as a Metaspace pre-tokenizer that does not split (newer conversions:
+    Mistral v0.3). Metaspace puts no ▁ before text that starts with a space, and with "first"
+    only at the start of the input; llama.cpp puts one before the text at the start and after
+    every special token: where that differs is warned about (export's template check then tells
+    whether the run's own prompts meet it).
     """
     normalizer, pre = data.get("normalizer") or {}, data.get("pre_tokenizer")
+    if not normalizer and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE \
+            and not pre.get("split", True):
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        if scheme != "never":
+            log.warning("%s: Metaspace (prepend_scheme %r) puts no ▁ before text that starts with a space%s; "
+                        "llama.cpp does, at the start and after each special token", path, scheme,
+                        ", nor after a special token" if scheme == "first" else "")
+        return scheme != "never"
     steps = (normalizer.get("normalizers") or []) if normalizer.get("type") == "Sequence" else [normalizer]
     prefix = steps[:1] == [{"type": "Prepend", "prepend": SPACE}]
     no_split = pre is None or (pre.get("type") == "Split" and pre.get("pattern") == {"String": " "})

@@ -109,15 +109,19 @@ GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_o
 
 
 @functools.cache
-def train_sentencepiece_tokenizer(space_prefix: bool) -> PreTrainedTokenizerFast:
-    """A SentencePiece-style BPE with byte fallback like Gemma's (or Llama 2's, with a ▁ prepended):
-    spaces become ▁, characters outside a small alphabet become <0xXX> byte tokens, and the merges
-    are regenerated from the vocabulary as transformers does when converting a SentencePiece model."""
+def train_sentencepiece_tokenizer(space_prefix: bool, metaspace: str | None = None) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE with byte fallback like Gemma's (or Llama 2's, with a ▁ prepended;
+    or, with `metaspace` a prepend scheme, newer conversions' Metaspace pre-tokenizer instead of a
+    normalizer): spaces become ▁, characters outside a small alphabet become <0xXX> byte tokens,
+    and the merges are regenerated from the vocabulary as transformers does when converting a
+    SentencePiece model."""
     from transformers.tokenization_utils_base import generate_merges
     steps = [normalizers.Replace(" ", "\u2581")]
     normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *steps]) if space_prefix else steps[0]
     # Gemma's pre-tokenizer splits on spaces, of which its normalizer leaves none
     pre = None if space_prefix else pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    if metaspace:
+        normalizer, pre = None, pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=metaspace, split=False)
     trained = Tokenizer(models.BPE())
     trained.normalizer, trained.pre_tokenizer = normalizer, pre
     trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=800, limit_alphabet=60, show_progress=False))
@@ -492,12 +496,13 @@ def test_the_pre_tokenizer_is_the_one_transformers_applies(tiny_qwen2, tmp_path)
     assert_same_tokens(out, tiny_qwen2)
 
 
-@pytest.mark.parametrize("space_prefix", [False, True], ids=["gemma-style", "llama2-style"])
-def test_sentencepiece_vocab(tmp_path, space_prefix):
-    """A SentencePiece-style BPE (Gemma, Llama 2) becomes llama.cpp's "llama" tokenizer, which
-    splits text like HF, byte fallback included."""
-    model_dir = build_model(tmp_path / "model", "gemma3_text", tok=train_sentencepiece_tokenizer(space_prefix),
-                            num_hidden_layers=2)
+@pytest.mark.parametrize("space_prefix, metaspace", [(False, None), (True, None), (True, "always"), (False, "never")],
+                         ids=["gemma-style", "llama2-style", "metaspace-always", "metaspace-never"])
+def test_sentencepiece_vocab(tmp_path, space_prefix, metaspace, caplog):
+    """A SentencePiece-style BPE (Gemma, Llama 2, Metaspace conversions) becomes llama.cpp's "llama"
+    tokenizer, which splits text like HF, byte fallback included."""
+    model_dir = build_model(tmp_path / "model", "gemma3_text", num_hidden_layers=2,
+                            tok=train_sentencepiece_tokenizer(space_prefix, metaspace))
     out = tmp_path / "out.gguf"
     convert(model_dir, out, outtype="f32")
     fields = gguf_fields(out)
@@ -510,13 +515,21 @@ def test_sentencepiece_vocab(tmp_path, space_prefix):
     # make limit_alphabet's cut is a tie the tokenizers trainer breaks differently run to run
     assert [t for t in hf.tokenize("Ω") if t != "\u2581"] == ["<0xCE>", "<0xA9>"]
     texts = TRICKY + ["<start_of_turn>user\nhi there<end_of_turn>\n<start_of_turn>model\n", "<bos>aaaa  aaa 🦙"]
-    assert_same_tokens(out, model_dir, texts)
+    warned = "Metaspace (prepend_scheme 'always') puts no ▁ before text that starts with a space;" in caplog.text
+    assert warned == (metaspace == "always")
+    if metaspace == "always":  # no ▁ put before text starting with a space, where llama.cpp puts one
+        starts_with_space = [t for t in texts if t.startswith(" ")]
+        assert_same_tokens(out, model_dir, [t for t in texts if t not in starts_with_space])
+        with pytest.raises(AssertionError):
+            assert_same_tokens(out, model_dir, starts_with_space[:1])
+    else:
+        assert_same_tokens(out, model_dir, texts)
     tokens = prompt_tokens(model_dir)
     assert_logits_close(gguf_logits(out, tokens), hf_logits(model_dir, tokens), tolerance("gemma3_text", 1e-4))
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}},
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
      "SentencePiece-style tokenizer with a normalizer / pre-tokenizer llama.cpp does not reproduce"),
     ({"model": {"type": "Unigram", "unk_id": 3, "vocab": [["<unk>", 0.0]], "byte_fallback": True}},
      "only byte-level BPE .* and SentencePiece-style BPE with byte fallback .* are supported"),
