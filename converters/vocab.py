@@ -70,7 +70,10 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_d
     file's general.name, on which llama.cpp's tokenizer partly depends (check_name_rules)."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")
+        hint = ("; it has SentencePiece's tokenizer.model: AutoTokenizer.from_pretrained(folder).save_pretrained(folder) "
+                "writes tokenizer.json from it (needs the sentencepiece and protobuf packages)"
+                if (model_dir / "tokenizer.model").is_file() else "")
+        raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required){hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:

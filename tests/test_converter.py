@@ -734,11 +734,15 @@ def test_llama_cpp_reads_phi3_tokens_by_the_models_name(tmp_path, model_dirs, ca
             "keeps it (it strips after added tokens only for a model named phi3 or phi-3)") in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
+@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json", "tokenizer.json beside a tokenizer.model"])
 def test_missing_files(tmp_path, model_dirs, missing):
     model = shutil.copytree(model_dirs["qwen2"], tmp_path / "model")
-    (model / missing).unlink()
-    with pytest.raises(ConvertError, match=f"{model}: no {missing}"):
+    (model / missing.split()[0]).unlink()
+    hint = ""
+    if missing.endswith("tokenizer.model"):
+        (model / "tokenizer.model").write_bytes(b"\n\x05hello")  # SentencePiece's, as Llama 2's repos ship it
+        hint = r".*: AutoTokenizer.from_pretrained\(folder\).save_pretrained\(folder\) writes tokenizer.json from it"
+    with pytest.raises(ConvertError, match=f"{model}: no {missing.split()[0]}{hint}"):
         convert(model, tmp_path / "out.gguf")
     assert_nothing_written(tmp_path / "out.gguf")  # tokenizer.json is only read once the output is open
 
