@@ -258,7 +258,8 @@ def collate(items: list[D.Tokenized], pad_id: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3")  # logits = lm_head(h) [soft-capped]
+# logits = lm_head(h) [soft-capped]
+HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3")
 HEAD_CHUNK = 1024  # target positions whose logits exist at once
 
 
@@ -360,7 +361,7 @@ def save_checkpoint(run_dir: Path, step: int, model, state: tuple[Optional[dict]
     with atomic_path(final) as tmp:
         model.save_pretrained(tmp / "adapter", state_dict=weights)
         torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "world_size": world, "sharded_weights": weights}, tmp / "state.pt")
+                    "rng": _rng_state(), "world_size": world, "weights_by_name": weights}, tmp / "state.pt")
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -409,13 +410,13 @@ def restore_checkpoint(run_dir: Path, model, optimizer, scheduler, world: int = 
         if state.get("world_size", 1) != world:
             raise EdgeloraError(f"--resume: {ckpt} was written by a run of {state.get('world_size', 1)} processes, "
                                 f"this one has {world}: launch it as it was launched")
-        if (state.get("sharded_weights") is not None) != sharded:
+        if (state.get("weights_by_name") is not None) != sharded:
             raise EdgeloraError(f"--resume: {ckpt} was written by a run {'with' if not sharded else 'without'} "
                                 f"--fsdp: launch it as it was launched")
         if sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            set_state_dict(model, optimizer, model_state_dict=state["sharded_weights"],
+            set_state_dict(model, optimizer, model_state_dict=state["weights_by_name"],
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, strict=False))
         else:
