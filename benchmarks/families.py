@@ -67,6 +67,9 @@ FAMILIES = {
                                 rope_parameters={**PHI_LONGROPE, "partial_rotary_factor": 0.75}), 2),
 }
 N_TOKENS = 48
+# llama.cpp's CPU GELU looks its values up in a float16 table: gemma3's logits drift by ~1e-3 per
+# few layers from transformers' exact GELU (tests/test_converter.py measures 3e-4 to 8e-4 on 2-4)
+MAX_REL_ERR = {"gemma3_text": 5e-3}
 
 
 def check(name: str, work: Path, tokenizer_dir: Path) -> dict:
@@ -98,7 +101,7 @@ def check(name: str, work: Path, tokenizer_dir: Path) -> dict:
     del model
     f32, q4 = work / f"{name}-f32.gguf", work / f"{name}-q4_k_m.gguf"
     t0 = time.perf_counter()
-    convert(hf, f32, outtype="f32")
+    convert(hf, f32, outtype="f32", card={"general.name": "family-check"})  # no "phi-3": SmolLM2's vocabulary
     seconds = time.perf_counter() - t0
     llm = Llama(model_path=str(f32), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, type_k=GGML_TYPE_F32,
                 type_v=GGML_TYPE_F32, verbose=False)
@@ -115,7 +118,7 @@ def check(name: str, work: Path, tokenizer_dir: Path) -> dict:
     return {"name": name, "type": model_type, "hidden": shape["hidden_size"], "layers": layers,
             "convert_s": seconds, "rel_err": rel, "top1": top1, "q4_bpw": info["bpw"],
             "fallbacks": fell.get("count", 0), "fallback_types": fell.get("by_type", {}),
-            "ok": rel < 1e-3 and top1 >= 0.98}
+            "ok": rel < MAX_REL_ERR.get(model_type, 1e-3) and top1 >= 0.98}
 
 
 def main() -> None:
@@ -140,8 +143,8 @@ def main() -> None:
                   f"| {r['top1']:.3f} | {r['q4_bpw']:.2f} | {fell} |", flush=True)
             if not r["ok"]:
                 failed.append(name)
-    print(f"\n{'PASS' if not failed else 'MISS'}  every family computes what transformers does "
-          f"(max rel err < 1e-3, top-1 >= 0.98){': not ' + ', '.join(failed) if failed else ''}")
+    print(f"\n{'PASS' if not failed else 'MISS'}  every family computes what transformers does (max rel err < 1e-3, "
+          f"5e-3 for gemma3's GELU table; top-1 >= 0.98){': not ' + ', '.join(failed) if failed else ''}")
 
 
 if __name__ == "__main__":
