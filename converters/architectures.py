@@ -162,8 +162,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "qwen2": Arch(gguf.MODEL_ARCH.QWEN2),
     "qwen3": Arch(gguf.MODEL_ARCH.QWEN3),
-    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, activation=("hidden_activation", "gelu_pytorch_tanh"), sliding_window=True,
-                        defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata, adjust=gemma3_adjust),
+    "gemma3_text": Arch(gguf.MODEL_ARCH.GEMMA3, activation=("hidden_activation", "gelu_pytorch_tanh"),
+                        sliding_window=True, defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata,
+                        adjust=gemma3_adjust),
     # qkv_proj and gate_up_proj stay fused: llama.cpp's phi3 reads them so (attn_qkv, ffn_up of 2 x n_ff)
     "phi3": Arch(gguf.MODEL_ARCH.PHI3, partial_rotary=True, sliding_window=True, add_metadata=phi3_metadata),
     "smollm3": Arch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, add_metadata=smollm3_metadata),

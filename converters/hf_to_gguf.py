@@ -17,7 +17,7 @@ from .adapter import Adapter
 from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
 from .gguf_stream import CHUNK_BYTES, QType, TensorJob, write_gguf
 from .tensor_index import TensorIndex, model_weight_files
-from .vocab import add_vocab, chat_template, llama_cpp_name
+from .vocab import add_vocab, chat_template, llama_cpp_name, read_tokenizer
 
 OUTTYPES: dict[str, tuple[QType, gguf.LlamaFileType]] = {
     "f32": (QType.F32, gguf.LlamaFileType.ALL_F32),
@@ -170,15 +170,16 @@ def convert(
     for name, array in extra_tensors(model.config, model.arch, model.source).items():
         jobs.append(TensorJob(name, array.shape, QType.F32, lambda a=array: torch.from_numpy(a)))
 
+    tokenizer = read_tokenizer(model.dir)
     card = {gguf.Keys.General.NAME: Path(adapter_dir or model_dir).name, **(card or {})}
-    card[gguf.Keys.General.NAME] = llama_cpp_name(model.dir, str(card[gguf.Keys.General.NAME]))
+    card[gguf.Keys.General.NAME] = llama_cpp_name(tokenizer, str(card[gguf.Keys.General.NAME]))
 
     def add_metadata(writer: gguf.GGUFWriter) -> None:
         model.add_model_metadata(writer, card)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab(writer, model.dir, model.n_vocab, template_dir=adapter.dir if adapter is not None else None,
-                  name=str(card[gguf.Keys.General.NAME]))
+        add_vocab(writer, model.dir, tokenizer, model.n_vocab, name=str(card[gguf.Keys.General.NAME]),
+                  template_dir=adapter.dir if adapter is not None else None)
 
     return write_gguf(Path(out_path), model.arch.name, add_metadata, jobs, progress)
 

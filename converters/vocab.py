@@ -63,21 +63,27 @@ def chat_template(folder: Path) -> str | None:
     return template if isinstance(template, str) and template else None
 
 
-def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, n_vocab: int, template_dir: Path | None = None,
-              name: str = "") -> None:
-    """The vocabulary of `model_dir`'s tokenizer; the chat template of `template_dir`'s when given
-    (the tokenizer a run trained with: it may have added a template the base lacks). `name`: the
-    file's general.name, on which llama.cpp's tokenizer partly depends (check_name_rules)."""
+def read_tokenizer(model_dir: Path) -> dict:
+    """`model_dir`'s tokenizer.json, parsed; ConvertError naming what is wrong."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        hint = ("; it has SentencePiece's tokenizer.model: AutoTokenizer.from_pretrained(folder).save_pretrained(folder) "
-                "writes tokenizer.json from it (needs the sentencepiece and protobuf packages)"
+        hint = ("; it has SentencePiece's tokenizer.model: AutoTokenizer.from_pretrained(folder)"
+                ".save_pretrained(folder) writes tokenizer.json from it (needs the sentencepiece and protobuf packages)"
                 if (model_dir / "tokenizer.model").is_file() else "")
         raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required){hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ConvertError(f"{path}: not valid JSON: {e}") from None
+
+
+def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, data: dict, n_vocab: int, template_dir: Path | None = None,
+              name: str = "") -> None:
+    """The vocabulary of `model_dir`'s tokenizer (`data`: its tokenizer.json, read_tokenizer's); the
+    chat template of `template_dir`'s when given (the tokenizer a run trained with: it may have
+    added a template the base lacks). `name`: the file's general.name, on which llama.cpp's
+    tokenizer partly depends (check_name_rules)."""
+    path = model_dir / "tokenizer.json"
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
     sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
     if not sentencepiece and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
@@ -151,13 +157,10 @@ def _phi3_stripped(data: dict) -> set[str]:
     return {a["content"] for a in data.get("added_tokens") or [] if a["content"] not in PHI3_KEPT} | {"</s>"}
 
 
-def llama_cpp_name(model_dir: Path, name: str) -> str:
-    """`name`, or `name (phi-3)` for a tokenizer that strips the whitespace after its added tokens
-    as Phi-3's does: llama.cpp does the same only for a model whose name says phi-3."""
-    try:
-        data = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return name  # add_vocab names the problem
+def llama_cpp_name(data: dict, name: str) -> str:
+    """`name`, or `name (phi-3)` for a tokenizer (`data`: its tokenizer.json) that strips the
+    whitespace after its added tokens as Phi-3's does: llama.cpp does the same only for a model
+    whose name says phi-3."""
     stripped = {a["content"] for a in data.get("added_tokens") or [] if a.get("rstrip")}
     if _phi3_named(name) or not stripped or stripped != _phi3_stripped(data):
         return name
