@@ -19,7 +19,7 @@ def test_directory_without_config(tmp_path):
 
 
 def test_missing_base_names_what_was_looked_for(tmp_path):
-    with pytest.raises(EdgeloraError, match=r"base '.*nothing-here' not found: not an alias \(smollm2-135m\)"):
+    with pytest.raises(EdgeloraError, match=r"base '.*nothing-here' not found: not an alias \(smollm2-135m, gemma3-270m\)"):
         resolve_base(str(tmp_path / "nothing-here"))
 
 
