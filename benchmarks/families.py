@@ -23,6 +23,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 PHI_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.02 * i for i in range(48)],
                 "long_factor": [1.0 + 0.5 * i for i in range(48)]}
+QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6}
 # model -> (model_type, the published config's shape, layers kept)
 FAMILIES = {
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
@@ -33,16 +34,16 @@ FAMILIES = {
                                    rope_parameters=LLAMA3_ROPE, max_position_embeddings=131072), 2),
     "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                                    num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), 2),
+                                   rope_parameters=QWEN_ROPE), 2),
     "qwen2.5-3b": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16,
                                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}), 2),
+                                 rope_parameters=QWEN_ROPE), 2),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16,
                                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 1e6}), 2),
+                                 rope_parameters=QWEN_ROPE), 2),
     "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32,
                                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-                               rope_parameters={"rope_type": "default", "rope_theta": 1e6}), 2),
+                               rope_parameters=QWEN_ROPE), 2),
     "gemma-3-270m": ("gemma3_text", dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4,
                                          num_key_value_heads=1, head_dim=256, vocab_size=262144,
                                          query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,

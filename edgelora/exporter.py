@@ -299,8 +299,9 @@ def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration
 
 def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool = True) -> Optional[Calibration]:
     """The run's own training examples through its tokenizer and chat template, or `data` through
-    the base's for a plain conversion, the `first` of them also whole (for verification); None for a plain conversion without data, or (not `needed`:
-    for verification alone) when the run's data has gone."""
+    the base's for a plain conversion, the `first` of them also whole (for verification); None
+    for a plain conversion without data, or (not `needed`: for verification alone) when the
+    run's data has gone."""
     from .config import load_config
     from .trainer import load_tokenizer
 
