@@ -7,7 +7,9 @@ dropout's float noise and the dropped input each LoRA branch keeps):
 
   - LoRA dropout + lora_A: `lora_A(dropout(x))` keeps a float noise tensor and the dropped copy of
     x for every adapted layer (q, k and v each their own). `DropoutLinear` keeps x (shared by the
-    layers that read it), a one-byte mask, and recomputes the dropped input in backward.
+    layers that read it), a one-byte mask, and recomputes the dropped input in backward. Its masks
+    are also cheaper to make: 16 random bits per element instead of a float, applied through uint8
+    (a step ~20% faster on CPU than with torch.rand masks and bool arithmetic).
   - Gated MLPs `down(act(gate(x)) * up(x))`: autograd keeps gate(x), act(gate(x)) and up(x);
     `_GatedProduct` keeps gate(x) and up(x) and recomputes the activation (elementwise, cheap).
 
@@ -22,25 +24,41 @@ import torch
 import torch.nn.functional as F
 
 
+def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
+    """A dropout mask, True with probability 1 - p: four 16-bit draws from each 64-bit random number
+    of torch's generator (float masks draw one 32-bit number per element: ~3x slower on CPU, where
+    drawing the masks was up to a fifth of a LoRA step). p is rounded to a multiple of 1/65536."""
+    n = shape.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    return (words.view(torch.int16)[:n] >= -2**15 + round(p * 2**16)).view(shape)
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x where keep, else 0. Through uint8: on CPU torch.where, x * keep and bool-to-float casts
+    are not vectorised (~10x slower than a float multiply; measured on a 376 x 576 micro-batch)."""
+    return x * keep.view(torch.uint8).to(x.dtype)
+
+
 class _DroppedMatmul(torch.autograd.Function):
-    """F.linear(x * keep / (1 - p), weight) keeping x and a bool mask, not the dropped copy."""
+    """F.linear(x * keep / (1 - p), weight) keeping x and a bool mask, not the dropped copy; the
+    scale goes on the (small) weight."""
 
     @staticmethod
     def forward(ctx, x, weight, p):
-        keep = torch.rand_like(x) >= p
+        keep = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(x, keep, weight)
-        ctx.scale = 1.0 / (1.0 - p)
-        return F.linear(x * keep * ctx.scale, weight)
+        ctx.scale = 1.0 / (1.0 - round(p * 2**16) / 2**16)
+        return F.linear(_masked(x, keep), weight * ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):
         x, keep, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight) * keep * ctx.scale
+            grad_x = _masked(grad @ (weight * ctx.scale), keep)
         if ctx.needs_input_grad[1]:
-            dropped = (x * keep * ctx.scale).reshape(-1, x.shape[-1])
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped
+            dropped = _masked(x, keep).reshape(-1, x.shape[-1])
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped) * ctx.scale
         return grad_x, grad_w, None
 
 

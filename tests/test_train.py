@@ -386,10 +386,10 @@ def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama
 
 def test_dropout_linear_is_dropout_then_linear():
     """The fused LoRA dropout + lora_A: the output and both gradients of F.linear(dropout(x), W)
-    with the same mask (drawn as rand >= p from torch's generator), and plain F.linear in eval."""
+    with the same mask (keep_mask from torch's generator), and plain F.linear in eval."""
     import torch.nn.functional as F
 
-    from edgelora.lean import DropoutLinear
+    from edgelora.lean import DropoutLinear, keep_mask
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 4, bias=False)
@@ -401,15 +401,33 @@ def test_dropout_linear_is_dropout_then_linear():
     out = fused(x)
     got = torch.autograd.grad(out, (x, linear.weight), grad)
     torch.manual_seed(7)
-    keep = torch.rand_like(x) >= 0.3
+    keep = keep_mask(x.shape, 0.3)
     assert 0.15 < 1 - keep.float().mean() < 0.45
-    ref = F.linear(x * keep / 0.7, linear.weight)
+    ref = F.linear(x * keep / (1 - 19661 / 2**16), linear.weight)  # p rounded to 19661 / 65536
     want = torch.autograd.grad(ref, (x, linear.weight), grad)
     assert torch.allclose(out, ref, atol=1e-6)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-5)
     fused.eval()
     assert torch.equal(fused(x), F.linear(x, linear.weight))
+
+
+def test_keep_mask_drops_p_of_the_elements_independently():
+    """keep_mask: seeded, its own draw each call, drops p (rounded to 1/65536) of the elements of any
+    shape, each of the four 16-bit lanes of a 64-bit draw alike, none at p = 0."""
+    from edgelora.lean import keep_mask
+
+    torch.manual_seed(1)
+    a = keep_mask(torch.Size([999, 1001]), 0.05)
+    torch.manual_seed(1)
+    assert torch.equal(a, keep_mask(torch.Size([999, 1001]), 0.05))
+    assert a.shape == (999, 1001) and a.dtype == torch.bool
+    assert not torch.equal(a, keep_mask(torch.Size([999, 1001]), 0.05))
+    lanes = 1 - a.flatten()[:999 * 1000].view(-1, 4).float().mean(0)  # the drop rate of each 16-bit lane
+    assert torch.allclose(lanes, torch.full((4,), 3277 / 2**16), atol=0.002), lanes
+    same = (a.flatten()[:-1] == a.flatten()[1:]).float().mean()  # neighbours independent: P(equal) = p² + (1-p)²
+    assert abs(same - (0.05**2 + 0.95**2)) < 0.002
+    assert keep_mask(torch.Size([3, 5]), 0.0).all()
 
 
 @pytest.mark.parametrize("arch, method", [("tiny_llama", "qlora"), ("tiny_qwen2", "lora"), ("gemma3", "lora"),
