@@ -8,6 +8,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import gguf
 import llama_cpp
@@ -42,25 +43,53 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, imatrix: I
     source = inspect_gguf(src)
     _check_source(source)
     overrides = _overrides(preset.get("overrides") or {}, main, source)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + preset["llama_ftype"])
-    params.nthread = threads
-    patterns = _tensor_overrides(overrides)  # referenced until the call returns
-    params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
     if imatrix is not None:
         check_imatrix(imatrix, source)
-        importance, _buffers = quantizer_array(imatrix)  # referenced until the call returns
-        params.imatrix = ctypes.cast(importance, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     most_bits = preset.get("expected_bpw", [0, 16])[1]
     io.check_free_space(dst, int(source["n_params"] * most_bits / 8) + source["size_bytes"] - source["tensor_bytes"])
     start = time.perf_counter()
-    with atomic_path(dst, suffix=".gguf") as tmp, captured_log(verbose) as log:
-        if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(tmp), ctypes.byref(params)) != 0:
-            reason = "No space left on device" if io.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
-            raise EdgeloraError(f"{dst}: llama.cpp could not quantise {src.name} to {preset['name']}: {reason}")
+    refit = _refit_fallbacks(src, preset, overrides, imatrix, threads, verbose)
+    with atomic_path(dst, suffix=".gguf") as tmp:
+        _llama_quantize(src, tmp, preset, {**overrides, **refit}, imatrix, threads, verbose, dst)
     info = inspect_gguf(dst)
     return {**{k: info[k] for k in _SUMMARY}, "preset": preset["name"],
             "seconds": round(time.perf_counter() - start, 3), "fallbacks": fallbacks(info, main, overrides)}
+
+
+def _llama_quantize(src: Path, out: Optional[Path], preset: dict, overrides: dict[str, str],
+                    imatrix: Optional[IMatrix], threads: int, verbose: bool, dst: Path) -> list[tuple[int, str]]:
+    """One llama_model_quantize call (a dry run, writing nothing, when `out` is None); its log."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + preset["llama_ftype"])
+    params.nthread = threads
+    params.dry_run = out is None
+    patterns = _tensor_overrides(overrides)  # referenced until the call returns
+    params.tt_overrides = ctypes.cast(patterns, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    if imatrix is not None:
+        importance, _buffers = quantizer_array(imatrix)  # referenced until the call returns
+        params.imatrix = ctypes.cast(importance, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    with captured_log(verbose) as log:
+        if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(out or os.devnull), ctypes.byref(params)):
+            reason = "No space left on device" if io.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
+            raise EdgeloraError(f"{dst}: llama.cpp could not quantise {src.name} to {preset['name']}: {reason}")
+    return log
+
+
+# llama.cpp's line for a weight whose rows do not take the type its preset wants (llama-quant.cpp)
+_FALLBACK_LINE = re.compile(r"(\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\w+)\)")
+
+
+def _refit_fallbacks(src: Path, preset: dict, overrides: dict[str, str], imatrix: Optional[IMatrix],
+                     threads: int, verbose: bool) -> dict[str, str]:
+    """{exact tensor name: type} for the weights whose rows do not take the type the preset wants
+    and whose fallback the preset chooses itself (its `fallback` table, e.g. Q2_K -> IQ4_NL where
+    llama.cpp would take Q4_0): read from a dry run of the quantiser, which writes nothing."""
+    table = {str(k).upper(): str(v).upper() for k, v in (preset.get("fallback") or {}).items()}
+    if not table:
+        return {}
+    log = _llama_quantize(src, None, preset, overrides, imatrix, threads, verbose, src)
+    wanted = _FALLBACK_LINE.findall("".join(text for _, text in log))
+    return {re.escape(name): table[want.upper()] for name, want in wanted if want.upper() in table}
 
 
 def _load_preset(preset: str | dict) -> dict:

@@ -144,6 +144,32 @@ def test_fallbacks_are_reported_and_counted_in_bpw(odd_f16):
     assert q8["fallbacks"]["count"] == 0 and set(q8["tensor_types"]) == {"Q8_0", "F32"}
 
 
+def test_q2_k_takes_its_own_fallback_where_rows_do_not_fit(odd_f16, tmp_path):
+    """The q2_k preset's `fallback` table: where rows do not take Q2_K / Q3_K, IQ4_NL (read from a
+    dry run of llama.cpp's quantiser, which leaves no file) instead of llama.cpp's Q4_0: the same
+    size, less error on those weights; types llama.cpp's mix wants otherwise (the tied embedding's
+    Q6_K -> Q8_0) are left as llama.cpp falls back; every such weight is still reported."""
+    from gguf.quants import dequantize
+
+    preset = quant_presets.load("q2_k")
+    assert preset["fallback"] == {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL"}
+    ours = quantize(odd_f16, tmp_path / "ours.gguf", "q2_k")
+    theirs = quantize(odd_f16, tmp_path / "theirs.gguf", {**preset, "fallback": {}, "name": "llama.cpp's"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.gguf", "theirs.gguf"]
+    assert theirs["fallbacks"]["by_type"] == {"Q4_0": theirs["fallbacks"]["count"] - 1, "Q8_0": 1}
+    assert ours["fallbacks"]["by_type"] == {"IQ4_NL": ours["fallbacks"]["count"] - 1, "Q8_0": 1}
+    assert ours["fallbacks"]["tensors"] == theirs["fallbacks"]["tensors"]
+    assert ours["size_bytes"] == theirs["size_bytes"]
+    f16 = {t.name: t for t in gguf.GGUFReader(odd_f16).tensors}
+
+    def error(path):
+        return sum(float(np.square(dequantize(t.data, t.tensor_type) - f16[t.name].data.astype(np.float32)).sum())
+                   for t in gguf.GGUFReader(path).tensors if t.tensor_type.name in ("Q4_0", "IQ4_NL"))
+
+    assert error(tmp_path / "ours.gguf") < 0.9 * error(tmp_path / "theirs.gguf")
+    assert np.isfinite(llama_logits(ours["path"])).all()
+
+
 @pytest.mark.parametrize("ftype, main", [("MOSTLY_Q4_K_M", "Q4_K"), ("MOSTLY_Q5_K_S", "Q5_K"), ("MOSTLY_Q8_0", "Q8_0"),
                                          ("MOSTLY_BF16", "BF16"), ("ALL_F32", "F32")])
 def test_main_type_of_a_file_type(ftype, main):
