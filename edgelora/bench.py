@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import gguf
 
-from .data import read_jsonl
+from .data import REASONING, read_jsonl
 from .errors import EdgeloraError
 from .io import output_folder, read_json
 from .runtime import gguf_metadata
@@ -181,7 +181,8 @@ def _quant_name(file_type: Optional[str]) -> str:
 
 
 def read_eval(path: str, limit: Optional[int] = None) -> list[dict]:
-    """Eval examples as {"messages": prompt turns, "answer": the last assistant turn}."""
+    """Eval examples as {"messages": prompt turns, "answer": the last assistant turn, "reasoning":
+    its reasoning_content, or ""}."""
     examples, shape = read_jsonl(path)
     if shape == "text":
         raise EdgeloraError(f"{path}: bench needs chat or instruction examples (a prompt and its answer), not text")
@@ -189,8 +190,14 @@ def read_eval(path: str, limit: Optional[int] = None) -> list[dict]:
     for ex in examples:
         msgs = ex.messages
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        rows.append({"source": ex.source, "messages": msgs[:last], "answer": msgs[last]["content"]})
+        rows.append({"source": ex.source, "messages": msgs[:last], "answer": msgs[last]["content"],
+                     "reasoning": msgs[last].get(REASONING, "")})
     return rows[:limit] if limit else rows
+
+
+def final_answer(text: str) -> str:
+    """What a reasoning model answers after its <think> ... </think> block; the text itself otherwise."""
+    return text.rpartition("</think>")[2].lstrip() if "</think>" in text else text
 
 
 def make_scorer(mode: str = "exact", pattern: Optional[str] = None) -> Callable[[str, str], float]:
@@ -272,6 +279,7 @@ def json_fields(out: str, ref: str) -> tuple[bool, bool, float]:
 def task_result(mode: str, pattern: Optional[str], answers: list[str], rows: list[dict]) -> dict:
     """The task score of `answers` against the rows' references (the mean of make_scorer's); for
     json also the shares of valid JSON and of exact structural matches."""
+    answers = [final_answer(a) for a in answers]
     if mode == "json":
         valid, exact, fields = zip(*(json_fields(a, r["answer"]) for a, r in zip(answers, rows)))
         return {"task_score": sum(fields) / len(rows), "json_valid": sum(valid) / len(rows),
@@ -477,7 +485,8 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
     taken = [p for p in files.values() if p.exists()]
     if taken and not force:
         raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
-    longest = max(len(r["answer"].encode()) for r in rows) + 16  # room for any reference answer: a token >= 1 byte
+    longest = max(len((r["reasoning"] + r["answer"]).encode()) + (32 if r["reasoning"] else 0)
+                  for r in rows) + 16  # room for any reference answer (and its <think> block): a token >= 1 byte
     settings = Settings(score, pattern, max_tokens or longest, device, threads)
     results = _measure_all(cands, rows, settings, out_dir, progress)
     report = rep.build_report(cands, results, rows, eval_data=eval_data, threshold=threshold, settings=asdict(settings))

@@ -16,6 +16,7 @@ from .errors import EdgeloraError
 IGNORE = -100
 SHAPES = ("chat", "instruction", "text")
 ROLES = ("system", "user", "assistant")
+REASONING = "reasoning_content"  # an assistant message's reasoning, as Qwen3's / DeepSeek-R1's templates read it
 
 # Used when a base model's tokenizer has no chat template of its own (plain base models).
 CHATML_TEMPLATE = (
@@ -151,6 +152,10 @@ def _parse(record: dict, shape: str, where: str) -> Example:
         if m["role"] == "system" and i != 0:
             raise EdgeloraError(f"{where}: messages[{i}]: a system message may only come first")
         clean.append({"role": m["role"], "content": m["content"]})
+        if m.get(REASONING) is not None:
+            if m["role"] != "assistant" or not isinstance(m[REASONING], str):
+                raise EdgeloraError(f"{where}: messages[{i}].{REASONING} must be a string on an assistant message")
+            clean[-1][REASONING] = m[REASONING]
     if not any(m["role"] == "assistant" for m in clean):
         raise EdgeloraError(f"{where}: no assistant message to learn from")
     return Example(where, messages=clean)
@@ -188,17 +193,21 @@ NO_THINK = "{%- if enable_thinking is not defined %}{%- set enable_thinking = fa
 
 
 def default_to_no_think(tokenizer, examples: list[Example]) -> bool:
-    """For data without reasoning (no <think> in any answer), make a thinking template's default
-    the no-think variant: training then renders the turns the model answers directly after, and
-    the run's template, which the GGUF and Modelfile carry, renders the same prompt. Returns
-    whether the template was changed."""
+    """For data without reasoning (no <think> in any answer, no reasoning_content), make a thinking
+    template's default the no-think variant: training then renders the turns the model answers
+    directly after, and the run's template, which the GGUF and Modelfile carry, renders the same
+    prompt. Returns whether the template was changed."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or "enable_thinking" not in template or template.startswith(NO_THINK):
         return False
-    if any("<think>" in m["content"] for ex in examples for m in ex.messages or () if m["role"] == "assistant"):
+    if any(_reasoned(ex) for ex in examples):
         return False
     tokenizer.chat_template = NO_THINK + template
     return True
+
+
+def _reasoned(ex: Example) -> bool:
+    return any(REASONING in m or "<think>" in m["content"] for m in ex.messages or () if m["role"] == "assistant")
 
 
 def _single_token(tokenizer, text: str) -> bool:
@@ -243,6 +252,12 @@ def tokenize_example(tokenizer, ex: Example) -> Tokenized:
             ids = ids + [tokenizer.eos_token_id]
         return Tokenized(ids, list(ids))
     text, spans = assistant_spans(tokenizer, ex.messages)
+    # The last answer's reasoning must be rendered, else it would be trained on without it (Qwen3's
+    # template writes it as the answer's <think> block; earlier turns' it leaves out, by design).
+    reasoning = next(m for m in reversed(ex.messages) if m["role"] == "assistant").get(REASONING, "")
+    if reasoning.strip() and reasoning not in text:
+        raise EdgeloraError(f"{ex.source}: has {REASONING}, which this base's chat template does not render; "
+                            "put the reasoning in the answer (e.g. <think>...</think>) or drop the field")
     # The template writes any BOS itself; don't let the tokenizer add another.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from edgelora import runtime
-from edgelora.bench import bench, json_fields, make_scorer, pick_score, read_eval, task_result
+from edgelora.bench import bench, final_answer, json_fields, make_scorer, pick_score, read_eval, task_result
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
@@ -102,6 +102,19 @@ def test_perplexity_matches_transformers_own_loss(ladder, exported, eval_file):
     rows = rows_by_label(ladder.report)
     assert rows["hf"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     assert rows["f16"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=0.01)
+
+
+def test_a_reasoning_models_answer_is_scored_after_its_think_block(tmp_path):
+    """The text after </think> is what is scored (the generation prompt may already have opened
+    the block); the eval set's reasoning_content is read, and room is made for it."""
+    assert final_answer("<think>\nadd\n</think>\n\n6") == "6"
+    assert final_answer("add 3 and 3\n</think>\n\n6") == "6" and final_answer(" 6") == " 6"
+    path = write_jsonl(tmp_path / "e.jsonl", [{"messages": [
+        {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6", "reasoning_content": "add"}]}])
+    (row,) = read_eval(str(path))
+    assert row["answer"] == "6" and row["reasoning"] == "add"
+    assert task_result("exact", None, ["<think>\nadd\n</think>\n\n6"], [row]) == {"task_score": 1.0}
+    assert task_result("exact", None, ["<think>\nadd\n</think>\n\n7"], [row]) == {"task_score": 0.0}
 
 
 def test_task_score_is_the_share_of_right_answers(ladder, eval_file):

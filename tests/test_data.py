@@ -1,3 +1,5 @@
+import json
+import re
 
 import pytest
 
@@ -175,3 +177,40 @@ def test_a_thinking_template_defaults_to_no_think_for_data_without_reasoning(tin
     assert tok.decode(t.input_ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n4<|im_end|>\n")
     assert tok.apply_chat_template(plain.messages[:1], tokenize=False, add_generation_prompt=True,
                                    enable_thinking=True).endswith("assistant\n")  # still switchable
+
+
+# THINKING_TEMPLATE with Qwen3's reading of reasoning_content: the last answer's <think> block holds it.
+REASONING_TEMPLATE = THINKING_TEMPLATE.replace(
+    "{%- set content = message.content %}",
+    "{%- set content = message.content %}{%- if message.reasoning_content is string and loop.last %}"
+    "{%- set content = '<think>\n' + message.reasoning_content + '\n</think>\n\n' + content %}{%- endif %}")
+
+
+def test_reasoning_content_is_trained_on_where_the_template_renders_it(tiny_tokenizer, tmp_path):
+    """An assistant message's reasoning_content is kept, rendered by a template that reads it (as
+    Qwen3's does) and learnt with the answer, keeping the thinking template's default; a template
+    that renders none of it, or a reasoning field elsewhere, is refused naming the line."""
+    import copy
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "3+3?"},
+                                             {"role": "assistant", "content": "6", "reasoning_content": "add 3"}]}) + "\n")
+    (ex,), _ = D.read_jsonl(path)
+    assert ex.messages[1] == {"role": "assistant", "content": "6", "reasoning_content": "add 3"}
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = REASONING_TEMPLATE
+    assert not D.default_to_no_think(tok, [ex]) and tok.chat_template == REASONING_TEMPLATE
+    t = D.tokenize_example(tok, ex)
+    assert tok.decode([i for i in t.labels if i != D.IGNORE]) == "<think>\nadd 3\n</think>\n\n6<|im_end|>\n"
+    tok.chat_template = THINKING_TEMPLATE  # does not read reasoning_content
+    with pytest.raises(EdgeloraError, match=rf"^{re.escape(str(path))}:1: has reasoning_content, which this base's "
+                                            r"chat template does not render; put the reasoning in the answer"):
+        D.tokenize_example(tok, ex)
+    for bad, where in (({"role": "user", "content": "q", "reasoning_content": "x"}, 0),
+                       ({"role": "assistant", "content": "a", "reasoning_content": 3}, 1)):
+        msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        msgs[where] = bad
+        path.write_text(json.dumps({"messages": msgs}) + "\n")
+        with pytest.raises(EdgeloraError, match=rf"^{re.escape(str(path))}:1: messages\[{where}\].reasoning_content "
+                                                r"must be a string on an assistant message$"):
+            D.read_jsonl(path)
