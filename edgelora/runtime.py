@@ -294,16 +294,18 @@ class Runtime:
             return (piece for c in out if (piece := c["choices"][0]["text"]))
         return out["choices"][0]["text"]
 
-    def chat_tokens(self, messages: list[dict], answer: str | None = None) -> tuple[list[int], list[int]]:
-        """The prompt's token ids exactly as chat() feeds them to the model, and, given `answer`,
-        the answer's ids as the template closes the turn (its text plus the end-of-turn token):
-        what scoring an answer needs."""
+    def chat_tokens(self, messages: list[dict], answer: str | dict | None = None) -> tuple[list[int], list[int]]:
+        """The prompt's token ids exactly as chat() feeds them to the model, and, given `answer`
+        (its text, or the whole assistant message, e.g. with its reasoning_content), the answer's
+        ids as the template closes the turn (its text plus the end-of-turn token): what scoring an
+        answer needs."""
         head = self.chat_text(messages)
         # llama-cpp-python's chat formatter writes every special token itself: the tokenizer adds none
         prompt = self.llm.tokenize(head.encode(), add_bos=False, special=True)
         if answer is None:
             return prompt, []
-        full = self.chat_text([*messages, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+        turn = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+        full = self.chat_text([*messages, turn], add_generation_prompt=False)
         if not full.startswith(head):
             raise EdgeloraError("the chat template renders the prompt differently once an answer follows it")
         tail = full[len(head):].rstrip()  # the answer, the end-of-turn token; not the newline after it

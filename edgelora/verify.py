@@ -69,7 +69,7 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
     ends, inside = set(), {}  # the answers' end tokens; token -> an example it occurs in before the end
     for ex, t in pairs:
         last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
-        prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last]["content"])
+        prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last])
         got, want = prompt + answer, list(t.input_ids)
         diff = next((i for i in range(min(len(got), len(want))) if got[i] != want[i]),
                     None if len(got) <= len(want) else len(want))

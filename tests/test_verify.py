@@ -317,3 +317,25 @@ def test_a_thinking_template_trains_and_exports_its_no_think_variant(tmp_path):
     assert template == D.NO_THINK + THINKING_TEMPLATE
     modelfile = (result.out_dir / "Modelfile").read_text()
     assert '<|im_start|>assistant\n<think>\n\n</think>\n\n"""' in modelfile
+
+
+def test_reasoning_data_trains_and_exports_with_the_thinking_template(tmp_path):
+    """Answers with reasoning_content on a tiny qwen3 whose template renders it: the template is
+    kept as it is (no no-think default), the reasoning is learnt, and the export's checks pass."""
+    from test_converter import build_model, train_tokenizer
+    from test_data import REASONING_TEMPLATE
+    from tiny import cfg, chat_rows, write_jsonl
+
+    from edgelora.trainer import train
+
+    tok = train_tokenizer("qwen2")
+    tok.chat_template = REASONING_TEMPLATE
+    base = build_model(tmp_path / "base", "qwen3", tok=tok)
+    rows = chat_rows(16)
+    for i, row in enumerate(rows):
+        row["messages"][-1]["reasoning_content"] = f"step {i}"
+    train(cfg(base, write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path / "run", max_steps=3, eval_split=0.0))
+    result = E.export(str(tmp_path / "run"), quants=["q8_0"], imatrix="none")
+    assert all(c["passed"] for c in result.checks), result.checks
+    template = gguf.GGUFReader(result.out_dir / "run-q8_0.gguf").fields["tokenizer.chat_template"].contents()
+    assert template == REASONING_TEMPLATE
