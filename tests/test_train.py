@@ -304,10 +304,11 @@ def _fsdp_worker(rank: int, world: int, port: int, config: dict, stop_at, resume
         pass
 
 
-def test_fsdp_shards_over_two_processes_resumes_and_trains_as_one(tiny_llama, tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp_shards_over_two_processes_resumes_and_trains_as_one(tiny_llama, tmp_path, checkpointing):
     """--fsdp with two CPU processes (gloo): stopped after step 3 (a checkpoint gathered from the
     shards), resumed to step 7, it matches one process with the whole batch: the same examples,
-    losses and eval losses, and the same adapter."""
+    losses and eval losses, and the same adapter; with gradient checkpointing too."""
     import dataclasses
     import socket
 
@@ -317,7 +318,7 @@ def test_fsdp_shards_over_two_processes_resumes_and_trains_as_one(tiny_llama, tm
     from tiny import chat_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "chat21.jsonl", chat_rows(21))
-    common = dict(max_steps=7, eval_split=0.2, eval_every=3, save_every=100, grad_checkpointing=False)
+    common = dict(max_steps=7, eval_split=0.2, eval_every=3, save_every=100, grad_checkpointing=checkpointing)
     one = cfg(tiny_llama, data, tmp_path / "one", batch_size=4, **common)
     train(one)
     two = dataclasses.asdict(cfg(tiny_llama, data, tmp_path / "two", batch_size=2, fsdp=True, **common))
