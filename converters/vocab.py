@@ -64,17 +64,39 @@ def chat_template(folder: Path) -> str | None:
 
 
 def read_tokenizer(model_dir: Path) -> dict:
-    """`model_dir`'s tokenizer.json, parsed; ConvertError naming what is wrong."""
+    """`model_dir`'s tokenizer.json, parsed, or the one transformers makes of its SentencePiece
+    tokenizer.model (older Llama 2 / Mistral folders ship only that; training used the same
+    conversion); ConvertError naming what is wrong."""
     path = model_dir / "tokenizer.json"
+    if not path.is_file() and (model_dir / "tokenizer.model").is_file():
+        return _from_sentencepiece(model_dir)
     if not path.is_file():
-        hint = ("; it has SentencePiece's tokenizer.model: AutoTokenizer.from_pretrained(folder)"
-                ".save_pretrained(folder) writes tokenizer.json from it (needs the sentencepiece and protobuf packages)"
-                if (model_dir / "tokenizer.model").is_file() else "")
-        raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required){hint}")
+        raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ConvertError(f"{path}: not valid JSON: {e}") from None
+
+
+def tokenizer_file(model_dir: Path) -> Path:
+    """The file messages about `model_dir`'s tokenizer name: tokenizer.json, else tokenizer.model."""
+    path = model_dir / "tokenizer.json"
+    return path if path.is_file() or not (model_dir / "tokenizer.model").is_file() else model_dir / "tokenizer.model"
+
+
+def _from_sentencepiece(model_dir: Path) -> dict:
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises many kinds here: a damaged file, a missing package
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConvertError(f"{model_dir / 'tokenizer.model'}: transformers cannot make a fast tokenizer of it "
+                           f"({first})") from None
+    if not tok.is_fast:
+        raise ConvertError(f"{model_dir / 'tokenizer.model'}: transformers made no fast tokenizer of it")
+    log.info("%s: no tokenizer.json; using transformers' conversion of tokenizer.model", model_dir)
+    return json.loads(tok.backend_tokenizer.to_str())
 
 
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, data: dict, n_vocab: int, template_dir: Path | None = None,
@@ -83,7 +105,7 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, data: dict, n_vocab: int
     chat template of `template_dir`'s when given (the tokenizer a run trained with: it may have
     added a template the base lacks). `name`: the file's general.name, on which llama.cpp's
     tokenizer partly depends (check_name_rules)."""
-    path = model_dir / "tokenizer.json"
+    path = tokenizer_file(model_dir)
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
     sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
     if not sentencepiece and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -528,6 +529,46 @@ def test_sentencepiece_vocab(tmp_path, space_prefix, metaspace, caplog):
     assert_logits_close(gguf_logits(out, tokens), hf_logits(model_dir, tokens), tolerance("gemma3_text", 1e-4))
 
 
+def test_a_folder_with_only_sentencepieces_tokenizer_model(tmp_path, caplog):
+    """A Llama-2-style folder with tokenizer.model and no tokenizer.json (a real SentencePiece BPE
+    model with byte fallback, trained here): the converter reads transformers' conversion of it,
+    which training uses too, and llama.cpp then splits text as transformers does -- except, as
+    warned, where transformers 5's Metaspace ('first') puts no ▁: text starting with a space, and
+    after a special token."""
+    import sentencepiece as spm
+
+    from edgelora.trainer import load_tokenizer
+
+    caplog.set_level(logging.INFO)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=600,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                   bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    shutil.copy(tmp_path / "sp.model", spm_dir / "tokenizer.model")
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                               "eos_token": "</s>", "unk_token": "<unk>"}))
+    model_dir = build_model(tmp_path / "model", "llama", tok=AutoTokenizer.from_pretrained(spm_dir))
+    (model_dir / "tokenizer.json").unlink()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(spm_dir / name, model_dir / name)
+    assert load_tokenizer(model_dir).is_fast
+    out = tmp_path / "out.gguf"
+    convert(model_dir, out, outtype="f32")
+    assert gguf_fields(out)["tokenizer.ggml.model"] == "llama"
+    assert "no tokenizer.json; using transformers' conversion of tokenizer.model" in caplog.text
+    assert (f"{model_dir / 'tokenizer.model'}: Metaspace (prepend_scheme 'first') puts no ▁ before text that starts "
+            "with a space") in caplog.text
+    texts = [t for t in TRICKY + ["aaaa  aaa 🦙", "Ω and ü"]
+             if not t.startswith(" ") and not any(special in t for special in ("<s>", "</s>", "<unk>"))]
+    assert len(texts) == 9  # all but two texts opening with spaces and the one with <s> and </s>
+    assert_same_tokens(out, model_dir, texts)
+    tokens = prompt_tokens(model_dir)
+    assert_logits_close(gguf_logits(out, tokens), hf_logits(model_dir, tokens), tolerance("llama", 1e-4))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
      "SentencePiece-style tokenizer with a normalizer / pre-tokenizer llama.cpp does not reproduce"),
@@ -738,11 +779,11 @@ def test_llama_cpp_reads_phi3_tokens_by_the_models_name(tmp_path, model_dirs, ca
 def test_missing_files(tmp_path, model_dirs, missing):
     model = shutil.copytree(model_dirs["qwen2"], tmp_path / "model")
     (model / missing.split()[0]).unlink()
-    hint = ""
+    message = f"{model}: no {missing.split()[0]}"
     if missing.endswith("tokenizer.model"):
-        (model / "tokenizer.model").write_bytes(b"\n\x05hello")  # SentencePiece's, as Llama 2's repos ship it
-        hint = r".*: AutoTokenizer.from_pretrained\(folder\).save_pretrained\(folder\) writes tokenizer.json from it"
-    with pytest.raises(ConvertError, match=f"{model}: no {missing.split()[0]}{hint}"):
+        (model / "tokenizer.model").write_bytes(b"\n\x05hello")  # damaged: SentencePiece's file cut short
+        message = f"{model / 'tokenizer.model'}: transformers cannot make a fast tokenizer of it \\("
+    with pytest.raises(ConvertError, match=message):
         convert(model, tmp_path / "out.gguf")
     assert_nothing_written(tmp_path / "out.gguf")  # tokenizer.json is only read once the output is open
 
