@@ -67,8 +67,8 @@ def read_tokenizer(model_dir: Path) -> dict:
     """`model_dir`'s tokenizer.json, parsed, or the one transformers makes of its SentencePiece
     tokenizer.model (older Llama 2 / Mistral folders ship only that; training used the same
     conversion); ConvertError naming what is wrong."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file() and (model_dir / "tokenizer.model").is_file():
+    path = tokenizer_file(model_dir)
+    if path.name == "tokenizer.model":
         return _from_sentencepiece(model_dir)
     if not path.is_file():
         raise ConvertError(f"{model_dir}: no tokenizer.json (a HF fast tokenizer is required)")

@@ -24,13 +24,18 @@ import torch
 import torch.nn.functional as F
 
 
+def mask_p(p: float) -> float:
+    """The drop probability keep_mask applies for `p`: the nearest multiple of 1/65536."""
+    return round(p * 2**16) / 2**16
+
+
 def keep_mask(shape: torch.Size, p: float, device=None) -> torch.Tensor:
-    """A dropout mask, True with probability 1 - p: four 16-bit draws from each 64-bit random number
-    of torch's generator (float masks draw one 32-bit number per element: ~3x slower on CPU, where
-    drawing the masks was up to a fifth of a LoRA step). p is rounded to a multiple of 1/65536."""
+    """A dropout mask, True with probability 1 - mask_p(p): four 16-bit draws from each 64-bit
+    random number of torch's generator (float masks draw one 32-bit number per element: ~3x slower
+    on CPU, where drawing the masks was up to a fifth of a LoRA step)."""
     n = shape.numel()
     words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    return (words.view(torch.int16)[:n] >= -2**15 + round(p * 2**16)).view(shape)
+    return (words.view(torch.int16)[:n] >= -2**15 + int(mask_p(p) * 2**16)).view(shape)
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -47,7 +52,7 @@ class _DroppedMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, p):
         keep = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(x, keep, weight)
-        ctx.scale = 1.0 / (1.0 - round(p * 2**16) / 2**16)
+        ctx.scale = 1.0 / (1.0 - mask_p(p))
         return F.linear(_masked(x, keep), weight * ctx.scale)
 
     @staticmethod

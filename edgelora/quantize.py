@@ -58,7 +58,8 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, imatrix: I
 
 def _llama_quantize(src: Path, out: Optional[Path], preset: dict, overrides: dict[str, str],
                     imatrix: Optional[IMatrix], threads: int, verbose: bool, dst: Path) -> list[tuple[int, str]]:
-    """One llama_model_quantize call (a dry run, writing nothing, when `out` is None); its log."""
+    """One llama_model_quantize call (a dry run, writing nothing, when `out` is None); its log.
+    `dst`: the file an error names."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + preset["llama_ftype"])
     params.nthread = threads
