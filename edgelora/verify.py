@@ -184,7 +184,8 @@ def lora_route_check(probe, base_file: Path, lora: Path) -> Check:
 def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Optional[list[bool]]) -> Check:
     """`stops`: greedy answers to the examples' prompts end with an end-of-generation token within
     answer_limit tokens at least STOPPED_SHARE times as often as the model in torch stops (None:
-    no model in torch to compare with, so STOPPED_SHARE of the answers)."""
+    no model in torch to compare with, so STOPPED_SHARE of the answers); where torch stops once,
+    none is enough."""
     pairs = [(ex, t) for ex, t in zip(examples, trained) if ex.messages]
     if not pairs:
         return Check("stops", True, "not applicable: text data has no end of turn")
@@ -196,7 +197,9 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Opti
         elif runaway is None:
             runaway = f"; {ex.source} ran to the limit of {answer_limit(t)} tokens"
     expected = len(pairs) if stopped_in_torch is None else sum(stopped_in_torch)
-    passed = stopped >= STOPPED_SHARE * expected
+    # one answer's end is one greedy decision, which quantisation may flip: a single stop in torch
+    # is not a share to keep
+    passed = stopped >= min(STOPPED_SHARE * expected, expected - 1)
     never = " (the model as trained does not stop either: train longer)" if stopped_in_torch is not None and \
         expected == 0 and stopped < len(pairs) else ""
     return Check("stops", passed, f"{stopped} of {len(pairs)} greedy answers stop by themselves"

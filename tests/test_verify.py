@@ -219,6 +219,8 @@ def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
     assert stopped < 4 and not check.passed  # the tiny model (6 steps) rarely stops
     assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
                         r"limit of \d+ tokens", check.figure), check.figure
+    once = V.stop_check(rt, *first, [True] + [False] * 7)  # a single stop in torch: one greedy decision
+    assert once.passed and once.figure.startswith(f"{stopped} of 8 greedy answers stop by themselves, 1 in torch")
     never = V.stop_check(rt, *first, [False] * 8)
     assert never.passed and never.figure == (f"{stopped} of 8 greedy answers stop by themselves, 0 in torch (the model "
                                              "as trained does not stop either: train longer)")
