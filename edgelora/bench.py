@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Optional
 
 import gguf
 
-from .data import REASONING, read_jsonl
+from .data import REASONING, last_answer, read_jsonl
 from .errors import EdgeloraError
 from .io import output_folder, read_json
 from .runtime import gguf_metadata
@@ -189,7 +189,7 @@ def read_eval(path: str, limit: Optional[int] = None) -> list[dict]:
     rows = []
     for ex in examples:
         msgs = ex.messages
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        last = last_answer(msgs)
         rows.append({"source": ex.source, "messages": msgs[:last], "answer": msgs[last]["content"],
                      "reasoning": msgs[last].get(REASONING, "")})
     return rows[:limit] if limit else rows

@@ -206,6 +206,11 @@ def default_to_no_think(tokenizer, examples: list[Example]) -> bool:
     return True
 
 
+def last_answer(messages: list[dict]) -> int:
+    """The index of the last assistant message (the answer scored, verified and checked)."""
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
 def _reasoned(ex: Example) -> bool:
     return any(REASONING in m or "<think>" in m["content"] for m in ex.messages or () if m["role"] == "assistant")
 
@@ -254,7 +259,7 @@ def tokenize_example(tokenizer, ex: Example) -> Tokenized:
     text, spans = assistant_spans(tokenizer, ex.messages)
     # The last answer's reasoning must be rendered, else it would be trained on without it (Qwen3's
     # template writes it as the answer's <think> block; earlier turns' it leaves out, by design).
-    reasoning = next(m for m in reversed(ex.messages) if m["role"] == "assistant").get(REASONING, "")
+    reasoning = ex.messages[last_answer(ex.messages)].get(REASONING, "")
     if reasoning.strip() and reasoning not in text:
         raise EdgeloraError(f"{ex.source}: has {REASONING}, which this base's chat template does not render; "
                             "put the reasoning in the answer (e.g. <think>...</think>) or drop the field")

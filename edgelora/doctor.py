@@ -116,7 +116,7 @@ def _as_trained(rt, ex):
     """A data.Tokenized of `ex` as the GGUF renders it: the last answer labelled."""
     from . import data as D
 
-    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    last = D.last_answer(ex.messages)
     prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last]["content"])
     return D.Tokenized(prompt + answer, [-100] * len(prompt) + answer)
 

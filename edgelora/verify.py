@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .data import last_answer
 from .errors import EdgeloraError
 
 EXAMPLES = 8  # training examples checked: the first ones in the training order
@@ -68,7 +69,7 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
     doubled = Check("bos", True, "no doubled BOS")
     ends, inside = set(), {}  # the answers' end tokens; token -> an example it occurs in before the end
     for ex, t in pairs:
-        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        last = last_answer(ex.messages)
         prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last])
         got, want = prompt + answer, list(t.input_ids)
         diff = next((i for i in range(min(len(got), len(want))) if got[i] != want[i]),
@@ -191,7 +192,7 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Opti
         return Check("stops", True, "not applicable: text data has no end of turn")
     stopped, runaway = 0, None
     for ex, t in pairs:
-        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        last = last_answer(ex.messages)
         if rt.chat_finish(ex.messages[:last], max_tokens=answer_limit(t))[1] == "stop":
             stopped += 1
         elif runaway is None:
