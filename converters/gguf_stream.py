@@ -88,13 +88,35 @@ def write_gguf(
     return {"tensors": len(jobs), "bytes": out_path.stat().st_size, "arch": arch_name}
 
 
+def writer_internals(writer: gguf.GGUFWriter):
+    """(the open file, the tensor infos not yet written) of GGUFWriter: its public API writes a
+    tensor from one array in memory, so the streaming write goes through these, and through
+    write_padding and WriterState. Checked, so that a gguf-py which changes them stops with one
+    clear line instead of a corrupt file (gguf 0.17 to 0.19 are known to work)."""
+    try:
+        fout, pending = writer.fout[0], writer.tensors[0]
+        if not (hasattr(fout, "write") and hasattr(pending, "pop") and callable(writer.write_padding)
+                and gguf.gguf_writer.WriterState.WEIGHTS):
+            raise TypeError("not a file and a dict")
+    except (AttributeError, TypeError, IndexError, KeyError) as e:
+        raise ConvertError(f"gguf {_gguf_version()}: GGUFWriter's internals changed ({e}); edgelora's streaming "
+                           "writer needs gguf 0.17 to 0.19 (pip install 'gguf<0.20')") from None
+    return fout, pending
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
+
+
 def _write_job(writer: gguf.GGUFWriter, job: TensorJob) -> None:
     """What GGUFWriter.write_tensor_data does (align, data, pad), one row block at a time."""
     made = job.make()
     blocks = [made] if isinstance(made, torch.Tensor) else made
     encode = _ENCODINGS[job.qtype][1]
-    fout = writer.fout[0]
-    info = writer.tensors[0].pop(next(iter(writer.tensors[0])))
+    fout, pending = writer_internals(writer)
+    info = pending.pop(next(iter(pending)))
     assert info.nbytes == job.nbytes
     writer.write_padding(fout, fout.tell())
     rows, written = 0, 0

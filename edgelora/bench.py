@@ -34,7 +34,8 @@ import gguf
 
 from .data import REASONING, last_answer, read_jsonl
 from .errors import EdgeloraError
-from .io import output_folder, read_json
+from .io import output_folder, read_json, refuse_overwrite
+from .machine import peak_rss_mb
 from .runtime import gguf_metadata
 
 SCORES = ("auto", "exact", "contains", "regex", "json")
@@ -290,24 +291,6 @@ def task_result(mode: str, pattern: Optional[str], answers: list[str], rows: lis
 
 # ---------------------------------------------------------------- one model, in its own process
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. On Linux VmHWM, not ru_maxrss: a spawned process
-    inherits the parent's ru_maxrss through fork and exec, and the parent may hold a trained model."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # Windows
-        import psutil
-
-        return psutil.Process().memory_info().peak_wset / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
-
-
 class Compare:
     """Scores next-token logits at every answer position: the answers' negative log-likelihood
     (-> perplexity), and against the reference, whose log-probabilities it writes to a scratch
@@ -482,9 +465,7 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
     out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
     files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
     output_folder(out_dir, "report folder")
-    taken = [p for p in files.values() if p.exists()]
-    if taken and not force:
-        raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
+    refuse_overwrite(files.values(), force)
     longest = max(len((r["reasoning"] + r["answer"]).encode()) + (32 if r["reasoning"] else 0)
                   for r in rows) + 16  # room for any reference answer (and its <think> block): a token >= 1 byte
     settings = Settings(score, pattern, max_tokens or longest, device, threads)

@@ -9,7 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from .bench import Candidate, Compare, Settings, peak_rss_mb, rate, task_result
+from .bench import Candidate, Compare, Settings, rate, task_result
+from .machine import peak_rss_mb
 
 
 def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
@@ -17,21 +18,20 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device
     from .models import base_hash, materialise, resolve_base
-    from .trainer import compute_dtype, pick_device
 
     if s.threads:
         torch.set_num_threads(s.threads)
-    device = pick_device({"metal": "mps"}.get(s.device, s.device))
+    device = pick_device(s.device)
     base = resolve_base(c.model)
     hf_dir = materialise(base, base_hash(base))
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype(device))
+    model = load_model(hf_dir, "lora", device, compute_dtype(device), training=False)
     model = PeftModel.from_pretrained(model, c.loras[0]).to(device).eval()
     load_s = time.perf_counter() - t0
-    tok = AutoTokenizer.from_pretrained(c.loras[0])
+    tok = load_tokenizer(c.loras[0])
     tokens = json.loads((scratch / "tokens.json").read_text())
     stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
     answers, gen_tokens, gen_s = [], 0, 0.0

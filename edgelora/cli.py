@@ -13,6 +13,7 @@ import click
 
 from .errors import EdgeloraError
 from .io import os_error
+from .machine import DEVICES
 
 log = logging.getLogger("edgelora")
 
@@ -77,41 +78,28 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def train_options(command):
+    """`train`'s options, one per TrainConfig field: help, choices and default are stated once,
+    beside the field (edgelora.config)."""
+    import dataclasses
+
+    from .config import TrainConfig, default_text, field_type
+
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]]):
+        meta, shown, dashed = f.metadata, default_text(f), f.name.replace("_", "-")
+        text = meta["help"] + (f" [default: {shown}]" if shown else "")
+        if field_type(f.name) is bool:
+            option = click.option(f"--{dashed}/--no-{dashed}", f.name, default=None, help=text)
+        else:
+            kind = click.Choice(meta["choices"]) if meta["choices"] else field_type(f.name)
+            option = click.option(meta["flag"] or f"--{dashed}", f.name, type=kind, metavar=meta["metavar"], help=text)
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
-@click.option("--base", help="Base model: alias (smollm2-135m), HF directory, GGUF file or cached hub id. [default: smollm2-135m]")
-@click.option("--data", help="Training data, JSONL (chat, instruction or text).")
-@click.option("--out", help="Run directory to write.")
-@click.option("--format", "data_format", type=click.Choice(["auto", "chat", "instruction", "text"]), help="Data shape. [default: auto]")
-@click.option("--eval-data", help="Held-out JSONL for eval loss.")
-@click.option("--eval-split", type=float, help="Hold out this fraction of --data for eval (fixed seed).")
-@click.option("--method", type=click.Choice(["auto", "qlora", "lora"]), help="qlora: 4-bit NF4 base; lora: full-precision base. [default: qlora where bitsandbytes works]")
-@click.option("--dora/--no-dora", default=None, help="Weight-decomposed LoRA.")
-@click.option("--rslora/--no-rslora", default=None, help="Rank-stabilised scaling alpha/sqrt(r).")
-@click.option("--rank", type=int, help="LoRA rank. [default: 8]")
-@click.option("--alpha", type=float, help="LoRA alpha. [default: 2 x rank]")
-@click.option("--dropout", type=float, help="LoRA dropout. [default: 0.05]")
-@click.option("--targets", help="attn | all-linear | NAME,NAME. [default: all-linear]")
-@click.option("--lr", type=float, help="Peak learning rate. [default: 2e-4]")
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps, then cosine decay. [default: 5% of steps]")
-@click.option("--epochs", type=float, help="Passes over the data. [default: 1]")
-@click.option("--max-steps", type=int, help="Optimizer steps (overrides --epochs).")
-@click.option("--batch-size", type=int, help="Examples per micro-batch. [default: 4]")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step. [default: 1]")
-@click.option("--seq-len", type=int, help="Longest sequence in tokens; longer ones are truncated. [default: 512]")
-@click.option("--seed", type=int, help="Seed for data order, split and init. [default: 0]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), help="[default: auto]")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=None,
-              help="Trade compute for memory. [default: on only where the activations would not fit --max-memory]")
-@click.option("--max-memory", metavar="SIZE", help="Memory training may use, e.g. 8GiB. [default: what is free]")
-@click.option("--fsdp/--no-fsdp", default=None,
-              help="Under torchrun / accelerate launch: shard the model over the processes (PyTorch FSDP2, a unit per "
-                   "decoder block) instead of a copy in each (DDP), for a model too large for one device; LoRA/DoRA "
-                   "(a 4-bit QLoRA base is not sharded). [default: off]")
-@click.option("--json-schema/--no-json-schema", default=None,
-              help="When every answer is JSON, infer its schema into RUN_DIR/schema.json. [default: on]")
-@click.option("--eval-every", type=int, help="Steps between eval-loss measurements. [default: 50]")
-@click.option("--save-every", type=int, help="Steps between checkpoints. [default: 100]")
+@train_options
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Overwrite an existing RUN_DIR.")
 @friendly_errors
@@ -275,7 +263,7 @@ def doctor(path, lora, data, base, as_json):
               help="Recommend the smallest file keeping this fraction of the reference's task score.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest generated answer. [default: longest reference answer + 16]")
 @click.option("--hf/--no-hf", default=None, help="Also measure the HF base + adapter in torch. [default: if installed]")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
 @click.option("--out", help="Report folder. [default: EXPORT_DIR/bench, or ./bench]")
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
@@ -342,7 +330,7 @@ def _runtime_options(fn):
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy, reproducible."),
         click.option("--top-p", type=float, default=0.95, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
                      help="Context length in tokens (capped to the model's)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]"),
@@ -476,7 +464,7 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
                    "each model's schema.json beside its file.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Context length in tokens (capped to the model's).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "metal"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
 @friendly_errors
 def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit, max_request_bytes, request_timeout,

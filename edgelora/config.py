@@ -11,41 +11,61 @@ from typing import Any, Optional
 import yaml
 
 from .errors import EdgeloraError
+from .machine import DEVICES, device_name
+
+
+FORMATS = ("auto", "chat", "instruction", "text")
+METHODS = ("auto", "qlora", "lora")
+
+
+def _arg(default: Any, help: str, *, choices: tuple[str, ...] = (), shown: Optional[str] = None,
+         flag: Optional[str] = None, metavar: Optional[str] = None, cli: bool = True):
+    """A config field with what `edgelora train --help` says of it: the command's options are built
+    from these (edgelora.cli.train_options). `shown`: the default as help states it, where the
+    value alone would not say it; `flag`: the option's name where it is not --field-name."""
+    meta = dict(help=help, choices=choices, shown=shown, flag=flag, metavar=metavar, cli=cli)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    base: str = "smollm2-135m"
-    data: Optional[str] = None
-    out: Optional[str] = None
-    data_format: str = "auto"  # auto | chat | instruction | text
-    eval_data: Optional[str] = None
-    eval_split: float = 0.0
-    method: str = "auto"  # auto | qlora | lora
-    dora: bool = False
-    rslora: bool = False
-    rank: int = 8
-    alpha: Optional[float] = None  # default 2 x rank
-    dropout: float = 0.05
-    targets: str = "all-linear"  # attn | all-linear | NAME,NAME
-    lr: float = 2e-4
-    warmup_steps: Optional[int] = None  # default: 5% of the steps
-    epochs: float = 1.0
-    max_steps: Optional[int] = None  # overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 512
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | mps
-    grad_checkpointing: Optional[bool] = None  # None: on only where the activations would not fit the memory
-    max_memory: Optional[str] = None  # the memory training may use (e.g. 8GiB); default: what is free
-    fsdp: bool = False  # several processes: shard the model over them (FSDP2) instead of copying it to each (DDP)
-    json_schema: bool = True  # JSON answers: infer their schema into schema.json (export ships it)
-    eval_every: int = 50
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    extra: dict = field(default_factory=dict)  # reserved for forward compatibility
+    base: str = _arg("smollm2-135m", "Base model: alias (smollm2-135m), HF directory, GGUF file or cached hub id.")
+    data: Optional[str] = _arg(None, "Training data, JSONL (chat, instruction or text).")
+    out: Optional[str] = _arg(None, "Run directory to write.")
+    data_format: str = _arg("auto", "Data shape.", choices=FORMATS, flag="--format")
+    eval_data: Optional[str] = _arg(None, "Held-out JSONL for eval loss.")
+    eval_split: float = _arg(0.0, "Hold out this fraction of --data for eval (fixed seed).")
+    method: str = _arg("auto", "qlora: 4-bit NF4 base; lora: full-precision base.", choices=METHODS,
+                       shown="qlora where bitsandbytes works")
+    dora: bool = _arg(False, "Weight-decomposed LoRA.")
+    rslora: bool = _arg(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    rank: int = _arg(8, "LoRA rank.")
+    alpha: Optional[float] = _arg(None, "LoRA alpha.", shown="2 x rank")
+    dropout: float = _arg(0.05, "LoRA dropout.")
+    targets: str = _arg("all-linear", "attn | all-linear | NAME,NAME.")
+    lr: float = _arg(2e-4, "Peak learning rate.", shown="2e-4")
+    warmup_steps: Optional[int] = _arg(None, "Linear warm-up steps, then cosine decay.", shown="5% of steps")
+    epochs: float = _arg(1.0, "Passes over the data.")
+    max_steps: Optional[int] = _arg(None, "Optimizer steps (overrides --epochs).")
+    batch_size: int = _arg(4, "Examples per micro-batch.")
+    grad_accum: int = _arg(1, "Micro-batches per optimizer step.")
+    seq_len: int = _arg(512, "Longest sequence in tokens; longer ones are truncated.")
+    seed: int = _arg(0, "Seed for data order, split and init.")
+    device: str = _arg("auto", "Where to train (metal: Apple's GPU).", choices=DEVICES)  # older configs' "mps": metal
+    grad_checkpointing: Optional[bool] = _arg(None, "Trade compute for memory.",
+                                              shown="on only where the activations would not fit --max-memory")
+    max_memory: Optional[str] = _arg(None, "Memory training may use, e.g. 8GiB.", metavar="SIZE", shown="what is free")
+    fsdp: bool = _arg(False, "Under torchrun / accelerate launch: shard the model over the processes (PyTorch "
+                             "FSDP2, a unit per decoder block) instead of a copy in each (DDP), for a model too large "
+                             "for one device; LoRA/DoRA (a 4-bit QLoRA base is not sharded).")
+    json_schema: bool = _arg(True, "When every answer is JSON, infer its schema into RUN_DIR/schema.json.")
+    eval_every: int = _arg(50, "Steps between eval-loss measurements.")
+    save_every: int = _arg(100, "Steps between checkpoints.")
+    keep_checkpoints: int = _arg(2, "Checkpoints kept, the newest.", cli=False)
+    log_every: int = _arg(1, "Steps between metrics rows.", cli=False)
+    extra: dict = _arg({}, "Reserved for forward compatibility.", cli=False)
 
     def resolved(self) -> "TrainConfig":
         """Check every value's type and range, fill in derived defaults; returns a new config.
@@ -55,11 +75,10 @@ class TrainConfig:
         c = dataclasses.replace(self, **{f: _typed(f, getattr(self, f)) for f in _TYPES})
         if c.alpha is None:
             c.alpha = 2.0 * c.rank
-        checks = [
-            ("data_format", c.data_format in ("auto", "chat", "instruction", "text"),
-             "must be auto, chat, instruction or text"),
-            ("method", c.method in ("auto", "qlora", "lora"), "must be auto, qlora or lora"),
-            ("device", c.device in ("auto", "cpu", "cuda", "mps"), "must be auto, cpu, cuda or mps"),
+        c.device = device_name(c.device)  # torch's "mps" (older run configs) is our "metal"
+        checks = [(f.name, getattr(c, f.name) in f.metadata["choices"], "must be " + _one_of(f.metadata["choices"]))
+                  for f in dataclasses.fields(c) if f.metadata["choices"]]
+        checks += [
             ("rank", c.rank >= 1, "must be >= 1"),
             ("alpha", c.alpha > 0, "must be > 0"),
             ("dropout", 0.0 <= c.dropout < 1.0, "must be in [0, 1)"),
@@ -92,6 +111,21 @@ class TrainConfig:
         return d
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def default_text(f: dataclasses.Field) -> Optional[str]:
+    """A field's default as --help states it (None: nothing to state)."""
+    if f.metadata.get("shown"):
+        return f.metadata["shown"]
+    if f.default is None or f.default is dataclasses.MISSING:
+        return None
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return f"{f.default:g}" if isinstance(f.default, float) else str(f.default)
+
+
 def _is_size(text: str) -> bool:
     from .budget import parse_size
 
@@ -118,16 +152,21 @@ def target_names(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
+def field_type(name: str) -> type:
+    """Field `name`'s type, Optional[...] unwrapped: int, float, str, bool or dict."""
+    want = _TYPES[name]
+    if typing.get_origin(want) is typing.Union:
+        want = next(t for t in typing.get_args(want) if t is not type(None))
+    return want
+
+
 def _typed(name: str, value: Any) -> Any:
     """`value` as field `name`'s type. Whole numbers stay ints (2.0 -> 2, 2.5 is an error);
     a float field takes numeric strings, as PyYAML reads `1e-4` as a string; floats must be
     finite. Anything else of the wrong type is a ConfigError."""
-    want = _TYPES[name]
-    optional = typing.get_origin(want) is typing.Union
-    if optional:
-        if value is None:
-            return None
-        want = next(t for t in typing.get_args(want) if t is not type(None))
+    if value is None and typing.get_origin(_TYPES[name]) is typing.Union:
+        return None  # an Optional field left unset
+    want = field_type(name)
     if want is bool:
         if isinstance(value, bool):
             return value

@@ -11,7 +11,6 @@ functions `edgelora train / export / bench` call.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -20,7 +19,7 @@ from typing import Callable, Optional
 
 from .errors import EdgeloraError
 from .verify import EXAMPLES as VERIFY_EXAMPLES
-from .io import atomic_write_json, output_folder, read_json
+from .io import atomic_write_json, output_folder, read_json, remove_own_folder
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
@@ -73,10 +72,8 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
         say(f"{out_dir} holds a {state.get('mode')} demo: starting over for the {mode} one")
         force = True
     output_folder(out_dir, "demo folder")
-    if force and out_dir.exists():
-        if not state_path.is_file() and any(out_dir.iterdir()):
-            raise EdgeloraError(f"{out_dir} exists and is not an edgelora demo folder; refusing to delete it")
-        shutil.rmtree(out_dir)
+    if force:
+        remove_own_folder(out_dir, state_path.name, "demo folder")
     output_folder(out_dir, "demo folder")
     timings = state.get("timings", {}) if state.get("mode") == mode else {}
     atomic_write_json(state_path, {"mode": mode, "timings": timings})

@@ -93,7 +93,7 @@ def _on_data(rt, path: Path, info: dict, lora: Optional[Path], data: Path, base:
         return V.token_checks(rt, examples, [None] * len(examples), None)  # the one check: no template
     hf_dir, adapter = _base_model(base) if base is not None else (None, None)
     if hf_dir is not None:  # the ids training made: the HF tokenizer and its chat template
-        from .trainer import load_tokenizer
+        from .hf_model import load_tokenizer
 
         tok = load_tokenizer(adapter or hf_dir)
         D.ensure_chat_template(tok)

@@ -26,8 +26,8 @@ from . import imatrix as IM
 from . import quant_presets
 from . import verify as V
 from .errors import EdgeloraError
-from .io import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
-from .meta import package_versions
+from .io import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
+from .machine import package_versions
 from .models import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .schema import SCHEMA_FILE
 
@@ -151,9 +151,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
     if imatrix_tokens < 1:
         raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
-    taken = [p for p in plan.outputs.values() if p.exists()]
-    if taken and not force:
-        raise EdgeloraError(f"{taken[0]} already exists; use --force to overwrite")
+    refuse_overwrite(plan.outputs.values(), force)
     output_folder(plan.out_dir)
     wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
     calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
@@ -303,7 +301,7 @@ def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool
     for a plain conversion without data, or (not `needed`: for verification alone) when the
     run's data has gone."""
     from .config import load_config
-    from .trainer import load_tokenizer
+    from .hf_model import load_tokenizer
 
     if data is not None:
         source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir

@@ -70,6 +70,21 @@ def output_folder(path: Path | str, what: str = "output folder") -> Path:
     return path
 
 
+def refuse_overwrite(paths, force: bool, hint: str = "use --force to overwrite") -> None:
+    """Every command's guard for its outputs: the first of `paths` that exists stops it, unless `force`."""
+    taken = next((Path(p) for p in paths if Path(p).exists()), None)
+    if taken is not None and not force:
+        raise EdgeloraError(f"{taken} already exists; {hint}")
+
+
+def remove_own_folder(folder: Path, marker: str, what: str) -> None:
+    """--force's delete: `folder` goes only if it is empty or one of ours (it holds the file `marker`)."""
+    if folder.exists():
+        if not (folder / marker).is_file() and any(folder.iterdir()):
+            raise EdgeloraError(f"{folder} exists and is not an edgelora {what}; refusing to delete it")
+        shutil.rmtree(folder)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str, suffix: str = ""):
     """Yield a temporary path next to `final`; on success rename it onto `final`.

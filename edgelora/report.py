@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 
 from .io import atomic_path, atomic_write_json, atomic_write_text
-from .meta import package_versions
+from .machine import package_versions
 
 log = logging.getLogger("edgelora")
 

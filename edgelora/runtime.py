@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 from .errors import EdgeloraError
 from .llamacpp import captured_log, load_llama, log_errors
+from .machine import DEVICES
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-DEVICES = ("auto", "cpu", "cuda", "metal")
 _GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_METAL=on")}  # label, CMake flag
 # ggml backend registry names -> our device names (Metal's registry is "MTL" in newer ggml).
 _REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}

@@ -17,7 +17,6 @@ import random
 import shutil
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -30,10 +29,11 @@ from . import data as D
 from . import schema as S
 from .config import TrainConfig, save_config, target_names
 from .errors import EdgeloraError
-from .io import atomic_path, atomic_write_json, atomic_write_text, output_folder
+from .io import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
 from .lean import lean
-from .meta import package_versions
-from .models import base_hash, materialise, resolve_base
+from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device, pick_method
+from .machine import device_name, package_versions, peak_rss_mb
+from .models import BaseModel, base_hash, materialise, resolve_base
 
 log = logging.getLogger("edgelora")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -57,51 +57,7 @@ class TrainResult:
     main: bool = True  # False in the other processes of a distributed run (which wrote nothing)
 
 
-# ---------------------------------------------------------------- device and model
-
-def pick_device(want: str) -> str:
-    if want == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise EdgeloraError("--device cuda: no CUDA GPU is visible to torch")
-    if want == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise EdgeloraError("--device mps: Apple Metal (MPS) is not available")
-    return want
-
-
-def bnb_usable(device: str) -> bool:
-    """bitsandbytes >= 0.48 runs NF4 on CPU as well as CUDA; not on MPS."""
-    if device not in ("cuda", "cpu"):
-        return False
-    try:
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def pick_method(want: str, device: str) -> str:
-    if want == "lora":
-        return "lora"
-    if bnb_usable(device):
-        return "qlora"
-    if want == "qlora":
-        raise EdgeloraError(f"--method qlora needs bitsandbytes on cuda or cpu (device is {device}); use --method lora")
-    log.warning("bitsandbytes is not usable on %s: training plain LoRA instead of QLoRA", device)
-    return "lora"
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    # bf16 where the hardware does it fast; on CPU bf16 matmuls are ~7x slower than fp32 (measured).
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
+# ---------------------------------------------------------------- the adapter and its memory
 
 def target_modules(spec: str, model) -> list[str] | str:
     if spec == "all-linear":
@@ -116,45 +72,6 @@ def target_modules(spec: str, model) -> list[str] | str:
                             "(tie_word_embeddings), which a GGUF stores once, so an adapter on it could not be "
                             "exported; leave lm_head out")
     return wanted
-
-
-def load_model(hf_dir: Path, method: str, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    kwargs = {"dtype": dtype, "device_map": {"": device}}
-    if method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
-    except (ValueError, OSError, KeyError) as e:
-        raise EdgeloraError(f"{hf_dir}: cannot load model ({str(e).splitlines()[0]})") from None
-    model.config.use_cache = False  # no KV cache while training (and none with checkpointing)
-    for module in model.modules():
-        # bitsandbytes repacks NF4 weights for a fast CPU inference kernel the first time a
-        # layer runs in eval mode; that kernel has no backward, so training after an eval
-        # pass would silently lose the gradient through every frozen layer. Keep one layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (ValueError, OSError) as e:
-        raise EdgeloraError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
-    if not getattr(tok, "is_fast", False):
-        raise EdgeloraError(f"{path}: edgelora needs a fast (tokenizer.json) tokenizer for answer-only masking")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def activation_bytes(config, tokens: int, longest: int, dtype: torch.dtype) -> int:
@@ -448,23 +365,20 @@ def check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 def prepare_run_dir(out: Path, force: bool, resume: bool) -> None:
     output_folder(out, "run directory")
-    if any(out.iterdir()) and not (force or resume):
-        raise EdgeloraError(f"{out} already exists; use --force to overwrite it or --resume to continue it")
+    if any(out.iterdir()):
+        refuse_overwrite([out], force or resume, "use --force to overwrite it or --resume to continue it")
     if force and not resume:
-        if not (out / "config.yaml").is_file() and any(out.iterdir()):
-            raise EdgeloraError(f"{out} exists and is not an edgelora run directory; refusing to delete it")
-        shutil.rmtree(out)
+        remove_own_folder(out, "config.yaml", "run directory")
     output_folder(out, "run directory")
 
 
 # ---------------------------------------------------------------- memory and progress
 
 def peak_memory_mb(device: str) -> float:
+    """The GPU's peak allocation on CUDA, else this process's peak resident memory."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 class _CtrlC:
@@ -492,34 +406,77 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self._old)
 
 
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- the run: setup, loop, finish
+
+@dataclass
+class Setup:
+    """Everything the loop needs, made once by `setup` before the first step."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    base: BaseModel
+    hf_dir: Path  # the base as an HF folder (a GGUF base is dequantised into the cache once)
+    digest: str  # the base's sha256: summary.json names exactly what was trained on
+    shape: str  # the data's format: chat | instruction | text
+    schema: Optional[dict]  # the JSON schema of the training answers, where every answer is JSON
+    tok: object
+    train_set: list[D.Tokenized]
+    eval_set: list[D.Tokenized]
+    token_stats: tuple[D.TokenStats, D.TokenStats]  # train, eval
+    accelerator: object  # Accelerate's, when this is one of several processes; else None
+    device: str  # torch's name
+    method: str  # qlora | lora
+    dtype: torch.dtype
+    sharded: bool  # FSDP: each process holds a shard of the model
+    checkpointing: bool
+    model: torch.nn.Module  # the PEFT model
+    n_params: tuple[int, int]  # (trainable, all), counted before FSDP shards them
+    loss_of: torch.nn.Module  # what a step calls: TargetLoss, wrapped for DDP / FSDP
+    scorer: torch.nn.Module  # what evaluation calls
+    params: list[torch.nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    total_steps: int
+    start_step: int  # 0, or the checkpoint's step on --resume
+
+    @property
+    def world(self) -> int:
+        return 1 if self.accelerator is None else self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.accelerator is None else self.accelerator.process_index
+
+    @property
+    def main(self) -> bool:
+        """Only the main process writes and reports."""
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
 
 def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
           on_step: Optional[Callable[[int, float], Optional[bool]]] = None) -> TrainResult:
     """Train an adapter as `cfg` says and write the run directory. `on_step(step, loss)`
     returning True stops like Ctrl-C (a checkpoint is written, TrainingInterrupted raised)."""
+    t_start = time.time()
+    s = setup(cfg, force, resume)
+    step, last_loss, metrics = loop(s, on_step)
+    return finish(s, step, last_loss, metrics, time.time() - t_start)
+
+
+def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
+    """Check the request, read and tokenise the data (bad input fails before a model is loaded),
+    prepare the run directory, load the model with its adapter, the optimizer and schedule, and
+    on --resume restore the last checkpoint."""
     from transformers import get_cosine_schedule_with_warmup
 
-    t_start = time.time()
-    if not cfg.data or not cfg.out:
-        raise EdgeloraError("train needs --data FILE.jsonl and --out RUN_DIR")
-    run_dir = Path(cfg.out)
-    if resume and run_dir.exists() and not run_dir.is_dir():
-        raise EdgeloraError(f"run directory {run_dir} is a file, not a folder")
-    if resume and not checkpoints(run_dir):
-        raise EdgeloraError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
-    if resume:
-        check_resume_config(run_dir, cfg)
-
-    # Data first: bad input should fail before a model is loaded.
-    train_ex, shape = D.read_jsonl(cfg.data, cfg.data_format)
-    if cfg.eval_data:
-        eval_ex, _ = D.read_jsonl(cfg.eval_data, shape)
-    else:
-        train_ex, eval_ex = D.split_eval(train_ex, cfg.eval_split, cfg.seed)
-
+    run_dir = _check_request(cfg, resume)
+    train_ex, eval_ex, shape = _read_data(cfg)
     accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
-    main = accelerator is None or accelerator.is_main_process  # only it writes and reports
+    main = accelerator is None or accelerator.is_main_process
     if not main:
         log.setLevel(logging.WARNING)  # one copy of each line: the main process's
     world = 1 if accelerator is None else accelerator.num_processes
@@ -533,14 +490,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     method = pick_method("lora" if cfg.fsdp and cfg.method == "auto" else cfg.method, device)
     sharded = _check_fsdp(cfg, method, world)
     dtype = compute_dtype(device)
-    tok = load_tokenizer(hf_dir)
-    added = D.ensure_chat_template(tok)
-    if shape != "text" and D.default_to_no_think(tok, train_ex):
-        log.info("chat template: its no-think variant by default (enable_thinking false), as the answers hold no "
-                 "<think> reasoning; the exported files carry it")
-    if added and shape != "text":
-        log.warning("%s has no chat template: training with %s turns, each closed by one token llama.cpp stops at; "
-                    "the exported GGUF and Modelfile carry the template", base.spec, added)
+    tok = _tokenizer(hf_dir, base, shape, train_ex)
     train_set, train_stats = D.tokenize_all(tok, train_ex, cfg.seq_len, what=str(cfg.data))
     eval_set, eval_stats = (D.tokenize_all(tok, eval_ex, cfg.seq_len, what=str(cfg.eval_data or "eval split"))
                             if eval_ex else ([], D.TokenStats()))
@@ -548,9 +498,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         if st.truncated or st.dropped:
             log.warning("%s: %d of %d examples truncated to %d tokens, %d dropped (no answer tokens left)",
                         name, st.truncated, st.examples, cfg.seq_len, st.dropped)
-
     schema = _answer_schema(cfg, shape, train_ex)  # training answers only: the eval set stays unseen
-
     if main:
         prepare_run_dir(run_dir, force, resume)
         save_config(cfg, run_dir / "config.yaml")
@@ -564,8 +512,7 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     checkpointing, why = choose_checkpointing(cfg, model.config, cfg.batch_size * longest, longest, device, dtype)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     model = add_adapter(model, cfg, method, checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total_params = sum(p.numel() for p in model.parameters())
+    n_params = (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     if sharded:  # before the optimizer: FSDP replaces the parameters with their shards
         loss_of = shard(TargetLoss(model), device, world)
     else:
@@ -578,46 +525,91 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = math.ceil(len(train_set) / per_step)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * world))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
     step = 0
-    metrics_path = run_dir / "metrics.jsonl"
     if resume:
         step, ckpt = restore_checkpoint(run_dir, model, optimizer, scheduler, world, sharded)
         log.info("resuming from %s (step %d of %d)", ckpt, step, total_steps)
         if main:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
     elif main:
-        metrics_path.write_text("")
+        (run_dir / "metrics.jsonl").write_text("")
     log.info("base %s | %s on %s (%s)%s | %d train / %d eval examples | %s trainable params | %d steps",
              base.spec, method, device, str(dtype).replace("torch.", ""), f" x {world} processes" if world > 1 else "",
-             len(train_set), len(eval_set), f"{trainable:,}", total_steps)
+             len(train_set), len(eval_set), f"{n_params[0]:,}", total_steps)
+    return Setup(cfg=cfg, run_dir=run_dir, base=base, hf_dir=hf_dir, digest=digest, shape=shape, schema=schema,
+                 tok=tok, train_set=train_set, eval_set=eval_set, token_stats=(train_stats, eval_stats),
+                 accelerator=accelerator, device=device, method=method, dtype=dtype, sharded=sharded,
+                 checkpointing=checkpointing, model=model, n_params=n_params, loss_of=loss_of, scorer=scorer,
+                 params=params, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, start_step=step)
 
-    pad_id = tok.pad_token_id
+
+def _check_request(cfg: TrainConfig, resume: bool) -> Path:
+    """The run directory, once what was asked can be done: data and out given, a checkpoint to
+    resume from with the settings it was made with."""
+    if not cfg.data or not cfg.out:
+        raise EdgeloraError("train needs --data FILE.jsonl and --out RUN_DIR")
+    run_dir = Path(cfg.out)
+    if resume and run_dir.exists() and not run_dir.is_dir():
+        raise EdgeloraError(f"run directory {run_dir} is a file, not a folder")
+    if resume and not checkpoints(run_dir):
+        raise EdgeloraError(f"--resume: no checkpoint found in {run_dir / 'checkpoints'}")
+    if resume:
+        check_resume_config(run_dir, cfg)
+    return run_dir
+
+
+def _read_data(cfg: TrainConfig) -> tuple[list, list, str]:
+    """(training examples, eval examples, the data's format): --eval-data, or a split of --data."""
+    train_ex, shape = D.read_jsonl(cfg.data, cfg.data_format)
+    if cfg.eval_data:
+        eval_ex, _ = D.read_jsonl(cfg.eval_data, shape)
+    else:
+        train_ex, eval_ex = D.split_eval(train_ex, cfg.eval_split, cfg.seed)
+    return train_ex, eval_ex, shape
+
+
+def _tokenizer(hf_dir: Path, base: BaseModel, shape: str, train_ex: list):
+    """The base's tokenizer with the chat template training renders with (ChatML where it has none)."""
+    tok = load_tokenizer(hf_dir)
+    added = D.ensure_chat_template(tok)
+    if shape != "text" and D.default_to_no_think(tok, train_ex):
+        log.info("chat template: its no-think variant by default (enable_thinking false), as the answers hold no "
+                 "<think> reasoning; the exported files carry it")
+    if added and shape != "text":
+        log.warning("%s has no chat template: training with %s turns, each closed by one token llama.cpp stops at; "
+                    "the exported GGUF and Modelfile carry the template", base.spec, added)
+    return tok
+
+
+def loop(s: Setup, on_step: Optional[Callable[[int, float], Optional[bool]]] = None) -> tuple[int, float, list]:
+    """The optimizer steps from s.start_step to s.total_steps: (the last step, its loss, the
+    metrics rows logged). Ctrl-C or `on_step` returning True writes a checkpoint and raises
+    TrainingInterrupted."""
+    from tqdm.auto import tqdm
+
+    cfg, train_set, device, accelerator = s.cfg, s.train_set, s.device, s.accelerator
+    step, world, pad_id = s.start_step, s.world, s.tok.pad_token_id
     # a global micro-batch is batch_size x world examples; each process takes its own slice of it
     batches = micro_batches(len(train_set), cfg.batch_size * world, cfg.seed, start=step * cfg.grad_accum,
                             lengths=[len(t.input_ids) for t in train_set])
-    rank = 0 if accelerator is None else accelerator.process_index
-    mine = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
-    metrics, last_loss, first_eval = [], float("nan"), None
-    evaluating = bool(eval_set) and (main or sharded)
+    mine = slice(s.rank * cfg.batch_size, (s.rank + 1) * cfg.batch_size)
+    metrics, last_loss = [], float("nan")
+    evaluating = bool(s.eval_set) and (s.main or s.sharded)
     if evaluating and step == 0:
-        first_eval = evaluate(scorer, eval_set, cfg.batch_size, pad_id, device)
-        if main:
-            _log_metric(metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
+        first_eval = evaluate(s.scorer, s.eval_set, cfg.batch_size, pad_id, device)
+        if s.main:
+            _log_metric(s.metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model.train()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
-    train_tokens = 0
+    s.model.train()
+    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not s.main)
     with _CtrlC() as ctrl_c:
-        while step < total_steps:
+        while step < s.total_steps:
             t0 = time.time()
             chunks = [[train_set[i] for i in next(batches)] for _ in range(cfg.grad_accum)]  # every process's
             n_targets = sum(t.n_targets for c in chunks for t in c)
@@ -627,82 +619,92 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
                 last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
                 share = chunk[mine] or chunk[:1]  # an epoch's last batch may leave a process nothing: it
                 weight = world / n_targets if chunk[mine] else 0.0  # still joins the gradient sync, weighing 0
-                with _sync_if(last, loss_of, accelerator, sharded):
-                    loss, _ = loss_of(*collate(share, pad_id, device))
+                with _sync_if(last, s.loss_of, accelerator, s.sharded):
+                    loss, _ = s.loss_of(*collate(share, pad_id, device))
                     (loss * weight).backward()  # DDP averages over the processes: world / n_targets undoes it
                 step_loss += loss.item() if chunk[mine] else 0.0
             if accelerator is not None:
                 step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(s.params, 1.0)
+            s.optimizer.step()
+            s.scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
             step += 1
-            train_tokens += n_tokens
             last_loss = step_loss / n_targets
             tps = n_tokens / max(time.time() - t0, 1e-9)
             if not math.isfinite(last_loss):
                 raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
-            row = {"step": step, "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
+            row = {"step": step, "loss": round(last_loss, 5), "lr": s.scheduler.get_last_lr()[0], "tokens": n_tokens,
                    "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-            if evaluating and (step % cfg.eval_every == 0 or step == total_steps):
-                row["eval_loss"] = round(evaluate(scorer, eval_set, cfg.batch_size, pad_id, device), 5)
-            if main:
-                _log_metric(metrics_path, metrics, row)
+            if evaluating and (step % cfg.eval_every == 0 or step == s.total_steps):
+                row["eval_loss"] = round(evaluate(s.scorer, s.eval_set, cfg.batch_size, pad_id, device), 5)
+            if s.main:
+                _log_metric(s.metrics_path, metrics, row)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}",
                             **({"eval": f"{row['eval_loss']:.4f}"} if "eval_loss" in row else {}))
             bar.update(1)
             stop = bool(on_step and on_step(step, last_loss)) or ctrl_c.hit
             if accelerator is not None:  # one process stopping stops them all
                 stop = bool(accelerator.reduce(torch.tensor(int(stop), device=device), "sum").item())
-            if stop or (step % cfg.save_every == 0 and step < total_steps):
-                ckpt = checkpoint_dir(run_dir, step)
-                state = trainable_state(model, optimizer, sharded)
-                if main:
-                    save_checkpoint(run_dir, step, model, state, scheduler, cfg.keep_checkpoints, world)
+            if stop or (step % cfg.save_every == 0 and step < s.total_steps):
+                ckpt = checkpoint_dir(s.run_dir, step)
+                state = trainable_state(s.model, s.optimizer, s.sharded)
+                if s.main:
+                    save_checkpoint(s.run_dir, step, s.model, state, s.scheduler, cfg.keep_checkpoints, world)
                 if accelerator is not None:
                     accelerator.wait_for_everyone()
                 if stop:
                     bar.close()
                     raise TrainingInterrupted(step, ckpt)
     bar.close()
-    weights, _ = trainable_state(model, optimizer, sharded)
-    if not main:
-        accelerator.wait_for_everyone()  # the main process writes the adapter and the summary
-        return TrainResult(run_dir, json.loads((run_dir / "summary.json").read_text()), metrics, main=False)
+    return step, last_loss, metrics
 
-    with atomic_path(run_dir / "adapter") as tmp:
-        model.save_pretrained(tmp, state_dict=weights)
+
+def finish(s: Setup, step: int, last_loss: float, metrics: list, wall_s: float) -> TrainResult:
+    """Write the adapter (PEFT's files, with the tokenizer) and summary.json, then drop the
+    checkpoints: the run directory is complete."""
+    weights, _ = trainable_state(s.model, s.optimizer, s.sharded)
+    if not s.main:
+        s.accelerator.wait_for_everyone()  # the main process writes the adapter and the summary
+        return TrainResult(s.run_dir, json.loads((s.run_dir / "summary.json").read_text()), metrics, main=False)
+
+    with atomic_path(s.run_dir / "adapter") as tmp:
+        s.model.save_pretrained(tmp, state_dict=weights)
         cfg_path = tmp / "adapter_config.json"
         adapter_cfg = json.loads(cfg_path.read_text())
-        adapter_cfg["base_model_name_or_path"] = str(hf_dir)
+        adapter_cfg["base_model_name_or_path"] = str(s.hf_dir)
         cfg_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
-        tok.save_pretrained(tmp)
-    all_rows = _read_metrics(metrics_path)
-    evals = [r["eval_loss"] for r in all_rows if "eval_loss" in r]
-    speeds = [r["tokens_per_s"] for r in all_rows if "tokens_per_s" in r]
-    summary = {
-        "base": base.spec, "base_path": str(base.path), "base_hf_dir": str(hf_dir), "base_sha256": digest,
-        "data": str(cfg.data), "data_format": shape, "method": method, "dora": cfg.dora, "rslora": cfg.rslora,
-        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device,
-        "compute_dtype": str(dtype).replace("torch.", ""), "grad_checkpointing": checkpointing, "world_size": world,
-        "fsdp": sharded,
-        "trainable_params": trainable, "total_params": total_params,
-        "train_examples": len(train_set), "eval_examples": len(eval_set),
+        s.tok.save_pretrained(tmp)
+    summary = _summary(s, step, last_loss, _read_metrics(s.metrics_path), wall_s)
+    atomic_write_json(s.run_dir / "summary.json", summary)
+    shutil.rmtree(s.run_dir / "checkpoints", ignore_errors=True)
+    if s.accelerator is not None:
+        s.accelerator.wait_for_everyone()
+    return TrainResult(s.run_dir, summary, metrics)
+
+
+def _summary(s: Setup, step: int, last_loss: float, rows: list[dict], wall_s: float) -> dict:
+    """summary.json: what was trained, on what, how it went (the whole run's metrics, resumed parts too)."""
+    cfg, (train_stats, eval_stats) = s.cfg, s.token_stats
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    return {
+        "base": s.base.spec, "base_path": str(s.base.path), "base_hf_dir": str(s.hf_dir), "base_sha256": s.digest,
+        "data": str(cfg.data), "data_format": s.shape, "method": s.method, "dora": cfg.dora, "rslora": cfg.rslora,
+        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device_name(s.device),
+        "compute_dtype": str(s.dtype).replace("torch.", ""), "grad_checkpointing": s.checkpointing,
+        "world_size": s.world, "fsdp": s.sharded,
+        "trainable_params": s.n_params[0], "total_params": s.n_params[1],
+        "train_examples": len(s.train_set), "eval_examples": len(s.eval_set),
         "truncated_examples": train_stats.truncated + eval_stats.truncated,
         "dropped_examples": train_stats.dropped + eval_stats.dropped,
-        "json_schema": S.SCHEMA_FILE if schema is not None else None,
+        "json_schema": S.SCHEMA_FILE if s.schema is not None else None,
         "steps": step, "final_loss": last_loss, "first_eval_loss": evals[0] if evals else None,
         "final_eval_loss": evals[-1] if evals else None,
         "mean_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
-        "peak_mem_mb": round(peak_memory_mb(device), 1), "wall_time_s": round(time.time() - t_start, 1),
+        "peak_mem_mb": round(peak_memory_mb(s.device), 1), "wall_time_s": round(wall_s, 1),
         "versions": package_versions(),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return TrainResult(run_dir, summary, metrics)
 
 
 def _accelerator(device: str):

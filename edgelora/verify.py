@@ -113,7 +113,7 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
     from transformers import AutoModelForCausalLM
 
     from .bench import log_softmax
-    from .trainer import load_tokenizer
+    from .hf_model import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     if adapter_dir is not None:

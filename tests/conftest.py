@@ -44,6 +44,12 @@ def tiny_export(tmp_path_factory, tiny_llama, chat_file) -> dict:
     return {f["role"]: res.out_dir / f["file"] for f in res.files}
 
 
+@pytest.fixture(scope="session")
+def run_dir(tiny_export) -> Path:
+    """The run directory `tiny_export` trained (its export/ folder holds the files)."""
+    return tiny_export["merged:f16"].parent.parent
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """edgelora's base-model cache goes to a per-session temp dir, never ~/.cache; session-scoped,

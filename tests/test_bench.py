@@ -16,9 +16,7 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.report import recommend
 from edgelora.trainer import train
-from test_cli import assert_one_line_error
-from tiny import cfg
-from tiny import chat_rows, write_jsonl
+from tiny import assert_one_line_error, cfg, chat_rows, write_jsonl
 
 LIMIT = 5
 
@@ -235,7 +233,7 @@ def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
     """--json-schema: each GGUF benched again under the grammar, as NAME+grammar rows."""
     import jsonschema
 
-    from test_schema import CLOSED
+    from tiny import CLOSED
 
     _, out_dir = exported
     rows = [{"messages": [{"role": "user", "content": f"Is {i} a dog?"},

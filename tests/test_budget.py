@@ -7,7 +7,7 @@ import pytest
 from edgelora import budget as B
 from edgelora.errors import EdgeloraError
 from edgelora.inspect import inspect_gguf
-from test_cli import assert_one_line_error, run_cli
+from tiny import assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("text, size", [("70MB", 70_000_000), ("64MiB", 64 << 20), ("1.5 GB", 1_500_000_000),

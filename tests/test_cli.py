@@ -5,22 +5,8 @@ import subprocess
 import sys
 import time
 
-from click.testing import CliRunner
 
-from edgelora.cli import main
-from tiny import ctrl_c_default, write_jsonl
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, expected):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and expected in lines[-1], result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
+from tiny import assert_one_line_error, ctrl_c_default, run_cli, write_jsonl
 
 
 def test_help_lists_train_options():
@@ -118,3 +104,25 @@ def test_a_missing_extra_is_one_line_naming_it(tmp_path):
             "main(['train', '--data', 'd.jsonl', '--out', 'o'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert (out.returncode, out.stderr) == (1, "error: edgelora train needs torch: pip install 'edgelora[train]'\n")
+
+
+def test_train_options_are_the_config_fields():
+    """Each TrainConfig field the CLI shows is an option whose help states the field's own default;
+    a value given on the command line lands in that field."""
+    import dataclasses
+
+    from edgelora.cli import main
+    from edgelora.config import TrainConfig, default_text
+
+    options = {p.name: p for p in main.commands["train"].params}
+    shown = [f for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]]
+    assert {"base", "lr", "device", "grad_checkpointing", "json_schema"} <= {f.name for f in shown}
+    for f in shown:
+        help_text = options[f.name].help
+        assert help_text.startswith(f.metadata["help"]), f.name
+        assert help_text.endswith(f"[default: {default_text(f)}]" if default_text(f) else f.metadata["help"]), f.name
+    assert options["data_format"].opts == ["--format"] and "keep_checkpoints" not in options
+    lr = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lr")
+    assert default_text(lr) == "2e-4" and TrainConfig().lr == 2e-4
+    r = run_cli("train", "--format", "shapeless", "--data", "x.jsonl", "--out", "o")
+    assert r.exit_code == 2 and "'shapeless' is not one of 'auto', 'chat', 'instruction', 'text'" in r.output

@@ -5,7 +5,7 @@ import pytest
 
 from edgelora import data as D
 from edgelora.errors import EdgeloraError
-from tiny import chat_rows, write_jsonl
+from tiny import REASONING_TEMPLATE, THINKING_TEMPLATE, chat_rows, write_jsonl
 
 
 def test_shapes_detected_and_normalised(tmp_path):
@@ -145,17 +145,6 @@ def test_the_fallback_template_ends_turns_with_a_token_of_the_vocabulary(tmp_pat
 # Qwen3's way with reasoning, in brief: the answer of the last turn opens with its <think> block
 # (empty when there was none); the generation prompt leaves the turn open for one, or with
 # enable_thinking false closes an empty one first.
-THINKING_TEMPLATE = (
-    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
-    "{%- set content = message.content %}"
-    "{%- if loop.last and '<think>' not in content %}{%- set content = '<think>\n\n</think>\n\n' + content %}{%- endif %}"
-    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
-    "{%- endif %}")
-
-
 def test_a_thinking_template_defaults_to_no_think_for_data_without_reasoning(tiny_tokenizer):
     """Answers without <think>: the template's no-think variant becomes the default, so training
     learns the answer alone after the empty think block the prompt closes (not to write an empty
@@ -180,12 +169,6 @@ def test_a_thinking_template_defaults_to_no_think_for_data_without_reasoning(tin
 
 
 # THINKING_TEMPLATE with Qwen3's reading of reasoning_content: the last answer's <think> block holds it.
-REASONING_TEMPLATE = THINKING_TEMPLATE.replace(
-    "{%- set content = message.content %}",
-    "{%- set content = message.content %}{%- if message.reasoning_content is string and loop.last %}"
-    "{%- set content = '<think>\n' + message.reasoning_content + '\n</think>\n\n' + content %}{%- endif %}")
-
-
 def test_reasoning_content_is_trained_on_where_the_template_renders_it(tiny_tokenizer, tmp_path):
     """An assistant message's reasoning_content is kept, rendered by a template that reads it (as
     Qwen3's does) and learnt with the answer, keeping the thinking template's default; a template

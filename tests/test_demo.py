@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgelora.cli import main
 from edgelora.demo import MODES, demo_data
-from test_models import needs_smollm2
+from tiny import needs_smollm2
 
 pytestmark = [pytest.mark.slow, needs_smollm2]
 

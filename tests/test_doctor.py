@@ -8,16 +8,9 @@ import gguf
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails
 
-from test_cli import assert_one_line_error, run_cli
-from test_verify import with_metadata
-from tiny import write_jsonl
+from tiny import assert_one_line_error, run_cli, with_metadata, write_jsonl
 
 T = gguf.Keys.Tokenizer
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_export):
-    return tiny_export["merged:f16"].parent.parent
 
 
 @pytest.fixture(scope="module")

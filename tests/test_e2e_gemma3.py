@@ -13,8 +13,8 @@ from edgelora.exporter import export
 from edgelora.llamacpp import load_llama
 from edgelora.models import alias_path
 from edgelora.trainer import train
-from test_converter import TRICKY
-from test_models import needs_gemma3
+from families import TRICKY
+from tiny import needs_gemma3
 
 pytestmark = [pytest.mark.slow, needs_gemma3]
 

@@ -12,7 +12,7 @@ from edgelora.config import load_config
 from edgelora.exporter import export
 from edgelora.llamacpp import load_llama
 from edgelora.trainer import train
-from test_models import needs_smollm2
+from tiny import needs_smollm2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 pytestmark = [pytest.mark.slow, needs_smollm2]

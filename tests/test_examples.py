@@ -12,7 +12,7 @@ import pytest
 
 from edgelora.config import load_config
 from edgelora.data import read_jsonl
-from test_models import needs_smollm2
+from tiny import needs_smollm2
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

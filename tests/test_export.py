@@ -9,18 +9,9 @@ import torch
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.models import file_sha256
-from edgelora.trainer import train
-from tiny import cfg
 from tiny import build_model
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_llama, chat_file):
-    out = tmp_path_factory.mktemp("export") / "tiny-run"
-    train(cfg(tiny_llama, chat_file, out, max_steps=6, lr=2e-2, eval_split=0.0))
-    return out
 
 
 def llama_logits(path, lora=None):
@@ -49,14 +40,9 @@ def close(a, b, rel):
     assert top1 >= 0.995, top1
 
 
-@pytest.fixture(scope="module")
-def exported(run_dir):
-    return export(str(run_dir), quants=["f16", "q8_0"], lora_gguf=True)
-
-
-def test_files_manifest_and_modelfiles(run_dir, exported):
+def test_files_manifest_and_modelfiles(run_dir, tiny_export):
     out = run_dir / "export"
-    assert exported.out_dir == out
+    assert tiny_export["merged:f16"].parent == out
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["Modelfile", "Modelfile.lora", "manifest.json", "tiny-run-f16.gguf", "tiny-run-q8_0.gguf",
                             "tiny-run-imatrix.gguf", "tiny-run-lora-f16.gguf", f"{_base_name(run_dir)}-base-f16.gguf",
@@ -81,24 +67,24 @@ def _base_name(run_dir):
     return json.loads((run_dir / "summary.json").read_text())["base"].rstrip("/").split("/")[-1]
 
 
-def test_merged_f16_matches_peft(run_dir, exported):
+def test_merged_f16_matches_peft(run_dir, tiny_export):
     base = json.loads((run_dir / "summary.json").read_text())["base_hf_dir"]
     ref = peft_logits(base, run_dir / "adapter")
     assert np.abs(ref - peft_logits(base, None)).max() > 1e-2  # the adapter really changes the model
     close(llama_logits(run_dir / "export" / "tiny-run-f16.gguf"), ref, 1e-2)
 
 
-def test_base_plus_lora_gguf_matches_merged(run_dir, exported):
+def test_base_plus_lora_gguf_matches_merged(run_dir, tiny_export):
     out = run_dir / "export"
     merged = llama_logits(out / "tiny-run-f16.gguf")
     close(llama_logits(out / f"{_base_name(run_dir)}-base-f16.gguf", lora=out / "tiny-run-lora-f16.gguf"), merged, 1e-2)
 
 
-def test_files_say_who_they_are(run_dir, exported, tmp_path):
+def test_files_say_who_they_are(run_dir, tiny_export, tmp_path):
     """general.* keys as llama.cpp's converter writes them: what LM Studio and Ollama list."""
     from edgelora import card as C
     from edgelora.inspect import format_inspect, inspect_gguf
-    from test_cli import assert_one_line_error, run_cli
+    from tiny import assert_one_line_error, run_cli
 
     out = run_dir / "export"
     m = json.loads((out / "manifest.json").read_text())
@@ -136,7 +122,7 @@ def _hf_params(run_dir):
     return list(AutoModelForCausalLM.from_pretrained(base).parameters())
 
 
-def test_existing_outputs_kept_without_force(run_dir, exported):
+def test_existing_outputs_kept_without_force(run_dir, tiny_export):
     target = run_dir / "export" / "tiny-run-q8_0.gguf"
     before = (target.stat().st_mtime_ns, file_sha256(target))
     with pytest.raises(EdgeloraError, match="tiny-run-q8_0.gguf already exists; use --force"):

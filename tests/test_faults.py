@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import assert_one_line_error, run_cli
-from tiny import build_model, build_tokenizer, cfg, chat_rows, write_jsonl
+from tiny import assert_one_line_error, build_model, build_tokenizer, cfg, chat_rows, run_cli, write_jsonl
 
 
 @contextlib.contextmanager
@@ -42,11 +41,6 @@ def cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
 def tree(path: Path) -> list[str]:
     """Every entry below `path`, hidden ones included, relative."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_export) -> Path:
-    return tiny_export["merged:f16"].parent.parent
 
 
 # ---------------------------------------------------------------- OS errors on outputs

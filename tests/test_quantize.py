@@ -19,8 +19,7 @@ from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.errors import EdgeloraError
 from edgelora.inspect import format_inspect, inspect_gguf
 from edgelora.quantize import main_type, quantize
-from test_models import needs_smollm2
-from tiny import build_model
+from tiny import build_model, needs_smollm2
 
 PRESETS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 # Types llama.cpp's mix gives 2-D weights whose rows fit the blocks (q4_k_m: some attn_v /
@@ -354,7 +353,7 @@ def test_the_bench_says_when_a_quant_name_is_nominal(odd_f16, tmp_path):
 
 
 def test_export_prints_when_a_quant_name_is_nominal(odd_f16):
-    from test_cli import run_cli
+    from tiny import run_cli
 
     r = run_cli("export", "--base", odd_f16.parent / "hf", "--quant", "q4_k_m", "--out", odd_f16.parent / "ex")
     assert r.exit_code == 0, r.output

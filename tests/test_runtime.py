@@ -9,15 +9,11 @@ import llama_cpp
 import llama_cpp.llama_cpp as C
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from edgelora import runtime
-from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
-from test_cli import assert_one_line_error
-from test_models import needs_smollm2
-from tiny import build_model, ctrl_c_default
+from tiny import assert_one_line_error, build_model, ctrl_c_default, needs_smollm2, run_cli
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -30,10 +26,6 @@ def gguf(tiny_export):
 @pytest.fixture(scope="module")
 def merged(gguf):
     return runtime.load(gguf["merged:f16"])
-
-
-def run_cli(*args, input=None):
-    return CliRunner().invoke(main, [str(a) for a in args], input=input)
 
 
 def last_logits(rt, tokens):

@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from tiny import cfg, write_jsonl
+from tiny import CLOSED, cfg, write_jsonl
 
 from edgelora import schema as S
 from edgelora.cli import main
@@ -93,11 +93,6 @@ def test_schema_command_prints_the_schema_or_why_not(tmp_path):
 
 
 # ---------------------------------------------------------------- constrained decoding on a tiny model
-
-CLOSED = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
-                                           "kind": {"type": "string", "enum": ["cat", "dog"]}},
-          "required": ["ok", "n", "kind"], "additionalProperties": False}  # a finite language: always ends
-
 
 def test_constrained_answers_always_parse_and_validate(tiny_export):
     from edgelora.runtime import load

@@ -23,8 +23,7 @@ from edgelora import runtime
 from edgelora.cli import main
 from edgelora.exporter import export
 from edgelora.serve import build_app, listen, open_models
-from test_cli import assert_one_line_error
-from tiny import build_model, ctrl_c_default
+from tiny import assert_one_line_error, build_model, ctrl_c_default
 
 KEY = "sk-test-key"
 LIMIT = 24  # --max-tokens-limit: also every answer's length here, which keeps the module fast
@@ -300,7 +299,7 @@ def test_json_schemas_hold_answers_per_request_and_by_default(gguf, server, tmp_
     import jsonschema
     from starlette.testclient import TestClient
 
-    from test_schema import CLOSED
+    from tiny import CLOSED
 
     lora = shutil.copy(gguf["lora"], tmp_path / "tuned.gguf")
     (tmp_path / "schema.json").write_text(json.dumps(CLOSED))

