@@ -130,7 +130,7 @@ def main() -> None:
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         sys.exit(f"unknown: {', '.join(unknown)}; known: {', '.join(FAMILIES)}")
-    from edgelora.models import materialise, resolve_base
+    from edgelora.bases import materialise, resolve_base
 
     tokenizer_dir = materialise(resolve_base("smollm2-135m"))
     print("| model (shape, random weights) | model_type | hidden | layers kept | convert s | logits max rel err "

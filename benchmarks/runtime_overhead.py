@@ -122,7 +122,7 @@ def main() -> int:
     if a.model:
         model = Path(a.model)
     else:
-        from edgelora.models import resolve_base
+        from edgelora.bases import resolve_base
 
         model = resolve_base("smollm2-135m").path
     rt = load(model, device="cpu", n_ctx=a.n_ctx, threads=a.threads, seed=a.seed)

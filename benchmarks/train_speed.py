@@ -146,7 +146,7 @@ def main() -> None:
         print("RESULT " + json.dumps(fn(a, a.hf_dir)), flush=True)
         return
 
-    from edgelora.models import materialise, resolve_base
+    from edgelora.bases import materialise, resolve_base
 
     hf_dir = str(materialise(resolve_base(a.base)))
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,8 +16,8 @@ import gguf
 import numpy as np
 import torch
 
-from edgelora import io
-from edgelora.io import atomic_path
+from edgelora import files
+from edgelora.files import atomic_path
 
 from . import ConvertError
 
@@ -67,7 +67,7 @@ def write_gguf(
     if out_path.is_dir():
         raise ConvertError(f"{out_path}: is a directory; give the path of the .gguf file to write")
     total = sum(job.nbytes for job in jobs)
-    io.check_free_space(out_path, total + METADATA_ALLOWANCE)
+    files.check_free_space(out_path, total + METADATA_ALLOWANCE)
     with atomic_path(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, arch_name)
         try:

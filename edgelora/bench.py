@@ -34,7 +34,7 @@ import gguf
 
 from .data import REASONING, last_answer, read_jsonl
 from .errors import EdgeloraError
-from .io import output_folder, read_json, refuse_overwrite
+from .files import output_folder, read_json, refuse_overwrite
 from .machine import peak_rss_mb
 from .runtime import gguf_metadata
 
@@ -87,7 +87,7 @@ def discover(inputs: list[str], quants: Optional[list[str]] = None, hf: Optional
 
 
 def _from_file(path: Path) -> Candidate:
-    from .inspect import inspect_gguf
+    from .gguf_info import inspect_gguf
 
     if path.is_dir():
         raise EdgeloraError(f"{path}: give one export folder, or GGUF files")
@@ -102,7 +102,7 @@ def honest_notes(info: dict, imatrix: Optional[bool] = None) -> list[str]:
     """What a quantised GGUF really is: the weights that could not take its file type's main type
     (rows not a multiple of its block: llama.cpp fell back), so that a name like q2_k is not taken
     at its word; and whether an importance matrix guided it, where the export says."""
-    from .inspect import quantisable
+    from .gguf_info import quantisable
     from .quantize import fallbacks, main_type
 
     notes = []
@@ -137,7 +137,7 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
 
 
 def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str]], hf: Optional[bool]):
-    from .inspect import inspect_gguf
+    from .gguf_info import inspect_gguf
 
     outputs = {o["role"]: o for o in manifest["outputs"]}
     have = [role.split(":")[1] for role in outputs if role.startswith("merged:")]

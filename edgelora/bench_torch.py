@@ -20,7 +20,7 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     from peft import PeftModel
 
     from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device
-    from .models import base_hash, materialise, resolve_base
+    from .bases import base_hash, materialise, resolve_base
 
     if s.threads:
         torch.set_num_threads(s.threads)

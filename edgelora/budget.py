@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import EdgeloraError
-from .inspect import quantisable, tensor_class
+from .gguf_info import quantisable, tensor_class
 
 # Types a weight may get, when its row length fits their block. IQ types below 4 bits need an
 # imatrix and are slow to quantise; the legacy Q4_1/Q5_1 are dominated by IQ4_NL/Q5_0 here.
@@ -196,7 +196,7 @@ class KLProbe:
 
     def __call__(self, types: dict[str, str]) -> float:
         """KL of the f16 model with the weights in `types` quantised as given (the rest kept f16)."""
-        from .io import temp_name
+        from .files import temp_name
         from .quantize import quantize
 
         path = self.scratch / f"{temp_name(Path('probe'))}gguf.tmp"

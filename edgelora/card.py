@@ -35,7 +35,7 @@ def is_card_key(key: str) -> bool:
 
 def base_card(base_kind: str, base_path: Path, hf_dir: Path) -> dict:
     """The base's own card: read from its GGUF, or made from an HF folder's config.json and size."""
-    from .inspect import inspect_gguf
+    from .gguf_info import inspect_gguf
 
     if base_kind == "gguf":
         return inspect_gguf(base_path)["card"]

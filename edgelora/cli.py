@@ -12,7 +12,7 @@ import warnings
 import click
 
 from .errors import EdgeloraError
-from .io import os_error
+from .files import os_error
 from .machine import DEVICES
 
 log = logging.getLogger("edgelora")
@@ -199,7 +199,7 @@ def inspect(path, tensors, as_json):
     """Show a GGUF's architecture, tensor types, size and bits per weight."""
     import json
 
-    from .inspect import format_inspect, inspect_gguf
+    from .gguf_info import format_inspect, inspect_gguf
 
     info = inspect_gguf(path)
     if as_json:

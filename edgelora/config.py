@@ -233,6 +233,6 @@ def load_config(path: Optional[str], overrides: dict[str, Any]) -> TrainConfig:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    from .io import atomic_write_text
+    from .files import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

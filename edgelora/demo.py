@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 from .errors import EdgeloraError
 from .verify import EXAMPLES as VERIFY_EXAMPLES
-from .io import atomic_write_json, output_folder, read_json, remove_own_folder
+from .files import atomic_write_json, output_folder, read_json, remove_own_folder
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)

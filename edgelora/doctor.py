@@ -35,7 +35,7 @@ QUANTISED_KL, QUANTISED_TOP1 = 0.1, 0.8  # logits bounds for a file under 8 bits
 
 @dataclass
 class Diagnosis:
-    info: dict  # edgelora.inspect's summary of the file
+    info: dict  # edgelora.gguf_info's summary of the file
     checks: list[V.Check]
 
     @property
@@ -50,7 +50,7 @@ class Diagnosis:
 def diagnose(path: Path, *, lora: Optional[Path] = None, data: Optional[Path] = None,
              base: Optional[Path] = None) -> Diagnosis:
     """Every check that applies to `path` (with `lora` applied) and the given data and base."""
-    from .inspect import inspect_gguf, read_gguf
+    from .gguf_info import inspect_gguf, read_gguf
     from .runtime import load
 
     info = inspect_gguf(path)
@@ -123,8 +123,8 @@ def _as_trained(rt, ex):
 
 def _base_model(base: Path) -> tuple[Path, Optional[Path]]:
     """(HF folder, adapter folder or None) of --base: an HF model folder or an edgelora run."""
-    from .io import read_json
-    from .models import base_hash, materialise, resolve_base
+    from .files import read_json
+    from .bases import base_hash, materialise, resolve_base
 
     if (base / "adapter" / "adapter_config.json").is_file():
         summary = read_json(base / "summary.json", "run summary", ("base",))
@@ -138,7 +138,7 @@ def _base_model(base: Path) -> tuple[Path, Optional[Path]]:
 def _tokenizer(reader) -> V.Check:
     import gguf
 
-    from .inspect import field_value
+    from .gguf_info import field_value
 
     model, pre = field_value(reader, gguf.Keys.Tokenizer.MODEL), field_value(reader, gguf.Keys.Tokenizer.PRE)
     if model is None:
@@ -150,7 +150,7 @@ def _tokenizer(reader) -> V.Check:
 
 
 def _special_tokens(reader, n_vocab: Optional[int]) -> V.Check:
-    from .inspect import field_value
+    from .gguf_info import field_value
 
     ids = {name: field_value(reader, f"tokenizer.ggml.{name}_token_id") for name in SPECIAL}
     found = {name: int(token) for name, token in ids.items() if token is not None}
@@ -175,8 +175,8 @@ def _chat_template(rt) -> V.Check:
 
 def _lora_base(path: Path, info: dict, lora: Path) -> list[V.Check]:
     """lora_base where the LoRA records its base's sha256 (edgelora writes it); nothing otherwise."""
-    from .inspect import inspect_gguf
-    from .models import file_sha256
+    from .gguf_info import inspect_gguf
+    from .bases import file_sha256
 
     wanted = inspect_gguf(lora)["card"].get(C.BASE_SHA256)
     if wanted is None:

@@ -26,9 +26,9 @@ from . import imatrix as IM
 from . import quant_presets
 from . import verify as V
 from .errors import EdgeloraError
-from .io import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
+from .files import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
 from .machine import package_versions
-from .models import BaseModel, base_hash, file_sha256, materialise, resolve_base
+from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .schema import SCHEMA_FILE
 
 log = logging.getLogger("edgelora")
@@ -138,7 +138,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     verify: check the written files against the run's first `verify_examples` training examples
     (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
     from .converters.hf_to_gguf import convert, convert_lora
-    from .inspect import inspect_gguf
+    from .gguf_info import inspect_gguf
 
     started = time.perf_counter()
     if target_size is not None and target_bpw is not None:
@@ -403,7 +403,7 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
 def _weight_groups(names, parts: int = 3) -> dict[str, list[str]]:
     """{"attn_q blk.0-9": [its weights], ...}: each class of weight split into `parts` runs of
     consecutive layers (fewer where there are fewer layers); a weight outside the blocks is its own class."""
-    from .inspect import tensor_class
+    from .gguf_info import tensor_class
 
     def layer(name: str) -> Optional[int]:
         return int(name.split(".")[1]) if name.startswith("blk.") else None

@@ -17,9 +17,9 @@ from . import quant_presets
 from .errors import EdgeloraError
 from .imatrix import IMatrix, quantizer_array
 from .imatrix import check as check_imatrix
-from .inspect import inspect_gguf
-from . import io
-from .io import atomic_path
+from .gguf_info import inspect_gguf
+from . import files
+from .files import atomic_path
 from .llamacpp import captured_log, log_errors
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
@@ -46,7 +46,7 @@ def quantize(src: Path | str, dst: Path | str, preset: str | dict, *, imatrix: I
     if imatrix is not None:
         check_imatrix(imatrix, source)
     most_bits = preset.get("expected_bpw", [0, 16])[1]
-    io.check_free_space(dst, int(source["n_params"] * most_bits / 8) + source["size_bytes"] - source["tensor_bytes"])
+    files.check_free_space(dst, int(source["n_params"] * most_bits / 8) + source["size_bytes"] - source["tensor_bytes"])
     start = time.perf_counter()
     refit = _refit_fallbacks(src, preset, overrides, imatrix, threads, verbose)
     with atomic_path(dst, suffix=".gguf") as tmp:
@@ -71,7 +71,7 @@ def _llama_quantize(src: Path, out: Optional[Path], preset: dict, overrides: dic
         params.imatrix = ctypes.cast(importance, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with captured_log(verbose) as log:
         if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(out or os.devnull), ctypes.byref(params)):
-            reason = "No space left on device" if io.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
+            reason = "No space left on device" if files.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
             raise EdgeloraError(f"{dst}: llama.cpp could not quantise {src.name} to {preset['name']}: {reason}")
     return log
 

@@ -9,7 +9,7 @@ import logging
 import platform
 from pathlib import Path
 
-from .io import atomic_path, atomic_write_json, atomic_write_text
+from .files import atomic_path, atomic_write_json, atomic_write_text
 from .machine import package_versions
 
 log = logging.getLogger("edgelora")

@@ -103,7 +103,7 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
     library before llama.cpp sees the file; a one-line EdgeloraError naming it if it is
     missing, not GGUF, or has a cut-off header.
 
-    Not gguf.GGUFReader (edgelora.inspect): it decodes every token array first, 1.6 s against
+    Not gguf.GGUFReader (edgelora.gguf_info): it decodes every token array first, 1.6 s against
     0.03 s here for SmolLM2's header, and this runs on every `edgelora run` start."""
     p = Path(path).expanduser()
     if not p.is_file():

@@ -137,7 +137,7 @@ def from_data(path: str | Path, data_format: str = "auto", enums: bool = True) -
 
 def load(path: str | Path) -> dict:
     """A JSON schema file, checked to be a JSON object that a grammar can be made from."""
-    from .io import read_json
+    from .files import read_json
 
     schema = read_json(Path(path), "JSON schema")
     grammar_text(schema, str(path))

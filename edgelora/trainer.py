@@ -29,11 +29,11 @@ from . import data as D
 from . import schema as S
 from .config import TrainConfig, save_config, target_names
 from .errors import EdgeloraError
-from .io import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
+from .files import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
 from .lean import lean
 from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device, pick_method
 from .machine import device_name, package_versions, peak_rss_mb
-from .models import BaseModel, base_hash, materialise, resolve_base
+from .bases import BaseModel, base_hash, materialise, resolve_base
 
 log = logging.getLogger("edgelora")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

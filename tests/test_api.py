@@ -25,7 +25,7 @@ def test_python_api_export_and_load(tiny_qwen2, chat_file, tmp_path):
 
 def test_light_imports():
     """The package and its CLI entry point import neither torch nor transformers."""
-    code = ("import sys, edgelora, edgelora.cli, edgelora.data, edgelora.models, edgelora.config, edgelora.runtime, edgelora.quantize, edgelora.inspect; "
+    code = ("import sys, edgelora, edgelora.cli, edgelora.data, edgelora.bases, edgelora.config, edgelora.runtime, edgelora.quantize, edgelora.gguf_info; "
             "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

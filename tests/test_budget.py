@@ -6,7 +6,7 @@ import pytest
 
 from edgelora import budget as B
 from edgelora.errors import EdgeloraError
-from edgelora.inspect import inspect_gguf
+from edgelora.gguf_info import inspect_gguf
 from tiny import assert_one_line_error, run_cli
 
 

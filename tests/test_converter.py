@@ -30,7 +30,7 @@ from edgelora.converters import ConvertError
 from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.converters.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
 from edgelora.errors import EdgeloraError
-from edgelora.models import materialise, resolve_base
+from edgelora.bases import materialise, resolve_base
 
 PROMPT = " ".join(CORPUS[:6])
 N_POS = 48

@@ -11,7 +11,7 @@ from edgelora.config import load_config
 from edgelora.demo import demo_data
 from edgelora.exporter import export
 from edgelora.llamacpp import load_llama
-from edgelora.models import alias_path
+from edgelora.bases import alias_path
 from edgelora.trainer import train
 from families import TRICKY
 from tiny import needs_gemma3

@@ -8,7 +8,7 @@ import torch
 
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
-from edgelora.models import file_sha256
+from edgelora.bases import file_sha256
 from tiny import build_model
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
@@ -83,7 +83,7 @@ def test_base_plus_lora_gguf_matches_merged(run_dir, tiny_export):
 def test_files_say_who_they_are(run_dir, tiny_export, tmp_path):
     """general.* keys as llama.cpp's converter writes them: what LM Studio and Ollama list."""
     from edgelora import card as C
-    from edgelora.inspect import format_inspect, inspect_gguf
+    from edgelora.gguf_info import format_inspect, inspect_gguf
     from tiny import assert_one_line_error, run_cli
 
     out = run_dir / "export"
@@ -135,7 +135,7 @@ def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
     (f,) = res.files
     assert f["role"] == "merged:f16" and (tmp_path / "o" / f["file"]).is_file()
     close(llama_logits(tmp_path / "o" / f["file"]), peft_logits(tiny_qwen2, None), 1e-2)
-    from edgelora.inspect import inspect_gguf
+    from edgelora.gguf_info import inspect_gguf
 
     named = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "n"), name="q-named")
     card = inspect_gguf(named.out_dir / "q-named-f16.gguf")["card"]  # the base's own card, under the name asked for

@@ -48,9 +48,9 @@ def tree(path: Path) -> list[str]:
 def test_full_disk_while_writing_a_gguf_is_one_line_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
     # The converter refuses up front when the disk is too small (a test below); a disk that fills
     # up while writing (another process writing too) is simulated by skipping that check.
-    from edgelora import io
+    from edgelora import files
 
-    monkeypatch.setattr(io, "check_free_space", lambda *a: None)
+    monkeypatch.setattr(files, "check_free_space", lambda *a: None)
     with tmpfs(tmp_path / "disk", "1m") as disk:
         r = run_cli("export", run_dir, "--quant", "f16", "--out", disk / "out")
         assert_one_line_error(r, f"{disk / 'out' / 'tiny-run-f16.gguf'}: No space left on device")
@@ -59,9 +59,9 @@ def test_full_disk_while_writing_a_gguf_is_one_line_and_leaves_nothing(run_dir, 
 
 def test_full_disk_in_llama_cpps_quantiser_is_one_line_and_leaves_nothing(run_dir, tiny_export, tmp_path,
                                                                             monkeypatch):
-    from edgelora import io
+    from edgelora import files
 
-    monkeypatch.setattr(io, "check_free_space", lambda *a: None)
+    monkeypatch.setattr(files, "check_free_space", lambda *a: None)
     f16_bytes = tiny_export["merged:f16"].stat().st_size
     with tmpfs(tmp_path / "disk", str(f16_bytes + 256 * 1024)) as disk:  # the f16 fits, its q8_0 beside it does not
         r = run_cli("export", run_dir, "--quant", "q8_0", "--out", disk / "out")

@@ -17,7 +17,7 @@ import pytest
 from edgelora import quant_presets
 from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.errors import EdgeloraError
-from edgelora.inspect import format_inspect, inspect_gguf
+from edgelora.gguf_info import format_inspect, inspect_gguf
 from edgelora.quantize import main_type, quantize
 from tiny import build_model, needs_smollm2
 
@@ -322,7 +322,7 @@ def test_inspect_rejects_non_gguf_in_one_line(tmp_path, content):
 @needs_smollm2
 def test_smollm2_presets_sizes_and_bits(tmp_path):
     """Prints size, bits per weight, seconds, tensor types and fallbacks per preset (pytest -s)."""
-    from edgelora.models import materialise, resolve_base
+    from edgelora.bases import materialise, resolve_base
 
     f16 = tmp_path / "smollm2-f16-src.gguf"
     convert(materialise(resolve_base("smollm2-135m")), f16)
@@ -339,7 +339,7 @@ def test_smollm2_presets_sizes_and_bits(tmp_path):
 
 def test_the_bench_says_when_a_quant_name_is_nominal(odd_f16, tmp_path):
     from edgelora.bench import honest_notes
-    from edgelora.inspect import inspect_gguf
+    from edgelora.gguf_info import inspect_gguf
 
     q2 = quantize(odd_f16, tmp_path / "odd-q2_k.gguf", "q2_k")
     (note,) = honest_notes(inspect_gguf(tmp_path / "odd-q2_k.gguf"))

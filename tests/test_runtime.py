@@ -211,7 +211,7 @@ def test_the_laptop_side_imports_neither_torch_nor_transformers(module, command,
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from edgelora.models import resolve_base
+    from edgelora.bases import resolve_base
 
     return resolve_base("smollm2-135m").path
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgelora.models import ALIASES
+from edgelora.bases import ALIASES
 
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.models import base_hash, materialise, resolve_base
+from edgelora.bases import base_hash, materialise, resolve_base
 from tiny import needs_smollm2
 
 
@@ -109,7 +109,7 @@ def test_a_split_embedded_base_is_joined_once_and_checked(tmp_path, monkeypatch)
     sha256 is refused with nothing left behind; a missing package names the pip command."""
     import hashlib
 
-    from edgelora import models as M
+    from edgelora import bases as M
     from edgelora.errors import EdgeloraError
 
     chunks = [b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]

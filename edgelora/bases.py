@@ -85,7 +85,7 @@ def alias_path(alias: str) -> Path:
 
 def _join(parts: list[Path], out: Path, sha256: str | None, what: str) -> None:
     """Concatenate `parts` into `out` (temporary name, then renamed), refusing a wrong sha256."""
-    from .io import atomic_path
+    from .files import atomic_path
 
     log.info("%s: joining %d parts into %s (once)", what, len(parts), out)
     digest = hashlib.sha256()
@@ -184,7 +184,7 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_path
+    from .files import atomic_path
 
     try:
         tok = AutoTokenizer.from_pretrained(base.path.parent, gguf_file=base.path.name)
