@@ -1,4 +1,6 @@
-"""Loading GGUF files with llama-cpp-python, with one safety policy in one place. No torch.
+"""llama-cpp-python, in one place: loading GGUF files under one safety policy, llama.cpp's log,
+grammar samplers, and the private handles of a Llama that edgelora needs (llama-cpp-python is
+pinned; `handles` checks they are there). No torch.
 
 AMX: llama.cpp's CPU backend puts quantised weights in "extra" buffer types (AMX tiles,
 repacked layouts) when the CPU advertises them. Some virtual machines advertise Intel AMX
@@ -15,6 +17,8 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
+
+from .errors import EdgeloraError
 
 
 @lru_cache(maxsize=1)
@@ -128,3 +132,44 @@ def guard_grammar_samplers() -> None:
 
     LlamaSampler.add_grammar = add_grammar
     _grammar_guard_installed = True
+
+
+# ---------------------------------------------------------------- a Llama's private handles
+
+def handles(llm) -> tuple:
+    """(llama_model *, llama_context *, llama_vocab *, the LlamaBatch) of `llm`: llama-cpp-python
+    keeps them private, and LoRA switching, perf counters, grammar checks and all-position logits
+    need them. A version that moved them gets one clear error here, not an AttributeError later."""
+    try:
+        return llm._model.model, llm._ctx.ctx, llm._model.vocab, llm._batch
+    except AttributeError as e:
+        import llama_cpp
+
+        raise EdgeloraError(f"llama-cpp-python {llama_cpp.__version__} keeps a model's handles elsewhere ({e}); "
+                            "edgelora needs llama-cpp-python==0.3.36") from None
+
+
+def token_text(llm, token: int) -> str:
+    """The text of `token` as llama.cpp stores it (special tokens included), '' for -1 (none)."""
+    handles(llm)
+    return llm._model.token_get_text(token) if token != -1 else ""
+
+
+def all_logits(llm, tokens):
+    """Next-token logits (float32, one row per token) for `tokens` read from position 0: the whole
+    sequence through llama.cpp in batches with every row's logits kept (Llama.eval keeps them only
+    for logits_all models, whose buffer is n_ctx x n_vocab for the model's whole life). Clears the
+    KV cache: the next generation re-evaluates its prompt."""
+    import numpy as np
+
+    _, ctx, _, batch = handles(llm)
+    n_vocab = llm.n_vocab()
+    out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    for start in range(0, len(tokens), llm.n_batch):
+        chunk = list(tokens[start:start + llm.n_batch])
+        batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+        llm._ctx.decode(batch)
+        out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+    return out

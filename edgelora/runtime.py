@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import EdgeloraError
-from .llamacpp import captured_log, load_llama, log_errors
+from .llamacpp import all_logits, captured_log, handles, load_llama, log_errors, token_text
 from .machine import DEVICES
 
 if TYPE_CHECKING:
@@ -203,11 +203,11 @@ def init_lora(llm, path: Path, model: Path, verbose: bool = False):
     """llama.cpp's handle for the LoRA GGUF `path` on llm's model (freed with the model).
 
     Llama(lora_path=) takes one adapter and misses a failed load (a NULL pointer is not None), so
-    this uses Llama's model handle (private, but llama-cpp-python is pinned)."""
+    this uses Llama's model handle."""
     import llama_cpp.llama_cpp as C
 
     with captured_log(verbose) as log:
-        handle = C.llama_adapter_lora_init(llm._model.model, str(path).encode())
+        handle = C.llama_adapter_lora_init(handles(llm)[0], str(path).encode())
     if not handle:
         raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(log)}")
     return handle
@@ -220,7 +220,7 @@ def set_loras(llm, adapters: Sequence[tuple[object, float]]) -> None:
     n = len(adapters)
     array = (C.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in adapters)) if n else None
     scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
-    if C.llama_set_adapters_lora(llm._ctx.ctx, array, n, scales) != 0:
+    if C.llama_set_adapters_lora(handles(llm)[1], array, n, scales) != 0:
         raise EdgeloraError("llama.cpp could not attach the LoRA adapters")
 
 
@@ -257,9 +257,8 @@ class Runtime:
 
     def _specials(self) -> dict:
         """The eos_token / bos_token texts a chat template may use, as llama-cpp-python passes them."""
-        m, eos, bos = self.llm._model, self.llm.token_eos(), self.llm.token_bos()
-        return dict(eos_token=m.token_get_text(eos) if eos != -1 else "",
-                    bos_token=m.token_get_text(bos) if bos != -1 else "")
+        return dict(eos_token=token_text(self.llm, self.llm.token_eos()),
+                    bos_token=token_text(self.llm, self.llm.token_bos()))
 
     def describe(self) -> str:
         layers = "all" if self.n_gpu_layers < 0 else self.n_gpu_layers
@@ -323,32 +322,18 @@ class Runtime:
                                        **self._specials())(messages=messages).prompt
 
     def logits(self, tokens: Sequence[int]):
-        """Next-token logits (float32 array, one row per token) for `tokens` read from position 0.
-
-        For scoring (perplexity, KL between files): the whole sequence goes through llama.cpp in
-        batches with every row's logits kept, which Llama.eval does only for logits_all models,
-        whose buffer is n_ctx x n_vocab for the model's whole life."""
-        import numpy as np
-
-        llm, n_vocab = self.llm, self.llm.n_vocab()
-        if len(tokens) > llm.n_ctx():
-            raise EdgeloraError(f"{len(tokens)} tokens do not fit the context of {llm.n_ctx()}")
-        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
-        llm.reset()  # next generation re-evaluates its prompt: the KV cache will hold these tokens
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        for start in range(0, len(tokens), llm.n_batch):
-            chunk = list(tokens[start:start + llm.n_batch])
-            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
-        return out
+        """Next-token logits (float32 array, one row per token) for `tokens` read from position 0,
+        for scoring (perplexity, KL between files): llamacpp.all_logits, within this context."""
+        if len(tokens) > self.llm.n_ctx():
+            raise EdgeloraError(f"{len(tokens)} tokens do not fit the context of {self.llm.n_ctx()}")
+        return all_logits(self.llm, tokens)
 
     def timings(self) -> dict:
         """llama.cpp's counters for the last answer: prompt tokens evaluated, tokens generated, the
         seconds each took and the tokens/s."""
         import llama_cpp.llama_cpp as C
 
-        t = C.llama_perf_context(self.llm._ctx.ctx)
+        t = C.llama_perf_context(handles(self.llm)[1])
         return {"prompt_tokens": t.n_p_eval, "prompt_s": t.t_p_eval_ms / 1e3,
                 "prompt_tok_s": t.n_p_eval / t.t_p_eval_ms * 1e3 if t.t_p_eval_ms else 0.0,
                 "gen_tokens": t.n_eval, "gen_s": t.t_eval_ms / 1e3,
@@ -371,7 +356,7 @@ class Runtime:
         import llama_cpp.llama_cpp as C
 
         grammar = None if json_schema is None else self.grammar(json_schema)
-        C.llama_perf_context_reset(self.llm._ctx.ctx)
+        C.llama_perf_context_reset(handles(self.llm)[1])
         with _input_errors():
             out = fn(**request, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                      seed=self.seed if seed is None else seed, stream=stream, grammar=grammar)

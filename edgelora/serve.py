@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .errors import EdgeloraError
-from .llamacpp import grammar_sampler
+from .llamacpp import grammar_sampler, handles
 from .runtime import CHAT_TEMPLATE, NO_TEMPLATE, Runtime, init_lora, load, lora_file, lora_template, set_loras
 from .schema import beside, grammar_text
 from .schema import load as load_schema
@@ -227,7 +227,7 @@ def _checked_grammar(llm: llama_cpp.Llama, text: str, field: str) -> llama_cpp.L
     if _grammar_depth(text) > MAX_GRAMMAR_DEPTH:
         raise ApiError(400, f"{field}: grammar nested more than {MAX_GRAMMAR_DEPTH} levels deep", param=field)
     try:
-        C.llama_sampler_free(grammar_sampler(llm._model.vocab, text))
+        C.llama_sampler_free(grammar_sampler(handles(llm)[2], text))
     except ValueError as e:
         raise ApiError(400, f"{field}: {e}", param=field) from None
     return llama_cpp.LlamaGrammar.from_string(text)

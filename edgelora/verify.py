@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 from .data import last_answer
 from .errors import EdgeloraError
+from .llamacpp import handles
 
 EXAMPLES = 8  # training examples checked: the first ones in the training order
 NAMES = ("template", "end_of_turn", "bos", "logits", "adapter", "lora_route", "stops")
@@ -91,7 +92,7 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
             answer = [want[i] for i, label in enumerate(t.labels) if label != -100]
             for token in answer[:answer.index(end)]:
                 inside.setdefault(token, ex.source)
-    return [template, _end_of_turn(sorted(ends), inside, piece, rt.llm._model.vocab, stops), doubled]
+    return [template, _end_of_turn(sorted(ends), inside, piece, handles(rt.llm)[2], stops), doubled]
 
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from edgelora import runtime
 from edgelora.errors import EdgeloraError
+from edgelora.llamacpp import handles
 from edgelora.exporter import export
 from tiny import assert_one_line_error, build_model, ctrl_c_default, needs_smollm2, run_cli
 
@@ -31,7 +32,7 @@ def merged(gguf):
 def last_logits(rt, tokens):
     rt.llm.reset()
     rt.llm.eval(tokens)
-    return np.ctypeslib.as_array(C.llama_get_logits_ith(rt.llm._ctx.ctx, -1), shape=(rt.llm.n_vocab(),)).copy()
+    return np.ctypeslib.as_array(C.llama_get_logits_ith(handles(rt.llm)[1], -1), shape=(rt.llm.n_vocab(),)).copy()
 
 
 # ---------------------------------------------------------------- answers
