@@ -208,11 +208,10 @@ def materialise(base: BaseModel, digest: str | None = None) -> Path:
 def _match_gguf_pre_tokenizer(tok, path: Path) -> None:
     """Give a tokenizer rebuilt from a GGUF the pre-tokenizer the GGUF names (e.g. SmolLM2's
     digit splitting), so training tokenises text exactly as llama.cpp will at run time."""
-    import gguf
-
     from .converters.vocab import hf_pre_tokenizer
+    from .gguf_info import read_gguf
 
-    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    field = read_gguf(path).fields.get("tokenizer.ggml.pre")
     name = field.contents() if field is not None else None
     pre = hf_pre_tokenizer(name) if name else None
     if pre is None:

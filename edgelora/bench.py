@@ -36,7 +36,7 @@ from .data import REASONING, last_answer, read_jsonl
 from .errors import EdgeloraError
 from .files import output_folder, read_json, refuse_overwrite
 from .machine import peak_rss_mb
-from .runtime import gguf_metadata
+from .gguf_header import gguf_metadata
 
 SCORES = ("auto", "exact", "contains", "regex", "json")
 

@@ -429,11 +429,10 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured;
     with `keep_better`, quantised to those types with and without the importance matrix as
     _quantize_checked does for a fixed quant (the types, so the size, are the same either way)."""
-    import gguf
-
     from . import budget as B
+    from .gguf_info import read_gguf
 
-    reader = gguf.GGUFReader(f16)
+    reader = read_gguf(f16)
     weights = [t for t in reader.tensors if B.quantisable(t.name, t.shape)]
     overhead = f16.stat().st_size - sum(int(t.n_bytes) for t in weights)
     if target_bpw is not None:

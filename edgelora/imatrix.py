@@ -97,9 +97,9 @@ def read(path: Path | str) -> IMatrix:
 
 
 def _read_gguf(path: Path) -> IMatrix:
-    import gguf
+    from .gguf_info import read_gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = read_gguf(path)
 
     def value(key, default):
         f = reader.fields.get(key)
