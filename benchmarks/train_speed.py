@@ -54,8 +54,8 @@ def child_edgelora(a, hf_dir: str) -> dict:
         res = train(cfg, on_step=lambda s, loss: times.append(time.perf_counter()) and None)
         tokens = [r["tokens"] for r in res.metrics if "tokens" in r]
         times.insert(0, times[0] - res.metrics[0]["tokens"] / res.metrics[0]["tokens_per_s"])
-        return {"tokens_per_s": steady(times, tokens, a.warmup), "peak_mem_mb": peak_mb(res.summary["device"]),
-                "final_loss": res.summary["final_loss"], "device": res.summary["device"]}
+        return {"tokens_per_s": steady(times, tokens, a.warmup), "peak_mem_mb": peak_mb(res.summary.device),
+                "final_loss": res.summary.final_loss, "device": res.summary.device}
 
 
 def child_plain(a, hf_dir: str) -> dict:

@@ -34,9 +34,10 @@ import gguf
 
 from .data import REASONING, last_answer, read_jsonl
 from .errors import EdgeloraError
-from .files import output_folder, read_json, refuse_overwrite
+from .files import output_folder, refuse_overwrite
 from .machine import peak_rss_mb
 from .gguf_header import gguf_metadata
+from .handoff import BASE, LORA, MANIFEST_FILE, MERGED, REPORT_FILE, Role, outputs_by_role, read_manifest
 
 SCORES = ("auto", "exact", "contains", "regex", "json")
 
@@ -122,14 +123,14 @@ def honest_notes(info: dict, imatrix: Optional[bool] = None) -> list[str]:
 
 
 def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
-    manifest_path = folder / "manifest.json"
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         files = sorted(folder.glob("*.gguf"))
         models = [p for p in files if gguf_metadata(p).get("general.type") != "adapter"]
         if not models:
-            raise EdgeloraError(f"{folder}: no manifest.json and no GGUF model files")
+            raise EdgeloraError(f"{folder}: no {MANIFEST_FILE} and no GGUF model files")
         return [_from_file(p) for p in models]
-    manifest = read_json(manifest_path, "export manifest", ("inputs", "outputs"))
+    manifest = read_manifest(folder)
     try:
         return _manifest_candidates(folder, manifest, quants, hf)
     except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong kind
@@ -139,28 +140,27 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
 def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str]], hf: Optional[bool]):
     from .gguf_info import inspect_gguf
 
-    outputs = {o["role"]: o for o in manifest["outputs"]}
-    have = [role.split(":")[1] for role in outputs if role.startswith("merged:")]
+    outputs = outputs_by_role(manifest)
+    have = [role.quant for role in outputs if role.kind == MERGED]
     missing = [q for q in quants or [] if q not in have]
     if missing:
         raise EdgeloraError(f"{folder}: {', '.join(missing)} not in the export (it has {', '.join(have)})")
     wanted = set(quants or []) | {"f16"}
     cands = []
     for role, o in outputs.items():
-        kind, _, quant = role.partition(":")
-        if kind == "merged" and (not quants or quant in wanted):
-            notes = honest_notes(inspect_gguf(folder / o["file"]), o.get("imatrix")) if quant != "f16" else []
-            cands.append(Candidate(quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"], bpw=o["bpw"],
-                                   notes=notes))
-    if "lora" in outputs:
-        lora = outputs["lora"]
+        if role.kind == MERGED and (not quants or role.quant in wanted):
+            notes = honest_notes(inspect_gguf(folder / o["file"]), o.get("imatrix")) if role.quant != "f16" else []
+            cands.append(Candidate(role.quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"],
+                                   bpw=o["bpw"], notes=notes))
+    if Role(LORA) in outputs:
+        lora = outputs[Role(LORA)]
         lora_info = inspect_gguf(folder / lora["file"])
         base = manifest["inputs"]["base"]
         if base["kind"] == "gguf":
             bases = [(None, Path(base["path"]))]  # the base GGUF itself: named by its file type below
         else:
-            bases = [(role.split(":")[1], folder / o["file"]) for role, o in outputs.items() if role.startswith("base:")
-                     and (not quants or role.split(":")[1] in wanted)]
+            bases = [(role.quant, folder / o["file"]) for role, o in outputs.items() if role.kind == BASE
+                     and (not quants or role.quant in wanted)]
         for quant, path in bases:
             info = inspect_gguf(path)
             quant = quant or _quant_name(info["file_type"])
@@ -463,7 +463,7 @@ def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quant
         cands = [v for c in cands for v in (c, *([] if c.route == "hf" else [
             replace(c, label=f"{c.label}+grammar", reference=False, json_schema=schema, notes=[])]))]  # notes: the row above's
     out_dir = Path(out) if out else (Path(inputs[0]) / "bench" if Path(inputs[0]).is_dir() else Path("bench"))
-    files = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
+    files = {"json": out_dir / REPORT_FILE, "md": out_dir / "report.md", "png": out_dir / "ladder.png"}
     output_folder(out_dir, "report folder")
     refuse_overwrite(files.values(), force)
     longest = max(len((r["reasoning"] + r["answer"]).encode()) + (32 if r["reasoning"] else 0)

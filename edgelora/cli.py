@@ -118,8 +118,8 @@ def train(config, resume, force, **options):
     if not result.main:  # one line for a distributed run, from its main process
         return
     s = result.summary
-    evals = f", eval loss {s['first_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}" if s["final_eval_loss"] is not None else ""
-    click.echo(f"trained {s['steps']} steps in {s['wall_time_s']:.0f}s (loss {s['final_loss']:.4f}{evals}); "
+    evals = f", eval loss {s.first_eval_loss:.4f} -> {s.final_eval_loss:.4f}" if s.final_eval_loss is not None else ""
+    click.echo(f"trained {s.steps} steps in {s.wall_time_s:.0f}s (loss {s.final_loss:.4f}{evals}); "
                f"adapter in {result.run_dir / 'adapter'}")
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from .errors import EdgeloraError
 from .verify import EXAMPLES as VERIFY_EXAMPLES
 from .files import atomic_write_json, output_folder, read_json, remove_own_folder
+from .handoff import MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE, read_report
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
@@ -99,21 +100,20 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
         train(cfg, resume=resume, force=not resume)
 
     bench_opts = dict(limit=m["limit"], threads=threads, progress=progress, force=True)
-    stage("train", (run_dir / "summary.json").is_file(),
+    stage("train", (run_dir / SUMMARY_FILE).is_file(),
           f"QLoRA on {TRAIN['base']}, {m['max_steps']} steps of {TRAIN['batch_size']} examples", do_train)
     budget = f" + auto (to {m['target_size']})" if m["target_size"] else ""
-    stage("export", (export_dir / "manifest.json").is_file(), f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF",
+    stage("export", (export_dir / MANIFEST_FILE).is_file(), f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF",
           lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True, imatrix=m["imatrix"],
                          target_size=m["target_size"], verify_examples=m["verify_examples"]))
-    stage("before", (base_dir / "bench" / "report.json").is_file(), "the untrained base at f16 and q4_k_m, benched",
+    stage("before", (base_dir / "bench" / REPORT_FILE).is_file(), "the untrained base at f16 and q4_k_m, benched",
           lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
                    bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))
     grammar = " (and under the JSON schema learned from the answers)" if m["json_schema"] else ""
-    stage("bench", (export_dir / "bench" / "report.json").is_file(), f"the trained ladder on the held-out set{grammar}",
+    stage("bench", (export_dir / "bench" / REPORT_FILE).is_file(), f"the trained ladder on the held-out set{grammar}",
           lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], json_schema=m["json_schema"], **bench_opts))
 
-    before = read_json(base_dir / "bench" / "report.json", "bench report", ("rows",))
-    after = read_json(export_dir / "bench" / "report.json", "bench report", ("rows",))
+    before, after = read_report(base_dir / "bench"), read_report(export_dir / "bench")
     question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
     summary = _summary(mode, timings, before, after, export_dir, question)
     atomic_write_json(state_path, summary)

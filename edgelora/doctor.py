@@ -123,12 +123,11 @@ def _as_trained(rt, ex):
 
 def _base_model(base: Path) -> tuple[Path, Optional[Path]]:
     """(HF folder, adapter folder or None) of --base: an HF model folder or an edgelora run."""
-    from .files import read_json
     from .bases import base_hash, materialise, resolve_base
+    from .handoff import RunSummary
 
     if (base / "adapter" / "adapter_config.json").is_file():
-        summary = read_json(base / "summary.json", "run summary", ("base",))
-        resolved = resolve_base(summary["base"])
+        resolved = resolve_base(RunSummary.read(base).base)
         return materialise(resolved, base_hash(resolved)), base / "adapter"
     if not (base / "config.json").is_file():
         raise EdgeloraError(f"--base {base}: neither an HF model folder (config.json) nor an edgelora run (adapter/)")

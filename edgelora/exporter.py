@@ -26,6 +26,7 @@ from . import imatrix as IM
 from . import quant_presets
 from . import verify as V
 from .errors import EdgeloraError
+from .handoff import BASE, LORA, MANIFEST_FILE, MERGED, SUMMARY_FILE, Role, RunSummary, stamped
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
@@ -45,7 +46,7 @@ class ExportPlan:
     quants: list[str]
     lora_gguf: bool
     dataset: Optional[str] = None  # the training data file's name, for the model card
-    outputs: dict[str, Path] = field(default_factory=dict)  # role -> final path
+    outputs: dict[Role, Path] = field(default_factory=dict)  # what each file is -> its final path
 
 
 @dataclass
@@ -85,18 +86,17 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     adapter_dir, dataset = None, None
     if run_dir:
         run = Path(run_dir)
-        summary_path = run / "summary.json"
-        if not (run / "adapter" / "adapter_config.json").is_file() or not summary_path.is_file():
-            raise EdgeloraError(f"{run}: not a finished edgelora run (no adapter/ or summary.json)")
-        summary = read_json(summary_path, "run summary", ("base", "base_sha256"))
+        if not (run / "adapter" / "adapter_config.json").is_file() or not (run / SUMMARY_FILE).is_file():
+            raise EdgeloraError(f"{run}: not a finished edgelora run (no adapter/ or {SUMMARY_FILE})")
+        summary = RunSummary.read(run)
         adapter_dir = run / "adapter"
-        resolved = resolve_base(base or summary["base"])
+        resolved = resolve_base(base or summary.base)
         digest = base_hash(resolved)
-        if base is None and digest != summary.get("base_sha256"):
-            raise EdgeloraError(f"base '{summary['base']}' has changed since {run} was trained "
-                                f"(sha256 {digest[:12]} != {str(summary.get('base_sha256'))[:12]}); pass --base")
+        if base is None and digest != summary.base_sha256:
+            raise EdgeloraError(f"base '{summary.base}' has changed since {run} was trained "
+                                f"(sha256 {digest[:12]} != {str(summary.base_sha256)[:12]}); pass --base")
         name = name or run.resolve().name
-        dataset = Path(str(summary.get("data") or "")).name or None
+        dataset = Path(summary.data).name or None
         out_dir = Path(out) if out else run / "export"
     else:
         if not base:
@@ -110,13 +110,13 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     plan = ExportPlan(name, resolved, digest, materialise(resolved, digest), adapter_dir, out_dir, quants, lora_gguf,
                       dataset)
     for q in quants:
-        plan.outputs[f"merged:{q}"] = out_dir / f"{name}-{q}.gguf"
+        plan.outputs[Role(MERGED, q)] = out_dir / f"{name}-{q}.gguf"
     if lora_gguf:
-        plan.outputs["lora"] = out_dir / f"{name}-lora-f16.gguf"
+        plan.outputs[Role(LORA)] = out_dir / f"{name}-lora-f16.gguf"
         if resolved.kind != "gguf":
             for q in quants:
                 if q != AUTO:  # the budget is fitted to the fine-tuned model, not the bare base
-                    plan.outputs[f"base:{q}"] = out_dir / f"{resolved.name}-base-{q}.gguf"
+                    plan.outputs[Role(BASE, q)] = out_dir / f"{resolved.name}-base-{q}.gguf"
     return plan
 
 
@@ -160,62 +160,62 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
     importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
     base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
-    cards = {"base": C.model_card(base_card, plan.base_sha256),  # role -> the model card its files carry
-             "merged": C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
+    cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
+             MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
     if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
-        cards["merged"][C.K.NAME] = name
-    results: dict[str, dict] = {}  # role -> quantize()'s summary
-    budgets: dict[str, dict] = {}  # role -> what the budgeted file's choice measured
-    checks: dict[str, dict] = {}  # role -> KL with and without the imatrix, and which file was kept
+        cards[MERGED][C.K.NAME] = name
+    results: dict[Role, dict] = {}  # quantize()'s summary
+    budgets: dict[Role, dict] = {}  # what the budgeted file's choice measured
+    checks: dict[Role, dict] = {}  # KL with and without the imatrix, and which file was kept
     verified: list[tuple[str, V.Check]] = []  # (file, check) for the manifest; failures raise once it is written
     verifying = verify and calibration is not None and bool(calibration.first)
     reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
     in_torch = None  # what the model does in torch on them (verify.Trained)
     seconds = {"verify": 0.0}  # verification's part of the export's time
 
-    def ladder(adapter: Optional[Path], role: str) -> None:
+    def ladder(adapter: Optional[Path], kind: str) -> None:
         """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
-        wanted = {q: plan.outputs[f"{role}:{q}"] for q in plan.quants if f"{role}:{q}" in plan.outputs}
-        f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{role}-f16'))}gguf.tmp"
+        wanted = {q: plan.outputs[Role(kind, q)] for q in plan.quants if Role(kind, q) in plan.outputs}
+        f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
         log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
         with _progress(f16.name) as progress:
-            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[role])
+            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[kind])
         try:
-            if role == "merged" and verifying:
+            if kind == MERGED and verifying:
                 nonlocal reference, in_torch
                 t0 = time.perf_counter()
                 reference, in_torch, parity = _against_torch(plan, f16, calibration)
                 verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
                                 for c in parity)
                 seconds["verify"] += time.perf_counter() - t0
-            measures = role == "merged" and calibration is not None and (
+            measures = kind == MERGED and calibration is not None and (
                 (importance is not None and wants_imatrix) or AUTO in wanted)
             probe = _probe(f16, calibration) if measures else None
             for q, path in wanted.items():
                 if q == AUTO:
-                    results[f"{role}:{q}"], budgets[f"{role}:{q}"], checks[f"{role}:{q}"] = _budgeted(
+                    results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
                         f16, path, importance, probe, target_size, target_bpw, wants_imatrix and keep_better)
                 elif q != "f16":
                     log.info("quantising %s -> %s", f16.name, path.name)
-                    results[f"{role}:{q}"], checks[f"{role}:{q}"] = _quantize_checked(
+                    results[Role(kind, q)], checks[Role(kind, q)] = _quantize_checked(
                         f16, path, q, importance, probe if wants_imatrix else None, keep_better)  # a FILE: as given
         finally:
             if "f16" not in wanted:
                 f16.unlink(missing_ok=True)
 
-    ladder(plan.adapter_dir, "merged")
+    ladder(plan.adapter_dir, MERGED)
     if plan.lora_gguf:
-        log.info("writing LoRA GGUF %s", plan.outputs["lora"].name)
-        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs["lora"], card=cards["merged"])
+        log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
+        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
         if plan.base.kind != "gguf":
-            ladder(None, "base")
+            ladder(None, BASE)
 
     files = []
     for role, path in plan.outputs.items():
         info = inspect_gguf(path)
         quantised = results.get(role)
-        files.append({"role": role, "file": path.name, "sha256": file_sha256(path), "size_bytes": path.stat().st_size,
-                      "bpw": round(info["bpw"], 3), "quant": role.split(":")[-1] if ":" in role else "f16",
+        files.append({"role": str(role), "file": path.name, "sha256": file_sha256(path),
+                      "size_bytes": path.stat().st_size, "bpw": round(info["bpw"], 3), "quant": role.quant or "f16",
                       "file_type": info.get("file_type"), "tensor_types": info["tensor_types"],
                       "class_types": info["class_types"],
                       "imatrix": bool(quantised and importance is not None
@@ -227,7 +227,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
         importance_info["sha256"] = file_sha256(path)
     schema_info = _copy_schema(plan)
-    base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(f"base:{plan.quants[0]}")
+    base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
     stops = _write_modelfiles(plan, base_file, schema_info is not None)
     if verifying:
         t0 = time.perf_counter()
@@ -236,8 +236,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     elif verify:
         log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
     verification = [{"file": file, **c.as_dict()} for file, c in verified]
-    manifest = plan.out_dir / "manifest.json"
-    atomic_write_json(manifest, {
+    manifest = plan.out_dir / MANIFEST_FILE
+    atomic_write_json(manifest, stamped({
         "name": plan.name,
         "inputs": {
             "base": {"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path),
@@ -247,14 +247,14 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
         },
         "outputs": files,
-        "card": cards["merged"],
+        "card": cards[MERGED],
         "checks": verification if verify else None,
         "imatrix": importance_info,
         "json_schema": schema_info,
-        "budget": budgets.get(f"merged:{AUTO}"),
+        "budget": budgets.get(Role(MERGED, AUTO)),
         "seconds": {**seconds, "total": time.perf_counter() - started},
         "versions": package_versions(),
-    })
+    }))
     for file, c in verified:
         V.failed([c], plan.out_dir / file)
     return ExportResult(plan.out_dir, files, manifest, verification)
@@ -538,12 +538,12 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
     """Modelfile (and Modelfile.lora); returns their stop strings, or None where they give no
     TEMPLATE of their own (Ollama then takes the template and stops from the GGUF)."""
     template, system, stops = _template_parts(_trained_template(plan))
-    main = plan.outputs[f"merged:{_laptop_pick(plan.quants)}"]
+    main = plan.outputs[Role(MERGED, _laptop_pick(plan.quants))]
     atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops,
                                                                  schema=schema))
     if plan.lora_gguf and base_file is not None:
         atomic_write_text(plan.out_dir / "Modelfile.lora", modelfile_text(
-            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs['lora'].name}",
+            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs[Role(LORA)].name}",
             schema=schema))
     return stops if template else None
 
@@ -568,10 +568,11 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
     from .runtime import load
 
     examples, trained = zip(*calibration.first)
-    merged = min((p for r, p in plan.outputs.items() if r.startswith("merged:")), key=lambda p: p.stat().st_size)
+    merged = min((p for r, p in plan.outputs.items() if r.kind == MERGED), key=lambda p: p.stat().st_size)
     routes = [(merged.name, merged, [])]
-    if "lora" in plan.outputs and base_file is not None:
-        routes.append((plan.outputs["lora"].name, base_file, [(plan.outputs["lora"], 1.0)]))
+    lora = plan.outputs.get(Role(LORA))
+    if lora is not None and base_file is not None:
+        routes.append((lora.name, base_file, [(lora, 1.0)]))
     out = []
     for label, model, loras in routes:
         rt = load(model, loras=loras, device="cpu")

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 
 from .files import atomic_path, atomic_write_json, atomic_write_text
+from .handoff import stamped
 from .machine import package_versions
 
 log = logging.getLogger("edgelora")
@@ -27,7 +28,7 @@ def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str
         row.update({k: v for k, v in r.items() if k not in row})
         table.append(row)
     best, text = recommend(table, threshold)
-    return {
+    return stamped({
         "eval_data": str(eval_data), "examples": len(rows), "threshold": threshold, "settings": settings,
         "reference": next(r["label"] for r in table if r["reference"]),
         "rows": table,
@@ -35,7 +36,7 @@ def build_report(cands, results: list[dict], rows: list[dict], *, eval_data: str
         "expected": [r["answer"] for r in rows],
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "versions": package_versions(),
-    }
+    })
 
 
 def recommend(rows: list[dict], threshold: float) -> tuple[dict, str]:

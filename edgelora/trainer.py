@@ -31,6 +31,7 @@ from .config import TrainConfig, save_config, target_names
 from .errors import EdgeloraError
 from .files import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
 from .lean import lean
+from .handoff import RunSummary
 from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device, pick_method
 from .machine import device_name, package_versions, peak_rss_mb
 from .bases import BaseModel, base_hash, materialise, resolve_base
@@ -52,7 +53,7 @@ class TrainingInterrupted(Exception):
 @dataclass
 class TrainResult:
     run_dir: Path
-    summary: dict
+    summary: RunSummary
     metrics: list = field(default_factory=list)
     main: bool = True  # False in the other processes of a distributed run (which wrote nothing)
 
@@ -666,7 +667,7 @@ def finish(s: Setup, step: int, last_loss: float, metrics: list, wall_s: float) 
     weights, _ = trainable_state(s.model, s.optimizer, s.sharded)
     if not s.main:
         s.accelerator.wait_for_everyone()  # the main process writes the adapter and the summary
-        return TrainResult(s.run_dir, json.loads((s.run_dir / "summary.json").read_text()), metrics, main=False)
+        return TrainResult(s.run_dir, RunSummary.read(s.run_dir), metrics, main=False)
 
     with atomic_path(s.run_dir / "adapter") as tmp:
         s.model.save_pretrained(tmp, state_dict=weights)
@@ -676,35 +677,32 @@ def finish(s: Setup, step: int, last_loss: float, metrics: list, wall_s: float) 
         cfg_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         s.tok.save_pretrained(tmp)
     summary = _summary(s, step, last_loss, _read_metrics(s.metrics_path), wall_s)
-    atomic_write_json(s.run_dir / "summary.json", summary)
+    summary.write(s.run_dir)
     shutil.rmtree(s.run_dir / "checkpoints", ignore_errors=True)
     if s.accelerator is not None:
         s.accelerator.wait_for_everyone()
     return TrainResult(s.run_dir, summary, metrics)
 
 
-def _summary(s: Setup, step: int, last_loss: float, rows: list[dict], wall_s: float) -> dict:
-    """summary.json: what was trained, on what, how it went (the whole run's metrics, resumed parts too)."""
+def _summary(s: Setup, step: int, last_loss: float, rows: list[dict], wall_s: float) -> RunSummary:
+    """What was trained, on what, how it went (the whole run's metrics, resumed parts too)."""
     cfg, (train_stats, eval_stats) = s.cfg, s.token_stats
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
-    return {
-        "base": s.base.spec, "base_path": str(s.base.path), "base_hf_dir": str(s.hf_dir), "base_sha256": s.digest,
-        "data": str(cfg.data), "data_format": s.shape, "method": s.method, "dora": cfg.dora, "rslora": cfg.rslora,
-        "rank": cfg.rank, "alpha": cfg.alpha, "targets": cfg.targets, "device": device_name(s.device),
-        "compute_dtype": str(s.dtype).replace("torch.", ""), "grad_checkpointing": s.checkpointing,
-        "world_size": s.world, "fsdp": s.sharded,
-        "trainable_params": s.n_params[0], "total_params": s.n_params[1],
-        "train_examples": len(s.train_set), "eval_examples": len(s.eval_set),
-        "truncated_examples": train_stats.truncated + eval_stats.truncated,
-        "dropped_examples": train_stats.dropped + eval_stats.dropped,
-        "json_schema": S.SCHEMA_FILE if s.schema is not None else None,
-        "steps": step, "final_loss": last_loss, "first_eval_loss": evals[0] if evals else None,
-        "final_eval_loss": evals[-1] if evals else None,
-        "mean_tokens_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
-        "peak_mem_mb": round(peak_memory_mb(s.device), 1), "wall_time_s": round(wall_s, 1),
-        "versions": package_versions(),
-    }
+    return RunSummary(
+        base=s.base.spec, base_path=str(s.base.path), base_hf_dir=str(s.hf_dir), base_sha256=s.digest,
+        data=str(cfg.data), data_format=s.shape, method=s.method, dora=cfg.dora, rslora=cfg.rslora,
+        rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, device=device_name(s.device),
+        compute_dtype=str(s.dtype).replace("torch.", ""), grad_checkpointing=s.checkpointing,
+        world_size=s.world, fsdp=s.sharded, trainable_params=s.n_params[0], total_params=s.n_params[1],
+        train_examples=len(s.train_set), eval_examples=len(s.eval_set),
+        truncated_examples=train_stats.truncated + eval_stats.truncated,
+        dropped_examples=train_stats.dropped + eval_stats.dropped,
+        json_schema=S.SCHEMA_FILE if s.schema is not None else None,
+        steps=step, final_loss=last_loss, first_eval_loss=evals[0] if evals else None,
+        final_eval_loss=evals[-1] if evals else None,
+        mean_tokens_per_s=round(sum(speeds) / len(speeds), 1) if speeds else None,
+        peak_mem_mb=round(peak_memory_mb(s.device), 1), wall_time_s=round(wall_s, 1), versions=package_versions())
 
 
 def _accelerator(device: str):

@@ -8,7 +8,7 @@ import edgelora
 def test_python_api_trains(tiny_qwen2, chat_file, tmp_path):
     res = edgelora.train(base=str(tiny_qwen2), data=str(chat_file), out=str(tmp_path / "run"), method="lora",
                          max_steps=2, seq_len=64, rank=2)
-    assert res.run_dir == tmp_path / "run" and res.summary["steps"] == 2
+    assert res.run_dir == tmp_path / "run" and res.summary.steps == 2
     assert json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())["r"] == 2
 
 

@@ -45,14 +45,14 @@ def _score(answers) -> int:
 
 def test_qlora_on_cpu_learns_the_task_and_changes_answers(smol_run):
     s = smol_run.summary
-    assert s["method"] == "qlora" and s["device"] == "cpu"
-    assert s["final_eval_loss"] < 0.5 * s["first_eval_loss"], s
+    assert s.method == "qlora" and s.device == "cpu"
+    assert s.final_eval_loss < 0.5 * s.first_eval_loss, s
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smol_run.run_dir / "adapter")
-    base = AutoModelForCausalLM.from_pretrained(s["base_hf_dir"])
+    base = AutoModelForCausalLM.from_pretrained(s.base_hf_dir)
     prompts = [r["messages"][:1] for r in EVAL_ROWS[:4]]
     before = [_answer(base, tok, m) for m in prompts]
     tuned = PeftModel.from_pretrained(base, smol_run.run_dir / "adapter")  # plain PEFT, no edgelora code
@@ -100,14 +100,14 @@ def test_export_ladder_and_lora_gguf_run_in_llama_cpp(smol_run):
     sizes = [roles[f"merged:{q}"]["size_bytes"] for q in ("q2_k", "q4_k_m", "q8_0", "f16")]
     assert sizes == sorted(sizes)
     # The base was a GGUF already: the LoRA route's Modelfile points at it rather than a copy.
-    base_gguf = Path(smol_run.summary["base_path"])
+    base_gguf = Path(smol_run.summary.base_path)
     assert (out / "Modelfile.lora").read_text().splitlines()[:2] == [
         f"FROM {base_gguf}", "ADAPTER ./smol-extract-lora-f16.gguf"]
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in (out / "Modelfile").read_text()
 
     tok = AutoTokenizer.from_pretrained(smol_run.run_dir / "adapter")
     tokens = tok.apply_chat_template(EVAL_ROWS[0]["messages"], tokenize=True, return_dict=False)
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol_run.summary["base_hf_dir"]),
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol_run.summary.base_hf_dir),
                                        smol_run.run_dir / "adapter").merge_and_unload()
     with torch.no_grad():
         ref = merged(torch.tensor([tokens])).logits[0].double().numpy()

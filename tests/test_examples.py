@@ -109,9 +109,9 @@ def test_config_trains_on_smollm2(config, tmp_path, monkeypatch):
     cfg = dataclasses.replace(cfg, eval_data=None, eval_split=0.0)  # eval off: a few steps only
     res = train(cfg)
     s = res.summary
-    assert s["steps"] == 2 and s["method"] == "qlora" and s["data_format"] == CONFIGS[config][0]
-    assert s["truncated_examples"] == 0 and s["dropped_examples"] == 0, "the config's seq_len cuts examples"
-    assert math.isfinite(s["final_loss"])
+    assert s.steps == 2 and s.method == "qlora" and s.data_format == CONFIGS[config][0]
+    assert s.truncated_examples == 0 and s.dropped_examples == 0, "the config's seq_len cuts examples"
+    assert math.isfinite(s.final_loss)
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 

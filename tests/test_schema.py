@@ -127,7 +127,7 @@ def test_a_run_with_json_answers_carries_its_schema_to_the_export_and_run(tmp_pa
     run = tmp_path / "run"
     result = train(cfg(tiny_llama, data, run, max_steps=2))
     schema = json.loads((run / "schema.json").read_text())
-    assert result.summary["json_schema"] == "schema.json"
+    assert result.summary.json_schema == "schema.json"
     assert schema["properties"] == {"n": {"type": "integer"}, "even": {"type": "boolean"}}
     res = export(str(run), quants=["f16"])
     manifest = json.loads(res.manifest.read_text())

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 
 from edgelora.config import load_config
 from edgelora.errors import EdgeloraError
+from edgelora.handoff import RunSummary
 from edgelora.trainer import TrainingInterrupted, train
 from tiny import build_model, cfg
 
@@ -26,7 +28,8 @@ def test_lora_run_directory(request, arch, chat_file, tmp_path):
     assert s["trainable_params"] == sum(p.numel() for n, p in _peft(base, run).named_parameters() if "lora_" in n)
     assert s["first_eval_loss"] == evals[0] and s["final_eval_loss"] == evals[-1]
     assert (run / "adapter" / "tokenizer.json").is_file() and (run / "adapter" / "chat_template.jinja").is_file()
-    assert res.summary == s
+    assert s["edgelora_schema"] == 1 and res.summary == RunSummary.read(run)
+    assert {k: v for k, v in s.items() if k != "edgelora_schema"} == dataclasses.asdict(res.summary)
 
 
 def _peft(base, run):
