@@ -276,7 +276,7 @@ def bench(inputs, eval_data, quants, limit, score, json_schema, pattern, thresho
     score stays within --threshold of the f16 reference.
     """
     from .bench import bench as run_bench
-    from .report import markdown
+    from .bench.report import markdown
 
     result = run_bench(list(inputs), eval_data, out=out, quants=quants.split(",") if quants else None, limit=limit,
                        score=score, pattern=pattern, threshold=threshold, max_tokens=max_tokens, device=device,
@@ -299,7 +299,7 @@ def demo(quick, out, threads, force):
     the untrained base, and prints the ladder with a recommendation.
     """
     from .demo import demo as run_demo
-    from .report import markdown
+    from .bench.report import markdown
 
     res = run_demo(out, quick=quick, force=force, threads=threads, progress=sys.stderr.isatty(),
                    say=lambda line: click.echo(line, err=True))

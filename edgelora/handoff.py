@@ -13,6 +13,7 @@ An export's files are known by their role: `Role("merged", "q4_k_m")` is written
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -86,24 +87,25 @@ class RunSummary:
     def read(cls, run_dir: Path | str) -> "RunSummary":
         path = Path(run_dir) / SUMMARY_FILE
         data = read_versioned(path, "run summary", ("base", "base_sha256"))
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        hints = typing.get_type_hints(cls)
+        values = {k: v for k, v in data.items() if k in hints}
         for name, value in values.items():
-            if not _fits(value, known[name]):
+            if not _fits(value, hints[name]):
                 raise EdgeloraError(f"{path}: damaged run summary ('{name}' is {value!r})")
         return cls(**values)
 
 
-def _fits(value, f: dataclasses.Field) -> bool:
-    """Loosely, whether `value` read from JSON can be field `f`'s (numbers are numbers, text is text)."""
-    kind = {"str": str, "bool": bool, "int": int, "float": (int, float), "dict": dict}
-    name = str(f.type).replace("Optional[", "").rstrip("]")
-    want = kind.get(name)
+_JSON_KINDS = {str: str, bool: bool, int: int, float: (int, float), dict: dict}
+
+
+def _fits(value, hint) -> bool:
+    """Whether `value` read from JSON can be a field typed `hint` (int, float, str, bool, dict or
+    Optional[...] of one): numbers are numbers (an int is not a bool), text is text."""
+    optional = typing.get_origin(hint) is typing.Union
     if value is None:
-        return "Optional" in str(f.type)
-    if want is None:
-        return True
-    return isinstance(value, want) and (name == "bool" or not isinstance(value, bool))
+        return optional
+    want = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+    return isinstance(value, _JSON_KINDS[want]) and (want is bool or not isinstance(value, bool))
 
 
 def read_versioned(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:

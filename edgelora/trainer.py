@@ -472,8 +472,6 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
     """Check the request, read and tokenise the data (bad input fails before a model is loaded),
     prepare the run directory, load the model with its adapter, the optimizer and schedule, and
     on --resume restore the last checkpoint."""
-    from transformers import get_cosine_schedule_with_warmup
-
     run_dir = _check_request(cfg, resume)
     train_ex, eval_ex, shape = _read_data(cfg)
     accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
@@ -520,16 +518,7 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
         loss_of = TargetLoss(model) if accelerator is None else accelerator.prepare(TargetLoss(model))
     scorer = loss_of if sharded else TargetLoss(model)  # eval: sharded, every process runs it; else the main one
     params = [p for p in model.parameters() if p.requires_grad]
-    if device == "cuda" and method == "qlora":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum * world))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    optimizer, scheduler, total_steps = _schedule(cfg, params, device, method, len(train_set), world)
 
     step = 0
     if resume:
@@ -547,6 +536,23 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
                  accelerator=accelerator, device=device, method=method, dtype=dtype, sharded=sharded,
                  checkpointing=checkpointing, model=model, n_params=n_params, loss_of=loss_of, scorer=scorer,
                  params=params, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, start_step=step)
+
+
+def _schedule(cfg: TrainConfig, params: list, device: str, method: str, n_examples: int, world: int):
+    """(optimizer, learning-rate schedule, total steps): AdamW (bitsandbytes' paged 8-bit one for
+    QLoRA on CUDA), linear warm-up then cosine decay over --max-steps or --epochs."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    if device == "cuda" and method == "qlora":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total_steps // 20)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps), total_steps
 
 
 def _check_request(cfg: TrainConfig, resume: bool) -> Path:

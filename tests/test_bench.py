@@ -14,7 +14,7 @@ from edgelora.bench import bench, final_answer, json_fields, make_scorer, pick_s
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
-from edgelora.report import recommend
+from edgelora.bench.report import recommend
 from edgelora.trainer import train
 from tiny import assert_one_line_error, cfg, chat_rows, write_jsonl
 

@@ -34,6 +34,7 @@ def wheel(tmp_path_factory):
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "edgelora/converters/__init__.py" in names
+    assert {"edgelora/bench/__init__.py", "edgelora/bench/torch_row.py", "edgelora/bench/report.py"} <= set(names)
     assert "edgelora/quant_presets/q4_k_m.yaml" in names
     assert {"edgelora/demo_data/extract_train.jsonl", "edgelora/demo_data/extract_eval.jsonl",
             "edgelora/demo_data/LICENSE"} <= set(names)  # `edgelora demo` works from a plain install

@@ -26,3 +26,11 @@ def test_exactly_two_setup_commands_and_ci_runs_the_second():
     assert setup == ["bash .ci/setup && .venv/bin/edgelora demo",
                      "bash .ci/setup && .venv/bin/python -m pytest -q -rs"]
     assert setup[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_module_is_in_the_layout():
+    """The README's module map names every module, so a newcomer finds each one there."""
+    package = ROOT / "edgelora"
+    modules = [p.name for p in [*package.glob("*.py"), *package.glob("bench/*.py")] if p.name != "__init__.py"]
+    layout = README[README.index("## Layout"):README.index("## CLI reference")]
+    assert [m for m in modules if f"`{m}`" not in layout] == []

@@ -1,7 +1,7 @@
 """The bench's torch row: the HF base + PEFT adapter, the unquantised model the GGUFs come from.
 
-Kept apart from edgelora.bench so that benching GGUF files needs no torch (the `train` extra);
-it runs in its own process like every other row.
+Kept apart from the rest of edgelora.bench so that benching GGUF files needs no torch (the
+`train` extra); it runs in its own process like every other row.
 """
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import json
 import time
 from pathlib import Path
 
-from .bench import Candidate, Compare, Settings, rate, task_result
-from .machine import peak_rss_mb
+from ..machine import peak_rss_mb
+from .candidates import Candidate, Settings
+from .scoring import Compare, rate, task_result
 
 
 def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
@@ -19,8 +20,8 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     import torch
     from peft import PeftModel
 
-    from .hf_model import compute_dtype, load_model, load_tokenizer, pick_device
-    from .bases import base_hash, materialise, resolve_base
+    from ..hf_model import compute_dtype, load_model, load_tokenizer, pick_device
+    from ..bases import base_hash, materialise, resolve_base
 
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -9,9 +9,9 @@ import logging
 import platform
 from pathlib import Path
 
-from .files import atomic_path, atomic_write_json, atomic_write_text
-from .handoff import stamped
-from .machine import package_versions
+from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..handoff import stamped
+from ..machine import package_versions
 
 log = logging.getLogger("edgelora")
 
