@@ -22,7 +22,7 @@ a = p.parse_args()
 
 run = edgelora.train(data=str(DATA / "extract_train.jsonl"), out=a.out, base="smollm2-135m", method="qlora",
                      max_steps=a.steps, batch_size=8, lr=1e-3, seq_len=256, force=True)
-print(f"trained {run.summary['steps']} steps, final loss {run.summary['final_loss']:.4f}")
+print(f"trained {run.summary.steps} steps, final loss {run.summary.final_loss:.4f}")
 
 # The importance matrix is measured on the run's training data; 8192 tokens keep this example quick.
 exported = edgelora.export(a.out, quants=["q4_k_m"], lora_gguf=True, force=True, imatrix_tokens=8192)
