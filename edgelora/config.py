@@ -10,11 +10,12 @@ from typing import Any, Optional
 
 import yaml
 
+from .data import SHAPES
 from .errors import EdgeloraError
 from .machine import DEVICES, device_name
 
 
-FORMATS = ("auto", "chat", "instruction", "text")
+FORMATS = ("auto", *SHAPES)  # auto: the shape the data itself shows
 METHODS = ("auto", "qlora", "lora")
 
 

@@ -5,7 +5,6 @@ One device vocabulary for every command: auto, cpu, cuda, metal (Apple's GPU, wh
 """
 from __future__ import annotations
 
-import importlib.metadata as md
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ def device_name(torch_name: str) -> str:
 
 def package_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
     """{package: installed version} for those of `names` that are installed."""
+    import importlib.metadata as md  # not at import: the run side's start needs none of it
+
     out = {}
     for name in names:
         try:
