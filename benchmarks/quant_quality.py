@@ -5,10 +5,11 @@ For each bundled task -- extract (the demo task: a person, a city and a year as 
 and records (contact cards: 8 fields of mixed types, answers ~4x longer) -- on SmolLM2-135M:
 
   1. a QLoRA run with the demo's settings (60 steps of 8 examples, lr 1e-3), reused from --work;
-  2. two exports of that run: --imatrix auto (measured on the run's own training examples; of the
-     files the export tries with it -- every weight, or only the groups of weights (a kind of
-     weight in a third of the layers) where it lowered KL on their own -- the better) and --imatrix none, each at q8_0, q4_k_m, q2_k and auto
-     (--target-size), the f16 once;
+  2. two exports of that run: --imatrix auto (measured on the run's own training examples, a token
+     before an answer token weighted 1 + A x the model's entropy there, A = --decision-weight; of
+     the files the export tries with it -- every weight, or only the groups of weights (a kind of
+     weight in a third of the layers) where it lowered KL on their own -- the better) and
+     --imatrix none, each at q8_0, q4_k_m, q2_k and auto (--target-size), the f16 once;
   3. one bench over all those files on the task's held-out eval set: the f16 GGUF is the
      reference every other file's KL divergence and top-1 agreement are measured against.
 
@@ -19,11 +20,15 @@ accuracy: both tasks answer in JSON) without and with the imatrix, the KL ratio,
   - every exported quant keeps at least 90% of f16's task score;
   - on the demo task, the smallest file keeping at least 97% of f16's task score is at most 75 MiB.
 The exit status is 1 if a target is missed. Everything is written under --work (bench reports per
-task, quant_quality.json with every number) and reused by the next run: delete a task's folder, or
+task, quant_quality-aA.json with every number) and reused by the next run: delete a task's folder, or
 pass --rebench, to measure again.
 
     python benchmarks/quant_quality.py                       # both tasks (about an hour on 2 cores)
     python benchmarks/quant_quality.py --tasks extract --limit 30 --target-size 72MiB
+    python benchmarks/quant_quality.py --tasks records --decision-weight 0   # every token alike, as llama.cpp
+
+Each --decision-weight has its own imatrix exports and bench under --work; the run and the
+exports without the imatrix are shared.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgelora.imatrix import DECISION_WEIGHT
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data"
 QUANTS = ["q8_0", "q4_k_m", "q2_k"]
@@ -40,7 +47,7 @@ TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", b
              max_steps=60, lr=1e-3, save_every=20, eval_every=1000)
 
 
-def ladder(task: str, work: Path, target_size: str) -> tuple[Path, dict, dict]:
+def ladder(task: str, work: Path, target_size: str, decision_weight: float) -> tuple[Path, dict, dict]:
     """Train and export one task (each step reused from `work` unless removed): the folder of
     every file under its row label (f16, q8_0, q8_0+imatrix, ...), the budgeted file's manifest
     entry, and the seconds each step took."""
@@ -55,11 +62,12 @@ def ladder(task: str, work: Path, target_size: str) -> tuple[Path, dict, dict]:
     timings = {"train_s": round(time.time() - t0, 1)}
     files = {}
     for variant, imatrix in (("imatrix", "auto"), ("plain", "none")):
-        out = work / task / variant
+        out = work / task / (f"imatrix-a{decision_weight:g}" if variant == "imatrix" else variant)
         t0 = time.time()
         if not (out / "manifest.json").is_file():
             export(str(run), quants=(["f16"] if variant == "imatrix" else []) + QUANTS, imatrix=imatrix,
-                   target_size=target_size, out=str(out), force=True, keep_better=False)  # both kept as made
+                   imatrix_decision_weight=decision_weight, target_size=target_size, out=str(out), force=True,
+                   keep_better=False)  # both kept as made
         timings[f"export_{variant}_s"] = round(time.time() - t0, 1)
         manifest = json.loads((out / "manifest.json").read_text())
         for o in manifest["outputs"]:
@@ -68,7 +76,7 @@ def ladder(task: str, work: Path, target_size: str) -> tuple[Path, dict, dict]:
             files[label] = out / o["file"]
         if variant == "imatrix":
             budget = manifest["budget"]
-    folder = work / task / "ladder"  # the files under distinct names: the bench labels rows by file name
+    folder = work / task / f"ladder-a{decision_weight:g}"  # the files under distinct names: the bench labels rows by them
     folder.mkdir(parents=True, exist_ok=True)
     for label, path in files.items():
         link = folder / f"{label}.gguf"
@@ -78,14 +86,14 @@ def ladder(task: str, work: Path, target_size: str) -> tuple[Path, dict, dict]:
 
 
 def run_task(task: str, work: Path, limit: int | None, target_size: str, threads: int | None,
-             rebench: bool = False) -> dict:
+             decision_weight: float, rebench: bool = False) -> dict:
     """Train, export and bench one task; each step's results under `work` are reused unless removed
     (or, for the bench, --rebench)."""
     from edgelora.bench import bench
 
-    folder, budget, timings = ladder(task, work, target_size)
+    folder, budget, timings = ladder(task, work, target_size, decision_weight)
     order = ["f16"] + [q + s for q in QUANTS + ["auto"] for s in ("", "+imatrix")]
-    report_path = work / task / "bench" / "report.json"
+    report_path = work / task / f"bench-a{decision_weight:g}" / "report.json"
     t0 = time.time()
     if rebench or not report_path.is_file():
         bench([str(folder / f"{label}.gguf") for label in order], str(DATA / f"{task}_eval.jsonl"),
@@ -94,13 +102,14 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
     timings["bench_s"] = round(time.time() - t0, 1)
     report = json.loads(report_path.read_text())
     return {"rows": {r["label"]: r for r in report["rows"]}, "budget": budget, "timings": timings,
-            "examples": report["examples"]}
+            "examples": report["examples"], "decision_weight": decision_weight}
 
 
 def table(task: str, res: dict) -> list[str]:
     rows, f16 = res["rows"], res["rows"]["f16"]
     lines = [f"## {task} ({res['examples']} held-out examples; f16 {f16['size_bytes'] / 2**20:.1f} MiB, "
-             f"task score {f16['task_score']:.3f}, perplexity {f16['perplexity']:.4f})", "",
+             f"task score {f16['task_score']:.3f}, perplexity {f16['perplexity']:.4f}; imatrix decision weight "
+             f"{res['decision_weight']:g})", "",
              "| quant | imatrix | size MiB | bits/weight | KL vs f16 | top-1 | perplexity | task score |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for quant in QUANTS + ["auto"]:
@@ -151,11 +160,13 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="only the first N eval examples of each task")
     p.add_argument("--target-size", default="74MiB", help="the budget of the auto file")
     p.add_argument("--threads", type=int, help="llama.cpp threads")
+    p.add_argument("--decision-weight", type=float, default=DECISION_WEIGHT,
+                   help="the imatrix's weight on tokens before uncertain answer tokens (0: every token alike)")
     p.add_argument("--rebench", action="store_true", help="bench again even where a report exists")
     a = p.parse_args()
-    results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads, a.rebench)
+    results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads, a.decision_weight, a.rebench)
                for task in a.tasks.split(",")}
-    (a.work / "quant_quality.json").write_text(json.dumps(results, indent=1, default=str))
+    (a.work / f"quant_quality-a{a.decision_weight:g}.json").write_text(json.dumps(results, indent=1, default=str))
     for task, res in results.items():
         print("\n".join(table(task, res)))
     checks = targets(results)

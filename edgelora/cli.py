@@ -159,6 +159,9 @@ def schema(data, data_format, no_enums):
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Most calibration tokens for --imatrix auto.")
+@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              metavar="A", help="For --imatrix auto: a token before an answer token counts 1 + A x the model's "
+                                "entropy over that answer token (0: every token alike, as llama.cpp's imatrix tool).")
 @click.option("--target-size", metavar="SIZE",
               help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")
@@ -170,14 +173,15 @@ def schema(data, data_format, no_enums):
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, target_size, target_bpw, name,
-           verify, out, force):
+def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, imatrix_decision_weight,
+           target_size, target_bpw, name, verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
-                        target_size=target_size, target_bpw=target_bpw, name=name, verify=verify)
+                        imatrix_decision_weight=imatrix_decision_weight, target_size=target_size,
+                        target_bpw=target_bpw, name=name, verify=verify)
     for f in result.files:
         click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
         fell = f.get("fallbacks") or {}

@@ -123,13 +123,16 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
            imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
-           target_size: Optional[str | int] = None, target_bpw: Optional[float] = None,
+           imatrix_decision_weight: float = IM.DECISION_WEIGHT, target_size: Optional[str | int] = None,
+           target_bpw: Optional[float] = None,
            keep_better: bool = True, name: Optional[str] = None, verify: bool = True,
            verify_examples: int = V.EXAMPLES) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
     conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat).
+    imatrix_decision_weight: for a computed imatrix, how much more the tokens before an uncertain
+    answer token count (edgelora.imatrix.compute); 0 weighs every token alike.
     target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
     chosen to that budget by measured loss (edgelora.budget).
     keep_better: where an imatrix was used, also quantise without it and keep the file with the
@@ -151,6 +154,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
     if imatrix_tokens < 1:
         raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
+    if not imatrix_decision_weight >= 0:
+        raise EdgeloraError(f"--imatrix-decision-weight must be at least 0, not {imatrix_decision_weight}")
     refuse_overwrite(plan.outputs.values(), force)
     output_folder(plan.out_dir)
     wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
@@ -158,7 +163,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         wants_imatrix or budgeted or verify) else None
     if budgeted and calibration is None:
         raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
-    importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens)
+    importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens, imatrix_decision_weight)
     base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
     cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
              MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
@@ -272,7 +277,8 @@ class Calibration:
     first: list[tuple[D.Example, D.Tokenized]] = field(default_factory=list)  # the first examples, as trained
 
 
-def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration], budget: int):
+def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration], budget: int,
+                decision_weight: float):
     """(IMatrix or None, its manifest entry): read from a file, or computed on the calibration
     examples and written beside the GGUFs."""
     if choice == "none" or plan.quants == ["f16"]:
@@ -284,14 +290,17 @@ def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration
     if calibration is None:
         log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): quantising without one")
         return None, None
-    chosen = IM.calibration_tokens([ids for ids, _ in calibration.sequences], budget)
-    n_tokens = sum(map(len, chosen))
-    log.info("importance matrix: %d tokens of %s (%d sequences)", n_tokens, calibration.source, len(chosen))
+    chosen = IM.calibration_sample(calibration.sequences, budget)
+    n_tokens = sum(len(ids) for ids, _ in chosen)
+    log.info("importance matrix: %d tokens of %s (%d sequences); a token before an answer token weighs "
+             "1 + %g x the model's entropy there", n_tokens, calibration.source, len(chosen), decision_weight)
     with _progress("imatrix", unit="tok") as progress:
-        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, chosen, datasets=[calibration.source],
-                             chunk_size=max(map(len, chosen)), progress=progress)
+        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, [ids for ids, _ in chosen], datasets=[calibration.source],
+                             chunk_size=max(len(ids) for ids, _ in chosen), labels=[lab for _, lab in chosen],
+                             decision_weight=decision_weight, progress=progress)
     return imatrix, {"file": f"{plan.name}-imatrix.gguf", "computed": True,  # written with the manifest
                      "datasets": [calibration.source], "tokens": n_tokens, "sequences": len(chosen),
+                     "decision_weight": imatrix.decision_weight,
                      "entries": len(imatrix.sums)}
 
 

@@ -27,7 +27,9 @@ from .files import atomic_path
 
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
 SUMS, COUNTS = ".in_sum2", ".counts"
+KEY_DECISION_WEIGHT = "edgelora.imatrix.decision_weight"  # ours: llama.cpp's reader ignores it
 DEFAULT_TOKENS = 32768
+DECISION_WEIGHT = 100.0  # export's default: see compute, and benchmarks/quant_quality.py
 
 
 @dataclass
@@ -39,6 +41,7 @@ class IMatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    decision_weight: float = 0.0  # how much more the tokens before an uncertain answer token counted (compute)
     origin: str = "computed"  # the file it was read from, for messages
 
     def importance(self, name: str) -> np.ndarray:
@@ -53,7 +56,7 @@ class IMatrix:
         wanted = set(names)
         keep = [n for n in self.sums if n in wanted]
         return IMatrix({n: self.sums[n] for n in keep}, {n: self.counts[n] for n in keep}, self.datasets,
-                       self.chunk_count, self.chunk_size, self.origin)
+                       self.chunk_count, self.chunk_size, self.decision_weight, self.origin)
 
 
 # ---------------------------------------------------------------- files
@@ -69,6 +72,8 @@ def write(imatrix: IMatrix, path: Path | str, arch: str) -> Path:
         writer.add_array(KEY_DATASETS, imatrix.datasets)
         writer.add_uint32(KEY_CHUNK_COUNT, imatrix.chunk_count)
         writer.add_uint32(KEY_CHUNK_SIZE, imatrix.chunk_size)
+        if imatrix.decision_weight:
+            writer.add_float32(KEY_DECISION_WEIGHT, imatrix.decision_weight)
         for name in sorted(imatrix.sums):
             writer.add_tensor(name + SUMS, imatrix.sums[name].astype(np.float32))
             writer.add_tensor(name + COUNTS, imatrix.counts[name].astype(np.float32).reshape(-1, 1))
@@ -120,7 +125,7 @@ def _read_gguf(path: Path) -> IMatrix:
     if not sums:
         raise EdgeloraError(f"imatrix {path}: no entries")
     return IMatrix(sums, counts, list(value(KEY_DATASETS, [])), int(value(KEY_CHUNK_COUNT, 0)),
-                   int(value(KEY_CHUNK_SIZE, 0)))
+                   int(value(KEY_CHUNK_SIZE, 0)), float(value(KEY_DECISION_WEIGHT, 0.0)))
 
 
 def _read_dat(path: Path) -> IMatrix:
@@ -212,15 +217,24 @@ def _check_struct_layout() -> None:
 # ---------------------------------------------------------------- computing one (torch)
 
 def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[int]], *, datasets: list[str],
-            chunk_size: int, batch_size: int = 8,
-            progress: Optional[Callable[[int, int], None]] = None) -> IMatrix:
+            chunk_size: int, labels: Optional[list[list[int]]] = None, decision_weight: float = 0.0,
+            batch_size: int = 8, progress: Optional[Callable[[int, int], None]] = None) -> IMatrix:
     """Run `token_ids` (the calibration sequences, as training saw them) through the model with the
-    adapter merged, collecting every blk.* weight's input sums of squares at every real token."""
+    adapter merged, collecting every blk.* weight's input sums of squares at every real token.
+
+    With `labels` (per sequence, -100 where a token is not part of an answer) and `decision_weight`
+    a > 0, a token's squares count 1 + a*H times, H being the model's entropy (nats) over the next
+    token where that next token is an answer, 0 elsewhere: the positions where the fine-tuned model
+    decides something (true or false, which field comes next) weigh most, the prompt and the
+    answer's predictable tokens least. Counts stay token counts, as llama.cpp's reader expects; the
+    weighting scales every weight's sums alike, so only the columns' relative importance changes.
+    Each batch runs twice then: once for the entropies, once measured."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from .converters.hf_to_gguf import HFModel
 
+    weighted = labels is not None and decision_weight > 0
     gguf_names = HFModel(model_dir).gguf_names  # HF tensor name -> GGUF tensor name
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter_dir is not None:  # merged: the weights the merged GGUF holds
@@ -230,12 +244,15 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    mask: list[torch.Tensor] = []  # the current batch's real-token mask, read by the hooks
+    measuring: list[tuple[torch.Tensor, torch.Tensor]] = []  # the batch's (real-token mask, token weights)
 
     def hook_for(name: str):
         def hook(_module, inputs, _output):
-            x = inputs[0][mask[0]].double()  # (real tokens, n_cols)
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            if not measuring:  # the entropy pass
+                return
+            mask, weight = measuring[0]
+            x = inputs[0][mask].double()  # (real tokens, n_cols)
+            sums[name] = sums.get(name, 0) + (x * x * weight[mask][:, None]).sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
@@ -244,22 +261,33 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
     if not hooks:
         raise EdgeloraError(f"{model_dir}: no blk.* weights found to measure")
     body = model.get_decoder()  # no LM head: its output is not needed, and llama.cpp's imatrix skips it too
-    token_ids = sorted(token_ids, key=len)  # batches of similar lengths: little padding (sums do not care)
+    head = model.get_output_embeddings()
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))  # batches of similar lengths
     total = sum(map(len, token_ids))
     done = 0
     try:
         with torch.no_grad():
-            for start in range(0, len(token_ids), batch_size):
-                batch = token_ids[start:start + batch_size]
-                width = max(map(len, batch))
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                width = max(len(token_ids[i]) for i in batch)
                 ids = torch.zeros((len(batch), width), dtype=torch.long)
                 attention = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, seq in enumerate(batch):
-                    ids[i, :len(seq)] = torch.tensor(seq)
-                    attention[i, :len(seq)] = 1
-                mask[:] = [attention.bool()]
+                deciding = torch.zeros((len(batch), width), dtype=torch.bool)  # the next token is an answer's
+                for row, i in enumerate(batch):
+                    n = len(token_ids[i])
+                    ids[row, :n] = torch.tensor(token_ids[i])
+                    attention[row, :n] = 1
+                    if weighted:
+                        deciding[row, :n - 1] = torch.tensor(labels[i][1:n]) != -100
+                weight = torch.ones((len(batch), width), dtype=torch.float64)
+                if deciding.any():
+                    hidden = body(input_ids=ids, attention_mask=attention).last_hidden_state[deciding]
+                    logp = torch.log_softmax(head(hidden).double(), dim=-1)
+                    weight[deciding] += decision_weight * -(logp.exp() * logp).sum(-1)
+                measuring[:] = [(attention.bool(), weight)]
                 body(input_ids=ids, attention_mask=attention)
-                done += sum(map(len, batch))
+                measuring.clear()
+                done += int(attention.sum())
                 if progress:
                     progress(done, total)
     finally:
@@ -267,7 +295,8 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
             h.remove()
     return IMatrix({n: s.numpy().astype(np.float32)[None, :] for n, s in sums.items()},
                    {n: np.array([c], dtype=np.float32) for n, c in counts.items()},
-                   datasets, chunk_count=len(token_ids), chunk_size=chunk_size)
+                   datasets, chunk_count=len(token_ids), chunk_size=chunk_size,
+                   decision_weight=decision_weight if weighted else 0.0)
 
 
 def calibration_order(n: int, seed: int = 0) -> list[int]:
@@ -280,14 +309,15 @@ def calibration_order(n: int, seed: int = 0) -> list[int]:
     return order
 
 
-def calibration_tokens(token_ids: list[list[int]], budget: int, seed: int = 0) -> list[list[int]]:
-    """Whole sequences, in calibration_order, until `budget` tokens are reached."""
+def calibration_sample(sequences: list[tuple[list[int], list[int]]], budget: int,
+                       seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Whole (token ids, labels) sequences, in calibration_order, until `budget` tokens are reached."""
     chosen, n = [], 0
-    for i in calibration_order(len(token_ids), seed):
+    for i in calibration_order(len(sequences), seed):
         if n >= budget:
             break
-        chosen.append(token_ids[i])
-        n += len(token_ids[i])
+        chosen.append(sequences[i])
+        n += len(sequences[i][0])
     return chosen
 
 

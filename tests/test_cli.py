@@ -126,3 +126,17 @@ def test_train_options_are_the_config_fields():
     assert default_text(lr) == "2e-4" and TrainConfig().lr == 2e-4
     r = run_cli("train", "--format", "shapeless", "--data", "x.jsonl", "--out", "o")
     assert r.exit_code == 2 and "'shapeless' is not one of 'auto', 'chat', 'instruction', 'text'" in r.output
+
+
+def test_export_options_default_as_the_python_api():
+    """Each export option that is also a keyword of edgelora.exporter.export has the same default there."""
+    import inspect
+
+    from edgelora.cli import main
+    from edgelora.exporter import export
+
+    api = inspect.signature(export).parameters
+    shared = {p.name: p.default for p in main.commands["export"].params
+              if p.name in api and isinstance(p.default, (bool, int, float, str))}  # those with a default
+    assert {"imatrix", "imatrix_tokens", "imatrix_decision_weight", "verify"} <= set(shared)
+    assert {name: api[name].default for name in shared} == shared

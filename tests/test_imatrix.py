@@ -32,28 +32,63 @@ def f16(tiny_llama, tmp_path_factory) -> Path:
     return out
 
 
-def test_values_equal_a_direct_computation(tiny_llama, computed):
-    """Layer 0's q/k/v see the input norm of the embeddings, layer 1's the input norm of layer 0's
-    output: sums of squares over every real token (padding excluded), counts = the tokens."""
+def direct_sums(model_dir, weight_of=lambda seq, logits: torch.ones(len(seq), dtype=torch.float64)):
+    """Layer 0's q/k/v input (the input norm of the embeddings) and layer 1's (the input norm of
+    layer 0's output): each real token's squares times its weight, summed over SEQUENCES."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     expect0, expect1 = 0, 0
     with torch.no_grad():
         for seq in SEQUENCES:
             out = model(torch.tensor([seq]), output_hidden_states=True)
+            w = weight_of(seq, out.logits[0])[:, None]
             x0 = model.model.layers[0].input_layernorm(out.hidden_states[0])[0].double()
             x1 = model.model.layers[1].input_layernorm(out.hidden_states[1])[0].double()
-            expect0, expect1 = expect0 + (x0 * x0).sum(0), expect1 + (x1 * x1).sum(0)
+            expect0, expect1 = expect0 + (w * x0 * x0).sum(0), expect1 + (w * x1 * x1).sum(0)
+    return expect0.numpy(), expect1.numpy()
+
+
+def test_values_equal_a_direct_computation(tiny_llama, computed):
+    """Sums of squares over every real token (padding excluded), counts = the tokens."""
+    expect0, expect1 = direct_sums(tiny_llama)
     tokens = sum(map(len, SEQUENCES))
     for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight"):
-        np.testing.assert_allclose(computed.sums[name][0], expect0.numpy(), rtol=1e-4)
-    np.testing.assert_allclose(computed.sums["blk.1.attn_q.weight"][0], expect1.numpy(), rtol=1e-4)
+        np.testing.assert_allclose(computed.sums[name][0], expect0, rtol=1e-4)
+    np.testing.assert_allclose(computed.sums["blk.1.attn_q.weight"][0], expect1, rtol=1e-4)
     assert all(c.tolist() == [tokens] for c in computed.counts.values())
+    assert computed.decision_weight == 0
     names = set(computed.sums)
     assert names == {f"blk.{i}.{w}.weight" for i in range(2) for w in
                      ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
     assert computed.sums["blk.0.ffn_down.weight"].shape == (1, 512)  # the intermediate size: ffn_down's rows
+
+
+def test_decision_weighting_equals_a_direct_computation(tiny_llama, computed, tmp_path):
+    """With labels, a token whose next token is an answer's counts 1 + a * the model's entropy over
+    that next token; every other token once. Counts stay token counts; the weight is in the file."""
+    labels = [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]  # the second: no answer at all
+    a = 10.0
+
+    def weight_of(seq, logits):
+        i = SEQUENCES.index(seq)
+        logp = torch.log_softmax(logits.double(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        deciding = torch.tensor([labels[i][t + 1] != -100 for t in range(len(seq) - 1)] + [False])
+        return 1 + a * entropy * deciding
+
+    weighted = IM.compute(tiny_llama, None, SEQUENCES, datasets=["unit"], chunk_size=10, batch_size=2,
+                          labels=labels, decision_weight=a)
+    expect0, expect1 = direct_sums(tiny_llama, weight_of)
+    np.testing.assert_allclose(weighted.sums["blk.0.attn_v.weight"][0], expect0, rtol=1e-4)
+    np.testing.assert_allclose(weighted.sums["blk.1.attn_q.weight"][0], expect1, rtol=1e-4)
+    assert not np.allclose(weighted.sums["blk.1.attn_q.weight"], computed.sums["blk.1.attn_q.weight"], rtol=1e-2)
+    assert all(weighted.counts[n].tolist() == computed.counts[n].tolist() for n in computed.counts)
+    again = IM.read(IM.write(weighted, tmp_path / "w.imatrix.gguf", "llama"))
+    assert again.decision_weight == a and IM.read(IM.write(computed, tmp_path / "p.gguf", "llama")).decision_weight == 0
+    unweighted = IM.compute(tiny_llama, None, SEQUENCES, datasets=["unit"], chunk_size=10, batch_size=2,
+                            labels=labels, decision_weight=0)
+    np.testing.assert_allclose(unweighted.sums["blk.1.attn_q.weight"], computed.sums["blk.1.attn_q.weight"], rtol=1e-6)
 
 
 def test_gguf_file_round_trips_in_llama_cpps_format(computed, tmp_path):
@@ -197,7 +232,9 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     info = manifest["imatrix"]
     assert info["computed"] and info["file"] == "tiny-run-imatrix.gguf" and info["datasets"] == ["chat.jsonl"]
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
-    assert IM.read(out / info["file"]).counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
+    written = IM.read(out / info["file"])
+    assert written.counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
+    assert info["decision_weight"] == written.decision_weight == IM.DECISION_WEIGHT
     (q4,) = manifest["outputs"]
     check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
