@@ -13,7 +13,6 @@ The run is trained with the full demo's settings into --work unless it is there 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ def main() -> int:
     from edgelora import demo as D
     from edgelora.config import load_config
     from edgelora.exporter import export
+    from edgelora.handoff import ExportManifest
     from edgelora.trainer import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,8 +40,8 @@ def main() -> int:
                                  "eval_every": full["eval_every"]}), force=True)
     result = export(str(run), quants=D.QUANTS, lora_gguf=True, force=True, imatrix=full["imatrix"],
                     target_size=full["target_size"], out=str(args.work / "export"))
-    manifest = json.loads(result.manifest.read_text())
-    seconds, checks = manifest["seconds"], manifest["checks"]
+    manifest = ExportManifest.read(result.out_dir)
+    seconds, checks = manifest.seconds, manifest.checks
     share = seconds["verify"] / seconds["total"]
     print(f"export {seconds['total']:.0f} s, of which verification {seconds['verify']:.0f} s ({share:.1%}); "
           f"{sum(c['passed'] for c in checks)} of {len(checks)} checks passed")

@@ -33,6 +33,7 @@ exports without the imatrix are shared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,7 @@ def ladder(task: str, work: Path, target_size: str, decision_weight: float) -> t
     entry, and the seconds each step took."""
     from edgelora.config import load_config
     from edgelora.exporter import export
+    from edgelora.handoff import ExportManifest
     from edgelora.trainer import train
 
     run = work / task / "run"
@@ -69,13 +71,12 @@ def ladder(task: str, work: Path, target_size: str, decision_weight: float) -> t
                    imatrix_decision_weight=decision_weight, target_size=target_size, out=str(out), force=True,
                    keep_better=False)  # both kept as made
         timings[f"export_{variant}_s"] = round(time.time() - t0, 1)
-        manifest = json.loads((out / "manifest.json").read_text())
-        for o in manifest["outputs"]:
-            quant = o["role"].split(":")[1]
-            label = "f16" if quant == "f16" else quant + ("+imatrix" if variant == "imatrix" else "")
-            files[label] = out / o["file"]
+        manifest = ExportManifest.read(out)
+        for o in manifest.outputs:
+            label = "f16" if o.quant == "f16" else o.quant + ("+imatrix" if variant == "imatrix" else "")
+            files[label] = out / o.file
         if variant == "imatrix":
-            budget = manifest["budget"]
+            budget = manifest.budget
     folder = work / task / f"ladder-a{decision_weight:g}"  # the files under distinct names: the bench labels rows by them
     folder.mkdir(parents=True, exist_ok=True)
     for label, path in files.items():
@@ -90,6 +91,7 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
     """Train, export and bench one task; each step's results under `work` are reused unless removed
     (or, for the bench, --rebench)."""
     from edgelora.bench import bench
+    from edgelora.handoff import BenchReport
 
     folder, budget, timings = ladder(task, work, target_size, decision_weight)
     order = ["f16"] + [q + s for q in QUANTS + ["auto"] for s in ("", "+imatrix")]
@@ -100,9 +102,9 @@ def run_task(task: str, work: Path, limit: int | None, target_size: str, threads
               out=str(report_path.parent), limit=limit, hf=False, threads=threads, force=True,
               progress=sys.stderr.isatty())
     timings["bench_s"] = round(time.time() - t0, 1)
-    report = json.loads(report_path.read_text())
-    return {"rows": {r["label"]: r for r in report["rows"]}, "budget": budget, "timings": timings,
-            "examples": report["examples"], "decision_weight": decision_weight}
+    report = BenchReport.read(report_path.parent)
+    return {"rows": {r.label: dataclasses.asdict(r) for r in report.rows}, "budget": budget, "timings": timings,
+            "examples": report.examples, "decision_weight": decision_weight}
 
 
 def table(task: str, res: dict) -> list[str]:

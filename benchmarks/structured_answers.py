@@ -49,26 +49,26 @@ def main() -> int:
     result = bench([str(folder / f"{label}.gguf") for label in FILES], str(DATA / "extract_eval.jsonl"),
                    out=str(schema_path.parent / "bench"), limit=a.limit, hf=False, threads=a.threads, force=True,
                    progress=sys.stderr.isatty(), json_schema=str(schema_path))
-    rows = {r["label"]: r for r in result.report["rows"]}
-    print(f"## extract: {result.report['examples']} held-out examples, answers free / held to the schema\n")
+    rows = {r.label: r for r in result.report.rows}
+    print(f"## extract: {result.report.examples} held-out examples, answers free / held to the schema\n")
     print("| file | size MiB | valid JSON | exact | field accuracy | gen tok/s | valid JSON | exact | field accuracy "
           "| gen tok/s | speed ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     ratios = []
     for label in FILES:
         free, held = rows[label], rows[f"{label}+grammar"]
-        ratios.append(held["gen_tok_s"] / free["gen_tok_s"])
-        print(f"| {label} | {free['size_bytes'] / 2**20:.1f} | "
-              + " | ".join(f"{r['json_valid']:.3f} | {r['json_exact']:.3f} | {r['task_score']:.3f} | {r['gen_tok_s']:.1f}"
+        ratios.append(held.gen_tok_s / free.gen_tok_s)
+        print(f"| {label} | {free.size_bytes / 2**20:.1f} | "
+              + " | ".join(f"{r.json_valid:.3f} | {r.json_exact:.3f} | {r.task_score:.3f} | {r.gen_tok_s:.1f}"
                            for r in (free, held)) + f" | {ratios[-1]:.3f} |")
     print()
     checks = [
         ("every file's answers under the grammar are 100% valid JSON",
-         all(rows[f"{f}+grammar"]["json_valid"] == 1.0 for f in FILES),
-         ", ".join(f"{f} {rows[f + '+grammar']['json_valid']:.3f}" for f in FILES)),
-        ("q2_k (no imatrix) keeps field accuracy >= 0.9 under the grammar", rows["q2_k+grammar"]["task_score"] >= 0.9,
-         f"{rows['q2_k+grammar']['task_score']:.3f} (free: {rows['q2_k']['task_score']:.3f}, "
-         f"valid JSON {rows['q2_k']['json_valid']:.3f})"),
+         all(rows[f"{f}+grammar"].json_valid == 1.0 for f in FILES),
+         ", ".join(f"{f} {rows[f + '+grammar'].json_valid:.3f}" for f in FILES)),
+        ("q2_k (no imatrix) keeps field accuracy >= 0.9 under the grammar", rows["q2_k+grammar"].task_score >= 0.9,
+         f"{rows['q2_k+grammar'].task_score:.3f} (free: {rows['q2_k'].task_score:.3f}, "
+         f"valid JSON {rows['q2_k'].json_valid:.3f})"),
         ("generation under the grammar >= 90% of free tokens/s (mean over files)", sum(ratios) / len(ratios) >= 0.9,
          f"mean ratio {sum(ratios) / len(ratios):.3f} (lowest {min(ratios):.3f})"),
     ]

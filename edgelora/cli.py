@@ -183,11 +183,11 @@ def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_toke
                         imatrix_decision_weight=imatrix_decision_weight, target_size=target_size,
                         target_bpw=target_bpw, name=name, verify=verify)
     for f in result.files:
-        click.echo(f"{result.out_dir / f['file']}  {f['size_bytes'] / 2**20:8.1f} MiB  {f['bpw']:6.2f} bpw  {f['role']}")
-        fell = f.get("fallbacks") or {}
+        click.echo(f"{result.out_dir / f.file}  {f.size_bytes / 2**20:8.1f} MiB  {f.bpw:6.2f} bpw  {f.role}")
+        fell = f.fallbacks or {}
         if fell.get("count"):  # a K-quant name the model's row widths could not honour
             kinds = ", ".join(f"{t} x{n}" for t, n in fell["by_type"].items())
-            click.echo(f"    nominal: {fell['count']} weights fell back ({kinds}); real {f['bpw']:.2f} bits/weight")
+            click.echo(f"    nominal: {fell['count']} weights fell back ({kinds}); real {f.bpw:.2f} bits/weight")
     if result.checks:  # all passed: a failure is an error
         click.echo(f"verified on the run's training examples: {', '.join(dict.fromkeys(c['name'] for c in result.checks))}"
                    f" ({', '.join(dict.fromkeys(c['file'] for c in result.checks))})")

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 from .errors import EdgeloraError
 from .verify import EXAMPLES as VERIFY_EXAMPLES
 from .files import atomic_write_json, output_folder, read_json, remove_own_folder
-from .handoff import MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE, read_report
+from .handoff import MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE, BenchReport
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
@@ -39,8 +39,8 @@ MODES = {  # steps of 8 examples; eval loss while training (quick: none); exampl
 class DemoResult:
     out_dir: Path
     summary: dict
-    after_report: dict
-    before_report: dict
+    after_report: BenchReport
+    before_report: BenchReport
 
 
 def demo_data() -> tuple[Path, Path]:
@@ -113,26 +113,24 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     stage("bench", (export_dir / "bench" / REPORT_FILE).is_file(), f"the trained ladder on the held-out set{grammar}",
           lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], json_schema=m["json_schema"], **bench_opts))
 
-    before, after = read_report(base_dir / "bench"), read_report(export_dir / "bench")
+    before, after = BenchReport.read(base_dir / "bench"), BenchReport.read(export_dir / "bench")
     question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
     summary = _summary(mode, timings, before, after, export_dir, question)
     atomic_write_json(state_path, summary)
     return DemoResult(out_dir, summary, after, before)
 
 
-def _summary(mode: str, timings: dict, before: dict, after: dict, export_dir: Path, question: str) -> dict:
+def _summary(mode: str, timings: dict, before: BenchReport, after: BenchReport, export_dir: Path,
+             question: str) -> dict:
     """Scores before -> after, the first held-out question answered by both q4_k_m files, the files."""
-    def row(report: dict, label: str) -> dict:
-        return next(r for r in report["rows"] if r["label"] == label)
-
     return {
-        "mode": mode, "timings": timings, "examples": after["examples"],
-        "task_score": {q: {"before": row(before, q)["task_score"], "after": row(after, q)["task_score"]}
+        "mode": mode, "timings": timings, "examples": after.examples,
+        "task_score": {q: {"before": before.row(q).task_score, "after": after.row(q).task_score}
                        for q in ("f16", "q4_k_m")},
-        "example": {"question": question, "expected": after["expected"][0],
-                    "before": row(before, "q4_k_m")["answers"][0], "after": row(after, "q4_k_m")["answers"][0]},
-        "recommendation": after["recommendation"]["text"],
-        "files": {"export": str(export_dir), "q4_k_m": row(after, "q4_k_m")["model"],
+        "example": {"question": question, "expected": after.expected[0],
+                    "before": before.row("q4_k_m").answers[0], "after": after.row("q4_k_m").answers[0]},
+        "recommendation": after.recommendation["text"],
+        "files": {"export": str(export_dir), "q4_k_m": after.row("q4_k_m").model,
                   "report": str(export_dir / "bench" / "report.md"), "plot": str(export_dir / "bench" / "ladder.png"),
                   "modelfile": str(export_dir / "Modelfile")},
     }

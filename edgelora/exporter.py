@@ -26,7 +26,7 @@ from . import imatrix as IM
 from . import quant_presets
 from . import verify as V
 from .errors import EdgeloraError
-from .handoff import BASE, LORA, MANIFEST_FILE, MERGED, SUMMARY_FILE, Role, RunSummary, stamped
+from .handoff import BASE, LORA, MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
@@ -52,7 +52,7 @@ class ExportPlan:
 @dataclass
 class ExportResult:
     out_dir: Path
-    files: list[dict]
+    files: list[ExportedFile]
     manifest: Path
     checks: list[dict] = field(default_factory=list)  # edgelora.verify's, as in the manifest
 
@@ -219,15 +219,12 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     for role, path in plan.outputs.items():
         info = inspect_gguf(path)
         quantised = results.get(role)
-        files.append({"role": str(role), "file": path.name, "sha256": file_sha256(path),
-                      "size_bytes": path.stat().st_size, "bpw": round(info["bpw"], 3), "quant": role.quant or "f16",
-                      "file_type": info.get("file_type"), "tensor_types": info["tensor_types"],
-                      "class_types": info["class_types"],
-                      "imatrix": bool(quantised and importance is not None
-                                      and (checks.get(role) or {}).get("imatrix_kept", True)),
-                      "imatrix_check": checks.get(role),
-                      "fallbacks": {k: v for k, v in quantised["fallbacks"].items() if k != "tensors"}
-                      if quantised else None})
+        files.append(ExportedFile(
+            role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
+            info.get("file_type"), info["tensor_types"], info["class_types"],
+            imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
+            imatrix_check=checks.get(role),
+            fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
     if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
         path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
         importance_info["sha256"] = file_sha256(path)
@@ -241,25 +238,15 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     elif verify:
         log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
     verification = [{"file": file, **c.as_dict()} for file, c in verified]
-    manifest = plan.out_dir / MANIFEST_FILE
-    atomic_write_json(manifest, stamped({
-        "name": plan.name,
-        "inputs": {
-            "base": {"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path),
-                     "sha256": plan.base_sha256},
-            "adapter": None if plan.adapter_dir is None else {
-                "path": str(plan.adapter_dir),
-                "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
-        },
-        "outputs": files,
-        "card": cards[MERGED],
-        "checks": verification if verify else None,
-        "imatrix": importance_info,
-        "json_schema": schema_info,
-        "budget": budgets.get(Role(MERGED, AUTO)),
-        "seconds": {**seconds, "total": time.perf_counter() - started},
-        "versions": package_versions(),
-    }))
+    manifest = ExportManifest(
+        name=plan.name,
+        base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
+        adapter=None if plan.adapter_dir is None else {
+            "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
+        outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
+        json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
+        seconds={**seconds, "total": time.perf_counter() - started}, versions=package_versions(),
+    ).write(plan.out_dir)
     for file, c in verified:
         V.failed([c], plan.out_dir / file)
     return ExportResult(plan.out_dir, files, manifest, verification)

@@ -86,26 +86,163 @@ class RunSummary:
     @classmethod
     def read(cls, run_dir: Path | str) -> "RunSummary":
         path = Path(run_dir) / SUMMARY_FILE
-        data = read_versioned(path, "run summary", ("base", "base_sha256"))
-        hints = typing.get_type_hints(cls)
-        values = {k: v for k, v in data.items() if k in hints}
-        for name, value in values.items():
-            if not _fits(value, hints[name]):
-                raise EdgeloraError(f"{path}: damaged run summary ('{name}' is {value!r})")
-        return cls(**values)
+        return _typed(cls, read_versioned(path, "run summary", ("base", "base_sha256")), f"{path}: damaged run summary")
 
 
-_JSON_KINDS = {str: str, bool: bool, int: int, float: (int, float), dict: dict}
+@dataclass
+class ExportedFile:
+    """One file an export wrote: an entry of manifest.json's `outputs`."""
+
+    role: Role
+    file: str  # its name in the export folder
+    sha256: str
+    size_bytes: int
+    bpw: float  # real bits per weight, whatever the preset's name says
+    quant: str  # the preset it was made with (f16 for the LoRA GGUF)
+    file_type: Optional[str] = None  # general.file_type's name
+    tensor_types: dict = field(default_factory=dict)  # llama.cpp type -> how many tensors
+    class_types: dict = field(default_factory=dict)  # kind of weight (attn_q, ...) -> {type: how many}
+    imatrix: bool = False  # quantised with the importance matrix (for some weights at least)
+    imatrix_check: Optional[dict] = None  # KLs with and without it, and which file was kept
+    fallbacks: Optional[dict] = None  # weights whose rows a K-quant could not take: count, by_type
+
+    def as_json(self) -> dict:
+        return {**dataclasses.asdict(self), "role": str(self.role)}
+
+
+@dataclass
+class ExportManifest:
+    """manifest.json: what an export read, what it wrote, and what it measured on the way."""
+
+    name: str  # the model's name in its files
+    base: dict  # inputs.base: spec, kind (gguf | hf), path, sha256
+    adapter: Optional[dict]  # inputs.adapter: path, sha256; None for a plain conversion
+    outputs: list[ExportedFile]
+    card: dict = field(default_factory=dict)  # the model card written into the merged files
+    checks: Optional[list] = None  # edgelora.verify's checks; None when not verified
+    imatrix: Optional[dict] = None  # the importance matrix used: file, sha256, computed, datasets, ...
+    json_schema: Optional[dict] = None  # the run's answer schema, copied beside the files
+    budget: Optional[dict] = None  # what the budgeted (auto) file's choice measured
+    seconds: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def outputs_by_role(self) -> dict[Role, ExportedFile]:
+        return {o.role: o for o in self.outputs}
+
+    def write(self, folder: Path) -> Path:
+        rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("name", "base", "adapter", "outputs")}
+        path = Path(folder) / MANIFEST_FILE
+        atomic_write_json(path, stamped({"name": self.name, "inputs": {"base": self.base, "adapter": self.adapter},
+                                         "outputs": [o.as_json() for o in self.outputs], **rest}))
+        return path
+
+    @classmethod
+    def read(cls, folder: Path | str) -> "ExportManifest":
+        path = Path(folder) / MANIFEST_FILE
+        damaged = f"{path}: damaged export manifest"
+        data = read_versioned(path, "export manifest", ("inputs", "outputs"))
+        inputs, outputs = data["inputs"], data["outputs"]
+        if not isinstance(inputs, dict) or not isinstance(inputs.get("base"), dict) or not isinstance(outputs, list):
+            raise EdgeloraError(f"{damaged} (its inputs or outputs are not what an export writes)")
+        manifest = _typed(cls, {"name": "", **data, "base": inputs["base"],
+                                "adapter": inputs.get("adapter"), "outputs": []}, damaged)
+        manifest.outputs = [_typed(ExportedFile, o if isinstance(o, dict) else {}, f"{damaged} (output {i + 1})")
+                            for i, o in enumerate(outputs)]
+        return manifest
+
+
+@dataclass
+class BenchRow:
+    """One model the bench measured: a row of report.json."""
+
+    label: str  # q4_k_m, q4_1+lora, hf, a file's name; +grammar for answers held to the JSON schema
+    route: str  # merged | lora (base GGUF + LoRA GGUF) | file | hf (HF base + adapter in torch)
+    model: str  # the GGUF; for hf, the base
+    size_bytes: int
+    bpw: float  # real bits per weight (with the LoRA GGUF, for the lora route)
+    task_score: float  # the share of greedy answers right, by the report's score
+    perplexity: float  # of the reference answers
+    kl: float  # mean KL(reference || this) over every answer token
+    top1: float  # the share of answer tokens where this and the reference rank the same token first
+    loras: list = field(default_factory=list)  # LoRA GGUFs; for hf, the adapter folder
+    reference: bool = False  # the row the others' KL and top-1 are measured against
+    grammar: bool = False
+    notes: list = field(default_factory=list)  # what the file really is, where its name says otherwise
+    json_valid: Optional[float] = None  # with the json score: the share of answers that parse
+    json_exact: Optional[float] = None  # ... and that equal the reference's JSON
+    load_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    prompt_tok_s: float = 0.0
+    gen_tok_s: float = 0.0
+    device: str = ""
+    answers: list = field(default_factory=list)
+
+
+@dataclass
+class BenchReport:
+    """report.json: every row, and the recommendation."""
+
+    eval_data: str
+    examples: int
+    threshold: float  # the recommendation keeps at least this share of the reference's task score
+    settings: dict  # edgelora.bench.Settings: score, pattern, max_tokens, device, threads
+    reference: str  # its row's label
+    rows: list[BenchRow]
+    recommendation: dict  # label, model, text
+    expected: list = field(default_factory=list)  # the reference answers
+    machine: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def row(self, label: str) -> BenchRow:
+        return next(r for r in self.rows if r.label == label)
+
+    def as_json(self) -> dict:
+        return stamped(dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, folder: Path | str) -> "BenchReport":
+        path = Path(folder) / REPORT_FILE
+        damaged = f"{path}: damaged bench report"
+        data = read_versioned(path, "bench report", ("rows",))
+        report = _typed(cls, {**data, "rows": []}, damaged)
+        rows = data["rows"] if isinstance(data["rows"], list) else [None]
+        report.rows = [_typed(BenchRow, r if isinstance(r, dict) else {}, f"{damaged} (row {i + 1})")
+                       for i, r in enumerate(rows)]
+        return report
+
+
+_JSON_KINDS = {str: str, bool: bool, int: int, float: (int, float), dict: dict, list: list, Role: str}
 
 
 def _fits(value, hint) -> bool:
-    """Whether `value` read from JSON can be a field typed `hint` (int, float, str, bool, dict or
-    Optional[...] of one): numbers are numbers (an int is not a bool), text is text."""
+    """Whether `value` read from JSON can be a field typed `hint` (int, float, str, bool, dict,
+    list, a Role's text or Optional[...] of one): numbers are numbers (an int is not a bool),
+    text is text."""
     optional = typing.get_origin(hint) is typing.Union
     if value is None:
         return optional
     want = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
+    want = typing.get_origin(want) or want  # list[ExportedFile] -> list
     return isinstance(value, _JSON_KINDS[want]) and (want is bool or not isinstance(value, bool))
+
+
+def _typed(cls, data: dict, damaged: str):
+    """`cls` from the JSON object `data` (keys it does not know are ignored: a newer edgelora's
+    additions), each field's type checked: else one line starting with `damaged`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {k: v for k, v in data.items() if k in fields}
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise EdgeloraError(f"{damaged} (no '{missing[0]}')")
+    for name, value in values.items():
+        if not _fits(value, hints[name]):
+            raise EdgeloraError(f"{damaged} ('{name}' is {value!r})")
+    if hints.get("role") is Role and "role" in values:
+        values["role"] = Role.parse(values["role"])
+    return cls(**values)
 
 
 def read_versioned(path: Path, what: str, required: tuple[str, ...] = ()) -> dict:
@@ -126,16 +263,3 @@ def stamped(obj: dict) -> dict:
     return {SCHEMA_KEY: LAYOUT, **obj}
 
 
-def read_manifest(folder: Path) -> dict:
-    """An export folder's manifest.json: its inputs and outputs (each output's role as written)."""
-    return read_versioned(Path(folder) / MANIFEST_FILE, "export manifest", ("inputs", "outputs"))
-
-
-def outputs_by_role(manifest: dict) -> dict[Role, dict]:
-    """{Role: output entry} of a manifest read by read_manifest."""
-    return {Role.parse(o["role"]): o for o in manifest["outputs"]}
-
-
-def read_report(folder: Path) -> dict:
-    """A bench folder's report.json: its rows, reference and recommendation."""
-    return read_versioned(Path(folder) / REPORT_FILE, "bench report", ("rows",))

@@ -27,10 +27,10 @@ print(f"trained {run.summary.steps} steps, final loss {run.summary.final_loss:.4
 # The importance matrix is measured on the run's training data; 8192 tokens keep this example quick.
 exported = edgelora.export(a.out, quants=["q4_k_m"], lora_gguf=True, force=True, imatrix_tokens=8192)
 for f in exported.files:
-    print(f"exported {f['role']}: {exported.out_dir / f['file']}")
+    print(f"exported {f.role}: {exported.out_dir / f.file} ({f.bpw:.2f} bits/weight)")
 
-merged = next(f for f in exported.files if f["role"] == "merged:q4_k_m")
-model = edgelora.load(exported.out_dir / merged["file"], device="cpu")
+merged = next(f for f in exported.files if str(f.role) == "merged:q4_k_m")
+model = edgelora.load(exported.out_dir / merged.file, device="cpu")
 held_out = json.loads((DATA / "extract_eval.jsonl").read_text().splitlines()[0])
 question = held_out["messages"][0]["content"]
 print(f"question: {question!r}\nexpected: {held_out['messages'][1]['content']}")

@@ -41,7 +41,7 @@ def tiny_export(tmp_path_factory, tiny_llama, chat_file) -> dict:
     run = tmp_path_factory.mktemp("tiny-export") / "tiny-run"
     train(cfg(tiny_llama, chat_file, run, max_steps=6, lr=2e-2, eval_split=0.0))
     res = export(str(run), quants=["f16", "q8_0"], lora_gguf=True)
-    return {f["role"]: res.out_dir / f["file"] for f in res.files}
+    return {str(f.role): res.out_dir / f.file for f in res.files}
 
 
 @pytest.fixture(scope="session")

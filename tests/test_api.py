@@ -17,7 +17,7 @@ def test_python_api_export_and_load(tiny_qwen2, chat_file, tmp_path):
                    max_steps=2, seq_len=64)
     res = edgelora.export(str(tmp_path / "run"), quants=["q8_0"])
     (f,) = res.files
-    model = edgelora.load(str(res.out_dir / f["file"]), device="cpu")
+    model = edgelora.load(str(res.out_dir / f.file), device="cpu")
     first = model.chat([{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=8)
     assert isinstance(first, str)
     assert model.chat([{"role": "user", "content": "What is 2 plus 2?"}], max_tokens=8) == first

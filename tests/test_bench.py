@@ -14,6 +14,7 @@ from edgelora.bench import bench, final_answer, json_fields, make_scorer, pick_s
 from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
+from edgelora.handoff import BenchReport, BenchRow
 from edgelora.bench.report import recommend
 from edgelora.trainer import train
 from tiny import assert_one_line_error, cfg, chat_rows, write_jsonl
@@ -42,39 +43,39 @@ def ladder(exported, eval_file):
 
 
 def rows_by_label(report):
-    return {r["label"]: r for r in report["rows"]}
+    return {r.label: r for r in report.rows}
 
 
 def test_ladder_rows_and_reference(ladder, exported):
     _, out_dir = exported
     rows = rows_by_label(ladder.report)
     assert set(rows) == {"f16", "q8_0", "q2_k", "f16+lora", "q8_0+lora", "q2_k+lora", "hf"}
-    assert ladder.report["reference"] == "f16" and ladder.report["rows"][0]["label"] == "f16"
+    assert ladder.report.reference == "f16" and ladder.report.rows[0].label == "f16"
     manifest = {o["file"]: o for o in json.loads((out_dir / "manifest.json").read_text())["outputs"]}
     for label in ("f16", "q8_0", "q2_k"):
         r = rows[label]
-        assert r["size_bytes"] == (out_dir / f"tiny-run-{label}.gguf").stat().st_size
-        assert r["bpw"] == manifest[f"tiny-run-{label}.gguf"]["bpw"]
-        assert r["load_s"] > 0 and r["gen_tok_s"] > 0 and r["prompt_tok_s"] > 0 and r["peak_rss_mb"] > 50
-        assert len(r["answers"]) == LIMIT
-    assert rows["f16"]["size_bytes"] > rows["q8_0"]["size_bytes"] > rows["q2_k"]["size_bytes"]
+        assert r.size_bytes == (out_dir / f"tiny-run-{label}.gguf").stat().st_size
+        assert r.bpw == manifest[f"tiny-run-{label}.gguf"]["bpw"]
+        assert r.load_s > 0 and r.gen_tok_s > 0 and r.prompt_tok_s > 0 and r.peak_rss_mb > 50
+        assert len(r.answers) == LIMIT
+    assert rows["f16"].size_bytes > rows["q8_0"].size_bytes > rows["q2_k"].size_bytes
     lora_file = out_dir / "tiny-run-lora-f16.gguf"
-    assert rows["q2_k+lora"]["loras"] == [str(lora_file)]
-    base_q2 = rows["q2_k+lora"]["model"]
+    assert rows["q2_k+lora"].loras == [str(lora_file)]
+    base_q2 = rows["q2_k+lora"].model
     assert base_q2.endswith("-base-q2_k.gguf")
-    assert rows["q2_k+lora"]["size_bytes"] == Path(base_q2).stat().st_size + lora_file.stat().st_size
+    assert rows["q2_k+lora"].size_bytes == Path(base_q2).stat().st_size + lora_file.stat().st_size
 
 
 def test_quality_numbers_order_as_expected(ladder):
     rows = rows_by_label(ladder.report)
-    assert rows["f16"]["kl"] == 0.0 and rows["f16"]["top1"] == 1.0
-    assert 0 < rows["q8_0"]["kl"] < rows["q2_k"]["kl"]
-    assert rows["q8_0"]["top1"] >= rows["q2_k"]["top1"]
+    assert rows["f16"].kl == 0.0 and rows["f16"].top1 == 1.0
+    assert 0 < rows["q8_0"].kl < rows["q2_k"].kl
+    assert rows["q8_0"].top1 >= rows["q2_k"].top1
     # base f16 + LoRA GGUF is the merged f16 computed another way; torch's fp32 model is the unrounded one
-    assert rows["f16+lora"]["kl"] < 1e-3 and rows["f16+lora"]["top1"] >= 0.95
-    assert rows["hf"]["kl"] < 1e-3 and rows["hf"]["top1"] >= 0.95
-    assert rows["hf"]["perplexity"] == pytest.approx(rows["f16"]["perplexity"], rel=0.01)
-    assert rows["f16"]["task_score"] == rows["hf"]["task_score"]
+    assert rows["f16+lora"].kl < 1e-3 and rows["f16+lora"].top1 >= 0.95
+    assert rows["hf"].kl < 1e-3 and rows["hf"].top1 >= 0.95
+    assert rows["hf"].perplexity == pytest.approx(rows["f16"].perplexity, rel=0.01)
+    assert rows["f16"].task_score == rows["hf"].task_score
 
 
 def test_perplexity_matches_transformers_own_loss(ladder, exported, eval_file):
@@ -98,8 +99,8 @@ def test_perplexity_matches_transformers_own_loss(ladder, exported, eval_file):
             nll += model(input_ids=ids, labels=labels).loss.item() * len(answer)
         n += len(answer)
     rows = rows_by_label(ladder.report)
-    assert rows["hf"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
-    assert rows["f16"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=0.01)
+    assert rows["hf"].perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert rows["f16"].perplexity == pytest.approx(math.exp(nll / n), rel=0.01)
 
 
 def test_a_reasoning_models_answer_is_scored_after_its_think_block(tmp_path):
@@ -117,20 +118,21 @@ def test_a_reasoning_models_answer_is_scored_after_its_think_block(tmp_path):
 
 def test_task_score_is_the_share_of_right_answers(ladder, eval_file):
     expected = [r["answer"] for r in read_eval(str(eval_file), LIMIT)]
-    assert ladder.report["expected"] == expected
-    for r in ladder.report["rows"]:
-        assert r["task_score"] == sum(a.strip() == e for a, e in zip(r["answers"], expected)) / LIMIT
+    assert ladder.report.expected == expected
+    for r in ladder.report.rows:
+        assert r.task_score == sum(a.strip() == e for a, e in zip(r.answers, expected)) / LIMIT
 
 
 def test_reports_are_written_and_reread(ladder):
-    report = json.loads(ladder.files["json"].read_text())
-    assert report == json.loads(json.dumps(ladder.report))
+    assert json.loads(ladder.files["json"].read_text()) == json.loads(json.dumps(ladder.report.as_json()))
+    report = BenchReport.read(ladder.out_dir)
+    assert report == ladder.report
     md = ladder.files["md"].read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + len(report["rows"])
-    best = report["recommendation"]["label"]
-    assert f"| **{best}** |" in md and report["recommendation"]["text"] in md
-    assert best == recommend(report["rows"], report["threshold"])[0]["label"]
+    assert len(table) == 1 + len(report.rows)
+    best = report.recommendation["label"]
+    assert f"| **{best}** |" in md and report.recommendation["text"] in md
+    assert best == recommend(report.rows, report.threshold)[0].label
     png = ladder.files["png"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = np.frombuffer(png[16:24], dtype=">u4")
@@ -145,9 +147,9 @@ def test_kl_of_a_file_against_its_copy_is_zero(exported, eval_file, tmp_path):
     shutil.copy(f16, copy)
     res = bench([str(f16), str(copy)], str(eval_file), limit=2, out=str(tmp_path / "b"), progress=False)
     rows = rows_by_label(res.report)
-    assert rows["copy-f16"]["kl"] == 0.0 and rows["copy-f16"]["top1"] == 1.0
-    assert rows["copy-f16"]["perplexity"] == rows["tiny-run-f16"]["perplexity"]
-    assert rows["copy-f16"]["answers"] == rows["tiny-run-f16"]["answers"]
+    assert rows["copy-f16"].kl == 0.0 and rows["copy-f16"].top1 == 1.0
+    assert rows["copy-f16"].perplexity == rows["tiny-run-f16"].perplexity
+    assert rows["copy-f16"].answers == rows["tiny-run-f16"].answers
 
 
 def test_chat_tokens_match_the_hf_template(exported, tiny_llama):
@@ -172,23 +174,23 @@ def test_chat_tokens_match_the_hf_template(exported, tiny_llama):
 # ---------------------------------------------------------------- pure logic
 
 def row(label, size, score, top1=1.0, route="merged", reference=False):
-    return {"label": label, "model": label, "size_bytes": size * 2**20, "bpw": 16.0 * size / 100, "task_score": score,
-            "top1": top1, "route": route, "reference": reference}
+    return BenchRow(label, route, label, size * 2**20, 16.0 * size / 100, score, perplexity=1.0, kl=0.0, top1=top1,
+                    reference=reference)
 
 
 def test_recommendation_on_constructed_numbers():
     rows = [row("f16", 100, 0.90, reference=True), row("q8_0", 53, 0.90), row("q4_k_m", 30, 0.88),
             row("q2_k", 20, 0.50), row("hf", 10, 1.0, route="hf")]
     best, text = recommend(rows, 0.97)
-    assert best["label"] == "q4_k_m" and "0.880 vs 0.900 for f16" in text and text.startswith("recommended: q4_k_m")
-    assert recommend(rows, 1.0)[0]["label"] == "q8_0"  # the hf row never wins, however small
-    assert recommend(rows, 0.5)[0]["label"] == "q2_k"
+    assert best.label == "q4_k_m" and "0.880 vs 0.900 for f16" in text and text.startswith("recommended: q4_k_m")
+    assert recommend(rows, 1.0)[0].label == "q8_0"  # the hf row never wins, however small
+    assert recommend(rows, 0.5)[0].label == "q2_k"
     only_ref = [row("f16", 100, 0.9, reference=True), row("q2_k", 20, 0.1)]
     best, text = recommend(only_ref, 0.97)
-    assert best["label"] == "f16" and "no smaller file" in text
+    assert best.label == "f16" and "no smaller file" in text
     zero = [row("f16", 100, 0.0, reference=True), row("q8_0", 53, 0.0, top1=0.99), row("q2_k", 20, 0.0, top1=0.6)]
     best, text = recommend(zero, 0.97)
-    assert best["label"] == "q8_0" and "top-1 agreement" in text and "task score is 0" in text
+    assert best.label == "q8_0" and "top-1 agreement" in text and "task score is 0" in text
 
 
 def test_scorers():
@@ -245,21 +247,21 @@ def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
     result = bench([str(out_dir)], str(eval_json), quants=["q8_0"], hf=False, progress=False, threads=2,
                    out=str(tmp_path / "b"), json_schema=str(schema_file), max_tokens=40)
     report = result.report
-    assert report["settings"]["score"] == "json"  # auto: every reference answer is JSON
+    assert report.settings["score"] == "json"  # auto: every reference answer is JSON
     got = rows_by_label(report)
     assert {"f16", "f16+grammar", "q8_0", "q8_0+grammar"} <= set(got)
     for label in ("f16+grammar", "q8_0+grammar"):
-        assert got[label]["grammar"] and got[label]["json_valid"] == 1.0
-        for text in got[label]["answers"]:
+        assert got[label].grammar and got[label].json_valid == 1.0
+        for text in got[label].answers:
             jsonschema.validate(json.loads(text), CLOSED)
-    assert got["f16"]["json_valid"] == 0.0  # the random model writes no JSON of its own
+    assert got["f16"].json_valid == 0.0  # the random model writes no JSON of its own
     for name in ("f16", "q8_0"):  # the same file: the grammar only shapes what is generated, its logits are the row's
-        assert [got[name + "+grammar"][k] for k in ("kl", "top1", "perplexity")] == [got[name][k] for k in
-                                                                                  ("kl", "top1", "perplexity")]
-    assert got["q8_0"]["kl"] > 0
+        assert [getattr(got[name + "+grammar"], k) for k in ("kl", "top1", "perplexity")] == [
+            getattr(got[name], k) for k in ("kl", "top1", "perplexity")]
+    assert got["q8_0"].kl > 0
     md = result.files["md"].read_text()
     assert "| valid JSON | exact |" in md and "+grammar: answers held to the JSON schema" in md
-    assert got["q8_0"]["notes"] and not got["q8_0+grammar"]["notes"]  # the same file: said once
+    assert got["q8_0"].notes and not got["q8_0+grammar"].notes  # the same file: said once
 
 
 # ---------------------------------------------------------------- CLI and bad input

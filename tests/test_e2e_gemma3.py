@@ -47,13 +47,13 @@ def test_the_export_passes_every_check_and_both_routes_answer(gemma_export, tmp_
     names = {(c["file"], c["name"]) for c in result.checks}
     assert {("run-q4_k_m.gguf", "template"), ("run-q4_k_m.gguf", "stops"), ("run-lora-f16.gguf", "lora_route")} <= names
     assert all(c["passed"] for c in result.checks), [c for c in result.checks if not c["passed"]]
-    q4 = next(f for f in result.files if f["file"] == "run-q4_k_m.gguf")
-    assert q4["fallbacks"]["count"] > 0 and q4["bpw"] > 4.9  # rows of 640: real bits/weight, not 4.5-ish
+    q4 = next(f for f in result.files if f.file == "run-q4_k_m.gguf")
+    assert q4.fallbacks["count"] > 0 and q4.bpw > 4.9  # rows of 640: real bits/weight, not 4.5-ish
     _, eval_file = demo_data()
     report = bench([str(result.out_dir)], str(eval_file), limit=2, hf=False, out=str(tmp_path / "bench")).report
-    rows = {r["label"]: r for r in report["rows"]}
+    rows = {r.label: r for r in report.rows}
     lora = next(label for label in rows if label.endswith("+lora"))
-    assert all(a.strip() for label in ("q4_k_m", lora) for a in rows[label]["answers"])
+    assert all(a.strip() for label in ("q4_k_m", lora) for a in rows[label].answers)
 
 
 def test_the_round_trip_keeps_gemmas_tokenisation(gemma_export):

@@ -83,7 +83,7 @@ def test_export_ladder_and_lora_gguf_run_in_llama_cpp(smol_run):
 
     res = export(str(smol_run.run_dir), quants=["all"], lora_gguf=True)
     out = res.out_dir
-    roles = {f["role"]: f for f in res.files}
+    roles = {str(f.role): f for f in res.files}
     # Verified on the run's own examples: the f16 against torch, SmolLM2's template, <|im_end|>, BOS
     # and stopping for the smallest merged file and the LoRA route, which must land on the merged f16.
     checks = json.loads((out / "manifest.json").read_text())["checks"]
@@ -96,8 +96,8 @@ def test_export_ladder_and_lora_gguf_run_in_llama_cpp(smol_run):
     assert set(roles) == {"merged:f16", "merged:q8_0", "merged:q4_k_m", "merged:q2_k", "lora"}
     for q in ("f16", "q8_0", "q4_k_m", "q2_k"):
         lo, hi = quant_presets.load(q)["expected_bpw"]
-        assert lo <= roles[f"merged:{q}"]["bpw"] <= hi, roles[f"merged:{q}"]
-    sizes = [roles[f"merged:{q}"]["size_bytes"] for q in ("q2_k", "q4_k_m", "q8_0", "f16")]
+        assert lo <= roles[f"merged:{q}"].bpw <= hi, roles[f"merged:{q}"]
+    sizes = [roles[f"merged:{q}"].size_bytes for q in ("q2_k", "q4_k_m", "q8_0", "f16")]
     assert sizes == sorted(sizes)
     # The base was a GGUF already: the LoRA route's Modelfile points at it rather than a copy.
     base_gguf = Path(smol_run.summary.base_path)

@@ -9,6 +9,7 @@ import torch
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.bases import file_sha256
+from edgelora.handoff import MERGED, Role
 from tiny import build_model
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
@@ -133,8 +134,8 @@ def test_existing_outputs_kept_without_force(run_dir, tiny_export):
 def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
     res = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "o"))
     (f,) = res.files
-    assert f["role"] == "merged:f16" and (tmp_path / "o" / f["file"]).is_file()
-    close(llama_logits(tmp_path / "o" / f["file"]), peft_logits(tiny_qwen2, None), 1e-2)
+    assert f.role == Role(MERGED, "f16") and (tmp_path / "o" / f.file).is_file()
+    close(llama_logits(tmp_path / "o" / f.file), peft_logits(tiny_qwen2, None), 1e-2)
     from edgelora.gguf_info import inspect_gguf
 
     named = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "n"), name="q-named")

@@ -300,7 +300,7 @@ def test_a_template_less_base_exports_files_that_chat(tmp_path, chat_file):
     run = tmp_path / "plain-run"
     train(cfg(base, chat_file, run, max_steps=4, lr=2e-2, eval_split=0.0))
     res = export(str(run), quants=["f16"], lora_gguf=True)
-    files = {f["role"]: res.out_dir / f["file"] for f in res.files}
+    files = {str(f.role): res.out_dir / f.file for f in res.files}
 
     def template(path):
         field = gguf.GGUFReader(path).fields.get("tokenizer.chat_template")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.handoff import LORA, MERGED, Role, RunSummary, read_manifest, read_report
+from edgelora.handoff import LORA, MERGED, ExportedFile, BenchReport, ExportManifest, Role, RunSummary
 from tiny import assert_one_line_error, run_cli
 
 OLDER = {"base": "smollm2-135m", "base_path": "/x/base.gguf", "base_hf_dir": "/x/hf", "base_sha256": "ab" * 32,
@@ -49,10 +49,47 @@ def test_a_damaged_or_newer_summary_is_named(tmp_path, change, message):
 def test_manifest_and_report_layouts_are_checked(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"inputs": {}, "outputs": [], "edgelora_schema": 3}))
     with pytest.raises(EdgeloraError, match="manifest.json: written by a newer edgelora"):
-        read_manifest(tmp_path)
+        ExportManifest.read(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"nothing": []}))
     with pytest.raises(EdgeloraError, match="report.json: damaged bench report, no 'rows'"):
-        read_report(tmp_path)
+        BenchReport.read(tmp_path)
+
+
+MANIFEST = ExportManifest(
+    "extract", {"spec": "smollm2-135m", "kind": "gguf", "path": "/x/base.gguf", "sha256": "ab" * 32},
+    {"path": "/x/run/adapter", "sha256": "cd" * 32},
+    [ExportedFile(Role(MERGED, "q4_k_m"), "extract-q4_k_m.gguf", "ef" * 32, 105_000_000, 6.17, "q4_k_m", "MOSTLY_Q4_K_M",
+                  {"Q5_0": 150}, {"attn_q": {"Q5_0": 30}}, imatrix=True, fallbacks={"count": 180}),
+     ExportedFile(Role(LORA), "extract-lora-f16.gguf", "01" * 32, 9_000_000, 16.0, "f16")],
+    imatrix={"file": "extract-imatrix.gguf", "computed": True}, seconds={"total": 12.5})
+
+
+def test_a_manifest_reads_back_as_written(tmp_path):
+    path = MANIFEST.write(tmp_path)
+    data = json.loads(path.read_text())
+    assert list(data)[:4] == ["edgelora_schema", "name", "inputs", "outputs"]
+    assert data["inputs"]["base"]["kind"] == "gguf" and data["outputs"][1]["role"] == "lora"
+    again = ExportManifest.read(tmp_path)
+    assert again == MANIFEST
+    assert again.outputs_by_role()[Role(MERGED, "q4_k_m")].bpw == 6.17
+    data["outputs"][0]["from_a_newer_edgelora"] = 1  # keys it does not know are passed over
+    path.write_text(json.dumps(data))
+    assert ExportManifest.read(tmp_path) == MANIFEST
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["outputs"][1].pop("file"), r"damaged export manifest \(output 2\) \(no 'file'\)"),
+    (lambda d: d["outputs"][0].update(size_bytes="big"), r"damaged export manifest \(output 1\) \('size_bytes' is 'big'\)"),
+    (lambda d: d.update(outputs={"role": "lora"}), r"damaged export manifest \(its inputs or outputs are not"),
+    (lambda d: d["inputs"].pop("base"), r"damaged export manifest \(its inputs or outputs are not"),
+])
+def test_a_damaged_manifest_is_named(tmp_path, change, message):
+    path = MANIFEST.write(tmp_path)
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(EdgeloraError, match=f"manifest.json: {message}"):
+        ExportManifest.read(tmp_path)
 
 
 def test_export_of_a_run_from_a_newer_edgelora_is_one_line(run_dir, tmp_path):
@@ -65,3 +102,22 @@ def test_export_of_a_run_from_a_newer_edgelora_is_one_line(run_dir, tmp_path):
     assert_one_line_error(run_cli("export", run, "--quant", "f16", "--out", tmp_path / "o"),
                           "summary.json: written by a newer edgelora (layout 2")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_report_reads_back_and_a_damaged_row_is_named(tmp_path):
+    from edgelora.handoff import BenchRow
+
+    row = BenchRow("q4_k_m", "merged", "/x/q4.gguf", 105_000_000, 6.17, 0.95, 1.01, 0.002, 0.99, answers=["{}"])
+    report = BenchReport("eval.jsonl", 1, 0.97, {"score": "json"}, "q4_k_m", [row],
+                         {"label": "q4_k_m", "model": "/x/q4.gguf", "text": "recommended: q4_k_m"}, ["{}"])
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report.as_json()))
+    assert BenchReport.read(tmp_path) == report and BenchReport.read(tmp_path).row("q4_k_m").kl == 0.002
+    data = report.as_json()
+    del data["rows"][0]["kl"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(EdgeloraError, match=r"report.json: damaged bench report \(row 1\) \(no 'kl'\)"):
+        BenchReport.read(tmp_path)
+    path.write_text(json.dumps({**report.as_json(), "examples": "one"}))
+    with pytest.raises(EdgeloraError, match=r"report.json: damaged bench report \('examples' is 'one'\)"):
+        BenchReport.read(tmp_path)

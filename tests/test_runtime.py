@@ -110,7 +110,7 @@ def test_this_build_is_cpu_only_and_gpu_requests_say_how_to_install():
 def wider_gguf(tmp_path_factory, tiny_tokenizer):
     other = build_model(tmp_path_factory.mktemp("wider"), "llama", tiny_tokenizer, intermediate=768)
     res = export(base=str(other), quants=["f16"], out=str(tmp_path_factory.mktemp("wider-gguf")))
-    return res.out_dir / res.files[0]["file"]
+    return res.out_dir / res.files[0].file
 
 
 def test_bad_inputs_are_one_line_errors(gguf, wider_gguf, tmp_path):

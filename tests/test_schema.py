@@ -134,7 +134,7 @@ def test_a_run_with_json_answers_carries_its_schema_to_the_export_and_run(tmp_pa
     assert manifest["json_schema"]["file"] == "schema.json"
     assert json.loads((res.out_dir / "schema.json").read_text()) == schema
     assert 'as "format"' in (res.out_dir / "Modelfile").read_text()
-    model = res.out_dir / res.files[0]["file"]
+    model = res.out_dir / res.files[0].file
     r = CliRunner().invoke(main, ["run", str(model), "-p", "Is 7 even?", "--json-schema", "auto", "--max-tokens", "64"])
     assert r.exit_code == 0, r.output
     jsonschema.validate(json.loads(r.stdout.strip().splitlines()[-1]), schema)

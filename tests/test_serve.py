@@ -242,7 +242,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(client, server, referen
 def wider_gguf(tmp_path_factory, tiny_tokenizer):
     other = build_model(tmp_path_factory.mktemp("wider"), "llama", tiny_tokenizer, intermediate=768)
     res = export(base=str(other), quants=["f16"], out=str(tmp_path_factory.mktemp("wider-gguf")))
-    return res.out_dir / res.files[0]["file"]
+    return res.out_dir / res.files[0].file
 
 
 def test_bad_start_ups_are_one_line_errors(gguf, wider_gguf):

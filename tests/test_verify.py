@@ -190,7 +190,7 @@ def test_a_lora_on_another_base_of_the_same_shape(tiny_export, tiny_tokenizer, f
     other = build_model(tmp_path / "other", "llama", tiny_tokenizer, seed=7)  # same config, other weights
     other_gguf = E.export(None, base=str(other), quants=["f16"], out=str(tmp_path / "o"), imatrix="none").files[0]
     probe = KLProbe(tiny_export["merged:f16"], [(t.input_ids, t.labels) for t in first[1]], tmp_path)
-    check = V.lora_route_check(probe, tmp_path / "o" / other_gguf["file"], tiny_export["lora"])
+    check = V.lora_route_check(probe, tmp_path / "o" / other_gguf.file, tiny_export["lora"])
     assert not check.passed
     assert re.fullmatch(r"KL \S+ \(top-1 [\d.]+\) from the merged f16 with the LoRA on other-f16.gguf, \S+ without "
                         r"it: the LoRA does not bring this base to the fine-tuned model \(another base of the same "

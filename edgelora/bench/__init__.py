@@ -25,7 +25,7 @@ from typing import Optional
 
 from ..errors import EdgeloraError
 from ..files import output_folder, refuse_overwrite
-from ..handoff import REPORT_FILE
+from ..handoff import REPORT_FILE, BenchReport
 from .candidates import Candidate, Settings, discover, honest_notes  # noqa: F401 - the package's API
 from .isolation import run_isolated
 from .scoring import (SCORES, final_answer, json_fields, log_softmax, make_scorer, pick_score,  # noqa: F401
@@ -35,7 +35,7 @@ from .scoring import (SCORES, final_answer, json_fields, log_softmax, make_score
 @dataclass
 class BenchResult:
     out_dir: Path
-    report: dict
+    report: BenchReport
     files: dict[str, Path]
 
 

@@ -11,7 +11,7 @@ import gguf
 
 from ..errors import EdgeloraError
 from ..gguf_header import gguf_metadata
-from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, Role, outputs_by_role, read_manifest
+from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, ExportManifest, Role
 
 
 @dataclass
@@ -100,17 +100,17 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
         if not models:
             raise EdgeloraError(f"{folder}: no {MANIFEST_FILE} and no GGUF model files")
         return [_from_file(p) for p in models]
-    manifest = read_manifest(folder)
+    manifest = ExportManifest.read(folder)
     try:
         return _manifest_candidates(folder, manifest, quants, hf)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a field missing or of the wrong kind
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # inputs without the keys an export writes
         raise EdgeloraError(f"{manifest_path}: damaged export manifest ({type(e).__name__}: {e})") from None
 
 
-def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str]], hf: Optional[bool]):
+def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optional[list[str]], hf: Optional[bool]):
     from ..gguf_info import inspect_gguf
 
-    outputs = outputs_by_role(manifest)
+    outputs = manifest.outputs_by_role()
     have = [role.quant for role in outputs if role.kind == MERGED]
     missing = [q for q in quants or [] if q not in have]
     if missing:
@@ -119,30 +119,30 @@ def _manifest_candidates(folder: Path, manifest: dict, quants: Optional[list[str
     cands = []
     for role, o in outputs.items():
         if role.kind == MERGED and (not quants or role.quant in wanted):
-            notes = honest_notes(inspect_gguf(folder / o["file"]), o.get("imatrix")) if role.quant != "f16" else []
-            cands.append(Candidate(role.quant, "merged", str(folder / o["file"]), size_bytes=o["size_bytes"],
-                                   bpw=o["bpw"], notes=notes))
+            notes = honest_notes(inspect_gguf(folder / o.file), o.imatrix) if role.quant != "f16" else []
+            cands.append(Candidate(role.quant, "merged", str(folder / o.file), size_bytes=o.size_bytes, bpw=o.bpw,
+                                   notes=notes))
     if Role(LORA) in outputs:
         lora = outputs[Role(LORA)]
-        lora_info = inspect_gguf(folder / lora["file"])
-        base = manifest["inputs"]["base"]
+        lora_info = inspect_gguf(folder / lora.file)
+        base = manifest.base
         if base["kind"] == "gguf":
             bases = [(None, Path(base["path"]))]  # the base GGUF itself: named by its file type below
         else:
-            bases = [(role.quant, folder / o["file"]) for role, o in outputs.items() if role.kind == BASE
+            bases = [(role.quant, folder / o.file) for role, o in outputs.items() if role.kind == BASE
                      and (not quants or role.quant in wanted)]
         for quant, path in bases:
             info = inspect_gguf(path)
             quant = quant or _quant_name(info["file_type"])
             bits = (info["tensor_bytes"] + lora_info["tensor_bytes"]) * 8 / info["n_params"]
-            cands.append(Candidate(f"{quant}+lora", "lora", str(path), [str(folder / lora["file"])],
+            cands.append(Candidate(f"{quant}+lora", "lora", str(path), [str(folder / lora.file)],
                                    info["size_bytes"] + lora_info["size_bytes"], bits))
-    adapter = manifest["inputs"].get("adapter")
+    adapter = manifest.adapter
     torch_ok = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
     if hf and not torch_ok:
         raise EdgeloraError("the HF reference needs torch, transformers and peft: pip install 'edgelora[train]'")
     if adapter and (hf or (hf is None and torch_ok)):
-        cands.append(Candidate("hf", "hf", manifest["inputs"]["base"]["path"], [adapter["path"]]))
+        cands.append(Candidate("hf", "hf", manifest.base["path"], [adapter["path"]]))
     return cands
 
 
