@@ -7,8 +7,10 @@ Each holds `edgelora_schema`, the version of its layout (files from before the k
 file is damaged, or written by a newer edgelora. Keys added later get defaults here, so a run
 trained by an older edgelora still exports.
 
-An export's files are known by their role: `Role("merged", "q4_k_m")` is written "merged:q4_k_m",
-`Role("lora")` "lora" (base:QUANT for the bare base beside a LoRA GGUF).
+Each is a dataclass here -- RunSummary; ExportManifest and its ExportedFile outputs; BenchReport
+and its BenchRow rows -- so stages pass fields, not string keys. An export's files are known by
+their role: `Role("merged", "q4_k_m")` is written "merged:q4_k_m", `Role("lora")` "lora"
+(base:QUANT for the bare base beside a LoRA GGUF).
 """
 from __future__ import annotations
 
