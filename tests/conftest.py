@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from tiny import build_model, build_tokenizer, cfg, chat_rows, write_jsonl  # noqa: E402
+from tiny import build_gguf, build_model, build_tokenizer, cfg, chat_rows, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +67,10 @@ def _llama_cpp_policy():
 
     with model_params_policy():
         yield
+
+
+@pytest.fixture(scope="session")
+def wider_gguf(tmp_path_factory) -> Path:
+    """A GGUF of the tiny llama's shape but wider feed-forward layers (768), written without torch:
+    a model tiny_export's LoRA does not fit."""
+    return build_gguf(tmp_path_factory.mktemp("wider") / "wider.gguf", intermediate=768)[0]

@@ -1,4 +1,5 @@
 """The laptop runtime (edgelora.runtime, `edgelora run` / `edgelora chat`) on a tiny exported model."""
+import json
 import os
 import re
 import signal
@@ -13,8 +14,7 @@ import pytest
 from edgelora import runtime
 from edgelora.errors import EdgeloraError
 from edgelora.llamacpp import handles
-from edgelora.exporter import export
-from tiny import assert_one_line_error, build_model, ctrl_c_default, needs_smollm2, run_cli
+from tiny import assert_one_line_error, ctrl_c_default, needs_smollm2, run_cli
 
 QUESTION = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -105,13 +105,6 @@ def test_this_build_is_cpu_only_and_gpu_requests_say_how_to_install():
 
 
 # ---------------------------------------------------------------- errors
-
-@pytest.fixture(scope="module")
-def wider_gguf(tmp_path_factory, tiny_tokenizer):
-    other = build_model(tmp_path_factory.mktemp("wider"), "llama", tiny_tokenizer, intermediate=768)
-    res = export(base=str(other), quants=["f16"], out=str(tmp_path_factory.mktemp("wider-gguf")))
-    return res.out_dir / res.files[0].file
-
 
 def test_bad_inputs_are_one_line_errors(gguf, wider_gguf, tmp_path):
     not_gguf = tmp_path / "model.gguf"
@@ -206,6 +199,34 @@ def test_the_laptop_side_imports_neither_torch_nor_transformers(module, command,
             "print([m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_gguf_written_without_torch_runs_where_torch_cannot_be_imported(tmp_path):
+    """The laptop side on a GGUF written by gguf-py and numpy alone, in a process where importing
+    torch or transformers fails: the chat template renders the prompt, llama.cpp's logits equal a
+    numpy forward pass of the same weights, and answers repeat."""
+    from tiny import build_gguf, reference_logits
+
+    path, weights = build_gguf(tmp_path / "tiny.gguf")
+    code = ("import json, sys\n"
+            "sys.modules['torch'] = sys.modules['transformers'] = None\n"
+            "import edgelora\n"
+            f"m = edgelora.load({str(path)!r}, device='cpu')\n"
+            f"prompt, answer = m.chat_tokens({QUESTION!r}, '6')\n"
+            f"first = m.chat({QUESTION!r}, max_tokens=6)\n"
+            "text = m.llm.detokenize(prompt, special=True).decode()\n"
+            f"print(json.dumps({{'prompt': prompt, 'answer': answer, 'text': text, "
+            f"'logits': m.logits(prompt + answer).tolist(), 'same': m.chat({QUESTION!r}, max_tokens=6) == first}}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["text"] == ("<|im_start|>system\nYou are a tiny test model.<|im_end|>\n<|im_start|>user\n"
+                           "What is 3 plus 3?<|im_end|>\n<|im_start|>assistant\n") and got["same"]
+    ids = got["prompt"] + got["answer"]
+    logits, reference = np.array(got["logits"]), reference_logits(weights, ids)
+    assert logits.shape == reference.shape == (len(ids), len(weights["token_embd.weight"]))
+    assert np.abs(logits - reference).max() < 0.02 * np.abs(reference).max()
+    assert (logits.argmax(-1) == reference.argmax(-1)).all()
 
 
 # ---------------------------------------------------------------- SmolLM2

@@ -21,9 +21,8 @@ from click.testing import CliRunner
 
 from edgelora import runtime
 from edgelora.cli import main
-from edgelora.exporter import export
 from edgelora.serve import build_app, listen, open_models
-from tiny import assert_one_line_error, build_model, ctrl_c_default
+from tiny import assert_one_line_error, ctrl_c_default
 
 KEY = "sk-test-key"
 LIMIT = 24  # --max-tokens-limit: also every answer's length here, which keeps the module fast
@@ -237,13 +236,6 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(client, server, referen
 
 
 # ---------------------------------------------------------------- start-up and CLI
-
-@pytest.fixture(scope="module")
-def wider_gguf(tmp_path_factory, tiny_tokenizer):
-    other = build_model(tmp_path_factory.mktemp("wider"), "llama", tiny_tokenizer, intermediate=768)
-    res = export(base=str(other), quants=["f16"], out=str(tmp_path_factory.mktemp("wider-gguf")))
-    return res.out_dir / res.files[0].file
-
 
 def test_bad_start_ups_are_one_line_errors(gguf, wider_gguf):
     base, lora = gguf["base:f16"], gguf["lora"]

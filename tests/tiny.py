@@ -77,6 +77,102 @@ def build_model(out: Path, arch: str = "llama", tokenizer=None, *, hidden: int =
     return out
 
 
+def build_gguf(path: Path, *, hidden: int = 256, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 512, n_ctx: int = 1024, seed: int = 0) -> tuple[Path, dict]:
+    """A tiny random llama GGUF written with gguf-py and numpy alone -- no torch, no converter, as
+    the laptop side has -- with a byte-level BPE vocabulary trained by `tokenizers` and the ChatML
+    template: (its path, its weights by GGUF name as numpy arrays (out, in), for reference_logits)."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    rng = np.random.default_rng(seed)
+    head_dim = hidden // heads
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "output.weight": (len(tokens), hidden)}
+    for i in range(layers):
+        shapes.update({f"blk.{i}.{name}.weight": shape for name, shape in [
+            ("attn_norm", (hidden,)), ("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * head_dim, hidden)),
+            ("attn_v", (kv_heads * head_dim, hidden)), ("attn_output", (hidden, hidden)), ("ffn_norm", (hidden,)),
+            ("ffn_gate", (intermediate, hidden)), ("ffn_up", (intermediate, hidden)),
+            ("ffn_down", (hidden, intermediate))]})
+    weights = {name: (1 + rng.normal(0, 0.1, shape) if len(shape) == 1 else rng.normal(0, 0.08, shape))
+               .astype(np.float32 if len(shape) == 1 else np.float16) for name, shape in shapes.items()}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-gguf")
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(intermediate)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    w.add_bos_token_id(spec["vocab"]["<|im_start|>"])
+    w.add_eos_token_id(spec["vocab"]["<|im_end|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    for name, array in weights.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, {"heads": heads, "kv_heads": kv_heads, "layers": layers, **weights}
+
+
+def reference_logits(model: dict, ids: list[int]):
+    """The llama forward pass of build_gguf's weights, in numpy (float64): RMSNorm, RoPE on
+    adjacent pairs (llama.cpp's "normal" rope, base 10000), grouped-query causal attention,
+    SwiGLU; the logits of every position."""
+    import numpy as np
+
+    w = {k: v.astype(np.float64) for k, v in model.items() if isinstance(v, np.ndarray)}
+    heads, kv_heads = model["heads"], model["kv_heads"]
+
+    def norm(x, weight):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * weight
+
+    def rope(x):  # (tokens, heads, head_dim)
+        half = x.shape[-1] // 2
+        angle = np.arange(len(x))[:, None] * 10000.0 ** (-np.arange(half) / half)
+        cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
+        return out
+
+    x = w["token_embd.weight"][ids]
+    n = len(ids)
+    for i in range(model["layers"]):
+        h = norm(x, w[f"blk.{i}.attn_norm.weight"])
+        q = rope((h @ w[f"blk.{i}.attn_q.weight"].T).reshape(n, heads, -1))
+        k = rope((h @ w[f"blk.{i}.attn_k.weight"].T).reshape(n, kv_heads, -1))
+        v = (h @ w[f"blk.{i}.attn_v.weight"].T).reshape(n, kv_heads, -1)
+        k, v = (np.repeat(t, heads // kv_heads, axis=1) for t in (k, v))
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
+        scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        attn = np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v).reshape(n, -1)
+        x = x + attn @ w[f"blk.{i}.attn_output.weight"].T
+        h = norm(x, w[f"blk.{i}.ffn_norm.weight"])
+        gate = h @ w[f"blk.{i}.ffn_gate.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w[f"blk.{i}.ffn_up.weight"].T)) @ w[f"blk.{i}.ffn_down.weight"].T
+    return norm(x, w["output_norm.weight"]) @ w["output.weight"].T
+
+
 def ctrl_c_default() -> None:
     """Popen(preexec_fn=ctrl_c_default): the child takes SIGINT as a terminal's Ctrl-C, even when the
     tests run as a background job (which starts every child with SIGINT ignored)."""
