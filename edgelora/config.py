@@ -64,8 +64,8 @@ class TrainConfig:
     json_schema: bool = _arg(True, "When every answer is JSON, infer its schema into RUN_DIR/schema.json.")
     eval_every: int = _arg(50, "Steps between eval-loss measurements.")
     save_every: int = _arg(100, "Steps between checkpoints.")
-    keep_checkpoints: int = _arg(2, "Checkpoints kept, the newest.", cli=False)
-    log_every: int = _arg(1, "Steps between metrics rows.", cli=False)
+    keep_checkpoints: int = _arg(2, "Checkpoints kept, the newest (each holds the adapter and the optimizer state).")
+    log_every: int = _arg(1, "Steps between rows of metrics.jsonl.")
     extra: dict = _arg({}, "Reserved for forward compatibility.", cli=False)
 
     def resolved(self) -> "TrainConfig":
