@@ -7,17 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from edgelora import runtime
 from edgelora.bench import bench, final_answer, json_fields, make_scorer, pick_score, read_eval, task_result
-from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.handoff import BenchReport, BenchRow
 from edgelora.bench.report import recommend
 from edgelora.trainer import train
-from tiny import assert_one_line_error, cfg, chat_rows, write_jsonl
+from tiny import assert_one_line_error, cfg, chat_rows, run_cli, write_jsonl
 
 LIMIT = 5
 
@@ -265,10 +263,6 @@ def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
 
 
 # ---------------------------------------------------------------- CLI and bad input
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
 
 def test_cli_prints_the_table_and_keeps_an_existing_report(exported, eval_file, tmp_path):
     _, out_dir = exported

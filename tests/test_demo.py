@@ -4,11 +4,9 @@ import json
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from edgelora.cli import main
 from edgelora.demo import MODES, demo_data
-from tiny import needs_smollm2
+from tiny import needs_smollm2, run_cli
 
 pytestmark = [pytest.mark.slow, needs_smollm2]
 
@@ -17,7 +15,7 @@ pytestmark = [pytest.mark.slow, needs_smollm2]
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
     t0 = time.time()
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    r = run_cli("demo", "--quick", "--out", out)
     assert r.exit_code == 0, r.output
     return out, r.output, time.time() - t0
 
@@ -51,7 +49,7 @@ def test_a_rerun_reuses_every_stage(quick_demo):
     out, _, first = quick_demo
     report = (out / "run" / "export" / "bench" / "report.json").read_bytes()
     t0 = time.time()
-    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    r = run_cli("demo", "--quick", "--out", out)
     assert r.exit_code == 0, r.output
     assert r.output.count("done already") == 4
     assert (out / "run" / "export" / "bench" / "report.json").read_bytes() == report

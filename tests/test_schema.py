@@ -6,11 +6,9 @@ import json
 
 import jsonschema
 import pytest
-from click.testing import CliRunner
-from tiny import CLOSED, cfg, write_jsonl
+from tiny import CLOSED, cfg, run_cli, write_jsonl
 
 from edgelora import schema as S
-from edgelora.cli import main
 from edgelora.errors import EdgeloraError
 
 
@@ -82,12 +80,12 @@ def test_the_grammar_keeps_control_characters_out_of_strings():
 def test_schema_command_prints_the_schema_or_why_not(tmp_path):
     good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": f"q{i}", "output": json.dumps({"n": i, "ok": True})}
                                                  for i in range(3)])
-    r = CliRunner().invoke(main, ["schema", str(good)])
+    r = run_cli("schema", good)
     assert r.exit_code == 0, r.output
     schema = json.loads(r.stdout)
     assert schema["properties"] == {"n": {"type": "integer"}, "ok": {"type": "boolean"}}
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": "{}"}, {"instruction": "q", "output": "no"}])
-    r = CliRunner().invoke(main, ["schema", str(bad)])
+    r = run_cli("schema", bad)
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip() == f"error: no JSON schema: the answer at {bad}:2 is not JSON (Expecting value at column 1)"
 
@@ -135,7 +133,7 @@ def test_a_run_with_json_answers_carries_its_schema_to_the_export_and_run(tmp_pa
     assert json.loads((res.out_dir / "schema.json").read_text()) == schema
     assert 'as "format"' in (res.out_dir / "Modelfile").read_text()
     model = res.out_dir / res.files[0].file
-    r = CliRunner().invoke(main, ["run", str(model), "-p", "Is 7 even?", "--json-schema", "auto", "--max-tokens", "64"])
+    r = run_cli("run", model, "-p", "Is 7 even?", "--json-schema", "auto", "--max-tokens", 64)
     assert r.exit_code == 0, r.output
     jsonschema.validate(json.loads(r.stdout.strip().splitlines()[-1]), schema)
 
@@ -145,6 +143,6 @@ def test_a_run_with_json_answers_carries_its_schema_to_the_export_and_run(tmp_pa
 
 
 def test_json_schema_auto_without_a_schema_beside_the_model_is_one_error(tiny_export):
-    r = CliRunner().invoke(main, ["run", str(tiny_export["merged:f16"]), "-p", "hi", "--json-schema", "auto"])
+    r = run_cli("run", tiny_export["merged:f16"], "-p", "hi", "--json-schema", "auto")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "--json-schema auto: no schema.json beside" in r.output

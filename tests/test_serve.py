@@ -17,12 +17,10 @@ from types import SimpleNamespace
 import openai
 import pytest
 import uvicorn
-from click.testing import CliRunner
 
 from edgelora import runtime
-from edgelora.cli import main
 from edgelora.serve import build_app, listen, open_models
-from tiny import assert_one_line_error, ctrl_c_default
+from tiny import assert_one_line_error, ctrl_c_default, run_cli
 
 KEY = "sk-test-key"
 LIMIT = 24  # --max-tokens-limit: also every answer's length here, which keeps the module fast
@@ -249,10 +247,10 @@ def test_bad_start_ups_are_one_line_errors(gguf, wider_gguf):
         ((lora,), f"model {lora} is a LoRA adapter"),
     ]
     for args, message in cases:
-        assert_one_line_error(CliRunner().invoke(main, ["serve", *map(str, args), "--port", "0"]), message)
+        assert_one_line_error(run_cli("serve", *args, "--port", 0), message)
     with listen("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
-        assert_one_line_error(CliRunner().invoke(main, ["serve", str(base), "--port", str(port)]),
+        assert_one_line_error(run_cli("serve", base, "--port", port),
                               f"cannot listen on 127.0.0.1:{port}")
 
 
