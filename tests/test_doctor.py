@@ -76,7 +76,7 @@ def test_a_lora_checked_on_its_base_and_on_another(tiny_export, tiny_tokenizer, 
     assert checks["logits"][0] and checks["adapter"][0]
     other = build_model(tmp_path / "other", "llama", tiny_tokenizer, seed=7)  # same shapes, other weights
     converted = export(None, base=str(other), quants=["f16"], out=str(tmp_path / "o"), imatrix="none").files[0]
-    r, checks = doctor(tmp_path / "o" / converted["file"], "--lora", tiny_export["lora"])
+    r, checks = doctor(tmp_path / "o" / converted.file, "--lora", tiny_export["lora"])
     assert r.exit_code == 1 and not checks["lora_base"][0] and checks["loads"][0]  # llama.cpp takes it: shapes match
     assert re.fullmatch(r"the LoRA was made for the base with sha256 [0-9a-f]{12}; other-f16.gguf is [0-9a-f]{12}, a "
                         r"conversion of [0-9a-f]{12}", checks["lora_base"][1]), checks["lora_base"][1]

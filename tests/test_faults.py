@@ -171,8 +171,8 @@ def test_damaged_summary_json(run_dir, tmp_path, content, message):
 
 @pytest.mark.parametrize("mangle, message", [
     (lambda m: "{torn", "damaged export manifest, not valid JSON"),
-    (lambda m: json.dumps({**m, "outputs": [{"file": "x.gguf"}]}), "damaged export manifest (KeyError: 'role')"),
-    (lambda m: json.dumps({**m, "inputs": 5}), "damaged export manifest (TypeError"),
+    (lambda m: json.dumps({**m, "outputs": [{"file": "x.gguf"}]}), "damaged export manifest (output 1) (no 'role')"),
+    (lambda m: json.dumps({**m, "inputs": 5}), "damaged export manifest (its inputs or outputs are not what an export"),
 ])
 def test_damaged_manifest_json(tiny_export, tmp_path, mangle, message):
     export = tmp_path / "export"
