@@ -119,7 +119,7 @@ class ExportManifest:
     name: str  # the model's name in its files
     base: dict  # inputs.base: spec, kind (gguf | hf), path, sha256
     adapter: Optional[dict]  # inputs.adapter: path, sha256; None for a plain conversion
-    outputs: list[ExportedFile]
+    outputs: list[ExportedFile] = field(metadata={"item": "output"})
     card: dict = field(default_factory=dict)  # the model card written into the merged files
     checks: Optional[list] = None  # edgelora.verify's checks; None when not verified
     imatrix: Optional[dict] = None  # the importance matrix used: file, sha256, computed, datasets, ...
@@ -147,11 +147,7 @@ class ExportManifest:
         inputs, outputs = data["inputs"], data["outputs"]
         if not isinstance(inputs, dict) or not isinstance(inputs.get("base"), dict) or not isinstance(outputs, list):
             raise EdgeloraError(f"{damaged} (its inputs or outputs are not what an export writes)")
-        manifest = _typed(cls, {"name": "", **data, "base": inputs["base"],
-                                "adapter": inputs.get("adapter"), "outputs": []}, damaged)
-        manifest.outputs = [_typed(ExportedFile, o if isinstance(o, dict) else {}, f"{damaged} (output {i + 1})")
-                            for i, o in enumerate(outputs)]
-        return manifest
+        return _typed(cls, {"name": "", **data, "base": inputs["base"], "adapter": inputs.get("adapter")}, damaged)
 
 
 @dataclass
@@ -190,7 +186,7 @@ class BenchReport:
     threshold: float  # the recommendation keeps at least this share of the reference's task score
     settings: dict  # edgelora.bench.Settings: score, pattern, max_tokens, device, threads
     reference: str  # its row's label
-    rows: list[BenchRow]
+    rows: list[BenchRow] = field(metadata={"item": "row"})
     recommendation: dict  # label, model, text
     expected: list = field(default_factory=list)  # the reference answers
     machine: dict = field(default_factory=dict)
@@ -205,13 +201,7 @@ class BenchReport:
     @classmethod
     def read(cls, folder: Path | str) -> "BenchReport":
         path = Path(folder) / REPORT_FILE
-        damaged = f"{path}: damaged bench report"
-        data = read_versioned(path, "bench report", ("rows",))
-        report = _typed(cls, {**data, "rows": []}, damaged)
-        rows = data["rows"] if isinstance(data["rows"], list) else [None]
-        report.rows = [_typed(BenchRow, r if isinstance(r, dict) else {}, f"{damaged} (row {i + 1})")
-                       for i, r in enumerate(rows)]
-        return report
+        return _typed(cls, read_versioned(path, "bench report", ("rows",)), f"{path}: damaged bench report")
 
 
 _JSON_KINDS = {str: str, bool: bool, int: int, float: (int, float), dict: dict, list: list, Role: str}
@@ -231,7 +221,8 @@ def _fits(value, hint) -> bool:
 
 def _typed(cls, data: dict, damaged: str):
     """`cls` from the JSON object `data` (keys it does not know are ignored: a newer edgelora's
-    additions), each field's type checked: else one line starting with `damaged`."""
+    additions), each field's type checked, a list of dataclasses item by item (named by the
+    field's "item"): else one line starting with `damaged`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {k: v for k, v in data.items() if k in fields}
@@ -244,6 +235,11 @@ def _typed(cls, data: dict, damaged: str):
             raise EdgeloraError(f"{damaged} ('{name}' is {value!r})")
     if hints.get("role") is Role and "role" in values:
         values["role"] = Role.parse(values["role"])
+    for name, f in fields.items():
+        item = (typing.get_args(hints[name]) or [None])[0]
+        if dataclasses.is_dataclass(item):
+            values[name] = [_typed(item, v if isinstance(v, dict) else {}, f"{damaged} ({f.metadata['item']} {i + 1})")
+                            for i, v in enumerate(values[name])]
     return cls(**values)
 
 
