@@ -6,6 +6,12 @@ collects (tools/imatrix), here measured in torch on the fine-tuned model (base +
 the weights the merged GGUF holds) running the run's own training examples, rendered exactly as
 in training. llama.cpp's quantiser then spends its rounding error where activations are small.
 
+Unlike llama.cpp's tool, export weights the tokens: one that comes before an answer token counts
+1 + A x the model's entropy over that answer token (A = DECISION_WEIGHT, 100), every other token
+once. The columns that carry the fine-tuned model's uncertain decisions (is this contact remote,
+which field comes next) then weigh most; the prompt and the answer's predictable tokens least
+(measured in benchmarks/quant_quality.py, --decision-weight 0 for llama.cpp's way).
+
 Files are llama.cpp's own format, so `llama-quantize --imatrix` takes ours and we take theirs:
 a GGUF with general.type = imatrix, `<tensor>.in_sum2` (F32, [n_mat, n_cols]) and `<tensor>.counts`
 (F32, [n_mat, 1]) per weight, imatrix.datasets / chunk_count / chunk_size; or the legacy .dat.
