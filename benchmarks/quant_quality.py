@@ -25,7 +25,7 @@ pass --rebench, to measure again.
 
     python benchmarks/quant_quality.py                       # both tasks (about an hour on 2 cores)
     python benchmarks/quant_quality.py --tasks extract --limit 30 --target-size 72MiB
-    python benchmarks/quant_quality.py --tasks records --decision-weight 0   # every token alike, as llama.cpp
+    python benchmarks/quant_quality.py --tasks records --decision-weight 100   # weight the decisions
 
 Each --decision-weight has its own imatrix exports and bench under --work; the run and the
 exports without the imatrix are shared.

@@ -159,9 +159,10 @@ def schema(data, data_format, no_enums):
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Most calibration tokens for --imatrix auto.")
-@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=100.0, show_default=True,
+@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               metavar="A", help="For --imatrix auto: a token before an answer token counts 1 + A x the model's "
-                                "entropy over that answer token (0: every token alike, as llama.cpp's imatrix tool).")
+                                "entropy over that answer token (0: every token alike, as llama.cpp's imatrix "
+                                "tool; 100 kept a task of a few uncertain decisions at q2_k).")
 @click.option("--target-size", metavar="SIZE",
               help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")

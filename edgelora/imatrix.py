@@ -6,11 +6,14 @@ collects (tools/imatrix), here measured in torch on the fine-tuned model (base +
 the weights the merged GGUF holds) running the run's own training examples, rendered exactly as
 in training. llama.cpp's quantiser then spends its rounding error where activations are small.
 
-Unlike llama.cpp's tool, export weights the tokens: one that comes before an answer token counts
-1 + A x the model's entropy over that answer token (A = DECISION_WEIGHT, 100), every other token
-once. The columns that carry the fine-tuned model's uncertain decisions (is this contact remote,
-which field comes next) then weigh most; the prompt and the answer's predictable tokens least
-(measured in benchmarks/quant_quality.py, --decision-weight 0 for llama.cpp's way).
+Export can also weight the tokens (`--imatrix-decision-weight A`; by default every token counts
+once, as in llama.cpp's tool): a token that comes before an answer token then counts 1 + A x the
+model's entropy over that answer token. The columns that carry the fine-tuned model's uncertain
+decisions (is this contact remote, which field comes next) weigh most; the prompt and the
+answer's predictable tokens least. It helps a task decided by a few uncertain tokens and can
+hurt one that is not (benchmarks/quant_quality.py --decision-weight 100: q2_k scored 0.906 on
+the records task against the f16's 0.979, but 0.878 on the demo's extract task against 1.000,
+where q2_k made without any matrix scored 0.978).
 
 Files are llama.cpp's own format, so `llama-quantize --imatrix` takes ours and we take theirs:
 a GGUF with general.type = imatrix, `<tensor>.in_sum2` (F32, [n_mat, n_cols]) and `<tensor>.counts`
@@ -35,7 +38,7 @@ KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chu
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DECISION_WEIGHT = "edgelora.imatrix.decision_weight"  # ours: llama.cpp's reader ignores it
 DEFAULT_TOKENS = 32768
-DECISION_WEIGHT = 100.0  # export's default: see compute, and benchmarks/quant_quality.py
+DECISION_WEIGHT = 0.0  # export's default: every token alike (see compute, and the module docstring)
 
 
 @dataclass

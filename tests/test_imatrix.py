@@ -226,7 +226,8 @@ def test_weights_are_grouped_by_class_and_a_third_of_the_layers():
 def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     run = tiny_export["merged:f16"].parent.parent
     out = tmp_path / "ex"
-    r = run_cli("export", run, "--quant", "q4_k_m", "--out", out, "--imatrix-tokens", 300)
+    r = run_cli("export", run, "--quant", "q4_k_m", "--out", out, "--imatrix-tokens", 300,
+                "--imatrix-decision-weight", 100)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     info = manifest["imatrix"]
@@ -234,7 +235,7 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
     written = IM.read(out / info["file"])
     assert written.counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
-    assert info["decision_weight"] == written.decision_weight == IM.DECISION_WEIGHT
+    assert info["decision_weight"] == written.decision_weight == 100 != IM.DECISION_WEIGHT
     (q4,) = manifest["outputs"]
     check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
