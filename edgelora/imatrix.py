@@ -10,10 +10,9 @@ Export can also weight the tokens (`--imatrix-decision-weight A`; by default eve
 once, as in llama.cpp's tool): a token that comes before an answer token then counts 1 + A x the
 model's entropy over that answer token. The columns that carry the fine-tuned model's uncertain
 decisions (is this contact remote, which field comes next) weigh most; the prompt and the
-answer's predictable tokens least. It helps a task decided by a few uncertain tokens and can
-hurt one that is not (benchmarks/quant_quality.py --decision-weight 100: q2_k scored 0.906 on
-the records task against the f16's 0.979, but 0.878 on the demo's extract task against 1.000,
-where q2_k made without any matrix scored 0.978).
+answer's predictable tokens least (benchmarks/quant_quality.py --decision-weight 100: q2_k scored
+0.906 on the records task against 0.871 unweighted, f16 0.979; on the extract task 0.878 against
+0.872).
 
 Files are llama.cpp's own format, so `llama-quantize --imatrix` takes ours and we take theirs:
 a GGUF with general.type = imatrix, `<tensor>.in_sum2` (F32, [n_mat, n_cols]) and `<tensor>.counts`
