@@ -252,7 +252,7 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    measuring: list[tuple[torch.Tensor, torch.Tensor]] = []  # the batch's (real-token mask, token weights)
+    measuring: list[tuple] = []  # the batch's (real-token mask, token weights or None: every token once)
 
     def hook_for(name: str):
         def hook(_module, inputs, _output):
@@ -260,7 +260,8 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
                 return
             mask, weight = measuring[0]
             x = inputs[0][mask].double()  # (real tokens, n_cols)
-            sums[name] = sums.get(name, 0) + (x * x * weight[mask][:, None]).sum(0)
+            squares = x * x if weight is None else x * x * weight[mask][:, None]
+            sums[name] = sums.get(name, 0) + squares.sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook
 
@@ -287,8 +288,9 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
                     attention[row, :n] = 1
                     if weighted:
                         deciding[row, :n - 1] = torch.tensor(labels[i][1:n]) != -100
-                weight = torch.ones((len(batch), width), dtype=torch.float64)
+                weight = None
                 if deciding.any():
+                    weight = torch.ones((len(batch), width), dtype=torch.float64)
                     hidden = body(input_ids=ids, attention_mask=attention).last_hidden_state[deciding]
                     logp = torch.log_softmax(head(hidden).double(), dim=-1)
                     weight[deciding] += decision_weight * -(logp.exp() * logp).sum(-1)
