@@ -189,8 +189,12 @@ class KLProbe:
                 break
         if not self.rows:
             raise EdgeloraError("no answer tokens in the calibration examples to measure KL divergence on")
-        self.n_ctx = -(-max(len(ids) for ids, _ in self.rows) // CTX_STEP) * CTX_STEP
+        self.prompts = [p for ids, labels in sequences if (p := _first_prompt(ids, labels))]
+        longest = max([len(ids) for ids, _ in self.rows] + [len(p) + limit for p, limit in self.prompts])
+        self.n_ctx = -(-longest // CTX_STEP) * CTX_STEP
+        self.loras = loras
         self.reference = [lp.astype(np.float32) for lp in self.logprobs(f16, loras)]
+        self._answers: Optional[list[list[int]]] = None  # the reference's greedy answers to the prompts
 
     def __call__(self, types: dict[str, str]) -> float:
         """KL of the f16 model with the weights in `types` quantised as given (the rest kept f16)."""
@@ -210,6 +214,37 @@ class KLProbe:
         """Mean KL(f16 || the GGUF at `path`) over the probe's positions."""
         return self.against(self.logprobs(path))[0]
 
+    def answers_kept(self, path: Path) -> Optional[int]:
+        """How many of the probe's prompts (the sequences' first turns, up to their answer) the GGUF
+        at `path` answers greedily exactly as the reference does, token for token and ending where it
+        ends: what a task scored on greedy answers sees, where mean KL may not (a file can be closer
+        on average and still flip the one uncertain token a field hangs on). None: no prompts (text
+        data). Read in one pass per prompt over prompt + the reference's answer: a greedy answer is
+        the same exactly when the file ranks the reference's token first at every position of it."""
+        from .runtime import load
+
+        if not self.prompts:
+            return None
+        if self._answers is None:
+            self._answers = self._reference_answers()
+        rt = load(path, n_ctx=self.n_ctx)
+        return sum(_follows(rt, prompt, answer) == len(answer)
+                   for (prompt, _), answer in zip(self.prompts, self._answers))
+
+    def _reference_answers(self) -> list[list[int]]:
+        """The reference's greedy answers, each cut where reading it whole ranks another token first
+        (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
+        reference keeps all of its own."""
+        from .llamacpp import greedy
+        from .runtime import load
+
+        rt = load(self.f16, loras=self.loras, n_ctx=self.n_ctx)
+        answers = []
+        for prompt, limit in self.prompts:
+            answer = greedy(rt.llm, prompt, limit)
+            answers.append(answer[:_follows(rt, prompt, answer)])
+        return answers
+
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
         """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""
         from .bench import log_softmax
@@ -228,3 +263,23 @@ class KLProbe:
             agree += int((p.argmax(-1) == q.argmax(-1)).sum())
             n += len(p)
         return kl / n, agree / n
+
+
+def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int], int]]:
+    """(the tokens before a sequence's first answer, the most tokens a greedy answer to them may
+    take: twice the trained answer, + 16), None where the sequence has no prompt (text data)."""
+    start = next((j for j in range(1, len(ids)) if labels[j] != -100), None)
+    if start is None or labels[start - 1] != -100:
+        return None
+    end = next((j for j in range(start, len(ids)) if labels[j] == -100), len(ids))
+    return list(ids[:start]), 2 * (end - start) + 16
+
+
+def _follows(rt, prompt: list[int], answer: list[int]) -> int:
+    """How many of `answer`'s first tokens the model in `rt` ranks first after `prompt` (and the
+    answer's tokens before each)."""
+    if not answer:
+        return 0
+    top = rt.logits(prompt + answer)[len(prompt) - 1:-1].argmax(-1)
+    same = top == np.asarray(answer)
+    return int(same.argmin()) if not same.all() else len(answer)

@@ -153,16 +153,16 @@ def schema(data, data_format, no_enums):
 @click.option("--lora-gguf", is_flag=True, help="Also write the adapter as a llama.cpp LoRA GGUF (and the base beside it).")
 @click.option("--imatrix", default="auto", show_default=True, metavar="auto|none|FILE",
               help="Importance matrix for the quantiser: auto = measured on the run's own training examples "
-                   "(each quant is also made without it, and the file with the lower KL on held-out training "
-                   "examples is kept); FILE = a llama.cpp imatrix (.gguf or .dat).")
+                   "(each quant is also made without it, and the file that answers more held-out training "
+                   "prompts as the f16 does, then the lower KL, is kept); FILE = a llama.cpp imatrix (.gguf or .dat).")
 @click.option("--imatrix-data", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
               help="Most calibration tokens for --imatrix auto.")
-@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=100.0, show_default=True,
               metavar="A", help="For --imatrix auto: a token before an answer token counts 1 + A x the model's "
                                 "entropy over that answer token (0: every token alike, as llama.cpp's imatrix "
-                                "tool; 100 kept a task of a few uncertain decisions at q2_k).")
+                                "tool; the default kept a task of a few uncertain decisions at q2_k).")
 @click.option("--target-size", metavar="SIZE",
               help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")

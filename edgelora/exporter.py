@@ -135,8 +135,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     answer token count (edgelora.imatrix.compute); 0 weighs every token alike.
     target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
     chosen to that budget by measured loss (edgelora.budget).
-    keep_better: where an imatrix was used, also quantise without it and keep the file with the
-    lower KL on held-out training examples (both KLs are in the manifest either way).
+    keep_better: where an imatrix was used, also quantise without it and keep the file that answers
+    more held-out training prompts greedily as the f16 does, then the one with the lower KL (the
+    figures of both are in the manifest either way).
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
     verify: check the written files against the run's first `verify_examples` training examples
     (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
@@ -334,32 +335,33 @@ def _probe(f16: Path, calibration: Calibration):
 
 def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optional[IM.IMatrix], probe,
                       keep_better: bool = True) -> tuple[dict, Optional[dict]]:
-    """`quant` with the importance matrix where it helps, measured: where the probe can measure (KL
-    from the f16 on held-out training examples), the file is also made without the matrix and, if
-    the two differ, with it for one group of weights at a time (a class of weight in a third of the
-    layers: attn_q in blk.0-9, ...), then with it for exactly the groups that lowered the KL on
-    their own. The file with the lowest KL is kept; without `keep_better`, the lowest of those made
-    with the matrix. All KLs go in the manifest. llama.cpp quantises twice; the per-group files are
+    """`quant` with the importance matrix where it helps, measured: where the probe can measure, the
+    file is also made without the matrix and, if the two differ, with it for one group of weights at
+    a time (a class of weight in a third of the layers: attn_q in blk.0-9, ...), then with it for
+    exactly the groups that lowered the KL from the f16 on held-out training examples on their own.
+    Of those files the one that answers most of the held-out prompts greedily as the f16 does is
+    kept, the lowest KL among equals; without `keep_better`, the best of those made with the
+    matrix. All figures go in the manifest. llama.cpp quantises twice; the per-group files are
     those two files' tensors recombined.
 
     Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
     calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
     (attn_output, ffn_up in most layers; attn_q and attn_v in the last third) while lowering it for
-    others: benchmarks/quant_quality.py."""
+    others. Why answers first: a file can be closer to the f16 on average and still flip the few
+    uncertain tokens a task's fields hang on (the extract task's q2_k: KL 0.027 with the matrix,
+    0.040 without, yet a tenth of its fields lost; benchmarks/quant_quality.py)."""
     import filecmp
 
     from .quantize import TensorSwap, quantize
 
     if importance is None or probe is None:
         return quantize(f16, dst, quant, imatrix=importance), None
-    made: dict[str, tuple[float, Path]] = {}  # label -> (KL, temp file)
+    made: dict[str, tuple[float, Optional[int]]] = {}  # label -> (KL, answers kept)
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
-    def measure(label: str, keep: bool = True) -> float:
-        kl = probe.measure(paths[label])
-        if keep:
-            made[label] = (kl, paths[label])
-        return kl
+    def measure(label: str) -> float:
+        made[label] = (probe.measure(paths[label]), probe.answers_kept(paths[label]))
+        return made[label][0]
 
     groups = _weight_groups(importance.sums)
     try:
@@ -367,30 +369,34 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
         quantize(f16, paths["none"], quant)
         by_group, helped = {}, []
         if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
-            kl_all = kl_none = measure("all")
+            measure("all")
+            made["none"] = made["all"]
         else:
-            kl_all, kl_none = measure("all"), measure("none")
+            kl_none = measure("none")
+            measure("all")
             swap = TensorSwap(paths["none"], paths["all"])
             for group, names in groups.items():
                 swap.write(names, paths["trial"])
-                by_group[group] = measure("trial", keep=False)
+                by_group[group] = probe.measure(paths["trial"])
             helped = [g for g in groups if by_group[g] < kl_none]
             if helped and len(helped) < len(groups):
                 swap.write([n for g in helped for n in groups[g]], paths["chosen"])
                 measure("chosen")
-        candidates = {k: v for k, v in made.items() if keep_better or k != "none"}
-        kept = min(candidates, key=lambda k: candidates[k][0])
-        kl = made[kept][0]
+        candidates = [k for k in ("all", "chosen", "none") if k in made and (keep_better or k != "none")]
+        kept = max(candidates, key=lambda k: (made[k][1] or 0, -made[k][0]))
         os.replace(paths[kept], dst)
         used = {"all": list(groups), "chosen": helped}.get(kept, [])
-        log.info("%s: KL %.3g with the importance matrix, %.3g without%s: keeping the file %s", dst.name, kl_all,
-                 kl_none, f", {made['chosen'][0]:.3g} with it for the {len(helped)} of {len(groups)} groups of weights"
-                 " it helps alone" if "chosen" in made else "",
-                 "with it for those" if kept == "chosen" else f"{'with' if used else 'without'} it")
+        log.info("%s: %s; keeping the file %s", dst.name, "; ".join(
+            f"{label} KL {kl:.3g}" + ("" if answers is None else f", {answers} of {len(probe.prompts)} answers as f16")
+            for label, (kl, answers) in made.items()), "with it for those" if kept == "chosen" else
+            f"{'with' if used else 'without'} it")
         result = {**result, "path": str(dst)}
-        return result, {"kl_with_imatrix": kl_all, "kl_without": kl_none, "kl_by_group": by_group,
-                        "kl_chosen": made["chosen"][0] if "chosen" in made else None, "kl_kept": kl,
-                        "imatrix_kept": bool(used), "imatrix_groups": used, "sequences": len(probe.rows)}
+        figures = {f"{what}_{suffix}": made[label][i] if label in made else None
+                   for label, suffix in (("all", "with_imatrix"), ("none", "without"), ("chosen", "chosen"))
+                   for i, what in enumerate(("kl", "answers"))}
+        return result, {**figures, "kl_by_group": by_group, "kl_kept": made[kept][0], "answers_kept": made[kept][1],
+                        "answers_of": len(probe.prompts), "imatrix_kept": bool(used), "imatrix_groups": used,
+                        "sequences": len(probe.rows)}
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)

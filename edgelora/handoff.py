@@ -105,7 +105,7 @@ class ExportedFile:
     tensor_types: dict = field(default_factory=dict)  # llama.cpp type -> how many tensors
     class_types: dict = field(default_factory=dict)  # kind of weight (attn_q, ...) -> {type: how many}
     imatrix: bool = False  # quantised with the importance matrix (for some weights at least)
-    imatrix_check: Optional[dict] = None  # KLs with and without it, and which file was kept
+    imatrix_check: Optional[dict] = None  # KLs and answers kept with and without it, and which file was kept
     fallbacks: Optional[dict] = None  # weights whose rows a K-quant could not take: count, by_type
 
     def as_json(self) -> dict:

@@ -6,8 +6,8 @@ collects (tools/imatrix), here measured in torch on the fine-tuned model (base +
 the weights the merged GGUF holds) running the run's own training examples, rendered exactly as
 in training. llama.cpp's quantiser then spends its rounding error where activations are small.
 
-Export can also weight the tokens (`--imatrix-decision-weight A`; by default every token counts
-once, as in llama.cpp's tool): a token that comes before an answer token then counts 1 + A x the
+Export weights the tokens (`--imatrix-decision-weight A`, default 100; 0 counts every token
+once, as llama.cpp's tool does): a token that comes before an answer token counts 1 + A x the
 model's entropy over that answer token. The columns that carry the fine-tuned model's uncertain
 decisions (is this contact remote, which field comes next) weigh most; the prompt and the
 answer's predictable tokens least (benchmarks/quant_quality.py --decision-weight 100: q2_k scored
@@ -37,7 +37,7 @@ KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chu
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DECISION_WEIGHT = "edgelora.imatrix.decision_weight"  # ours: llama.cpp's reader ignores it
 DEFAULT_TOKENS = 32768
-DECISION_WEIGHT = 0.0  # export's default: every token alike (see compute, and the module docstring)
+DECISION_WEIGHT = 100.0  # export's default: tokens before uncertain answer tokens weigh most (see compute)
 
 
 @dataclass

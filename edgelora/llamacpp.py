@@ -173,3 +173,30 @@ def all_logits(llm, tokens):
         llm._ctx.decode(batch)
         out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
     return out
+
+
+def greedy(llm, prompt, limit: int) -> list[int]:
+    """The greedy continuation of `prompt` (token ids, read from position 0): llama.cpp's top token
+    one at a time, at most `limit`, ending with the first end-of-generation token if one comes.
+    No sampler, no penalties: what temperature 0 answers. Clears the KV cache first."""
+    import llama_cpp
+    import numpy as np
+
+    _, _, vocab, batch = handles(llm)
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+    out: list[int] = []
+    pending, n_past = list(prompt), 0
+    while len(out) < limit:
+        for start in range(0, len(pending), llm.n_batch):
+            chunk = pending[start:start + llm.n_batch]
+            batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=False)  # logits of the last token only
+            llm._ctx.decode(batch)
+        n_past += len(pending)
+        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
+        out.append(token)
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            break
+        pending = [token]
+    return out

@@ -7,6 +7,7 @@ import pytest
 from edgelora import budget as B
 from edgelora.errors import EdgeloraError
 from edgelora.gguf_info import inspect_gguf
+from test_imatrix import kept_of
 from tiny import assert_one_line_error, run_cli
 
 
@@ -93,10 +94,9 @@ def test_the_budgeted_file_meets_the_target_and_reports_its_choice(budgeted):
     auto = next(o for o in manifest["outputs"] if o["role"] == "merged:auto")
     path = out / auto["file"]
     assert auto["file"] == "tiny-run-auto.gguf" and auto["fallbacks"]["count"] == 0
-    check = auto["imatrix_check"]  # the budget's types made with and without the matrix: the lower KL kept
-    made = [check["kl_with_imatrix"], check["kl_without"]] + ([check["kl_chosen"]] if check["kl_chosen"] else [])
-    assert check["kl_kept"] == min(made) == manifest["budget"]["measured_kl"]
-    assert auto["imatrix"] == check["imatrix_kept"]
+    check = auto["imatrix_check"]  # the budget's types made with and without the matrix: the better kept
+    assert check["kl_kept"] == manifest["budget"]["measured_kl"]
+    assert auto["imatrix"] == check["imatrix_kept"] == (kept_of(check) != "without")
     assert 900_000 <= path.stat().st_size <= 1_000_000
     info = inspect_gguf(path)
     b = manifest["budget"]
@@ -133,3 +133,38 @@ def test_target_bpw_and_bad_requests(tiny_export, tmp_path):
     assert not (tmp_path / "y" / "tiny-run-auto.gguf").exists()
     assert_one_line_error(run_cli("export", run, "--target-size", "1MB", "--target-bpw", 4, "--out", tmp_path / "z"),
                           "not both")
+
+
+def test_a_probe_counts_the_held_out_prompts_a_file_answers_as_the_f16_does(tiny_export, run_dir, tmp_path):
+    """answers_kept against llama-cpp-python's own temperature-0 sampling, prompt by prompt: the f16
+    keeps all of its own answers; the base without the adapter, only those it happens to share."""
+    import llama_cpp
+
+    from edgelora import exporter as E
+    from edgelora.llamacpp import handles
+    from edgelora.runtime import load
+
+    plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
+    calibration = E._calibration(plan, None, 0)
+    f16, base = tiny_export["merged:f16"], tiny_export["base:f16"]
+    probe = E._probe(f16, calibration)
+    assert len(probe.prompts) == min(32, len(calibration.sequences))  # chat: every sequence has a prompt
+
+    def answers(path):
+        rt = load(path, n_ctx=probe.n_ctx)
+        out = []
+        for prompt, limit in probe.prompts:
+            answer = []
+            for token in rt.llm.generate(prompt, temp=0.0, reset=True):
+                answer.append(token)
+                if llama_cpp.llama_vocab_is_eog(handles(rt.llm)[2], token) or len(answer) == limit:
+                    break
+            out.append(answer)
+        return out
+
+    reference = answers(f16)
+    assert probe.answers_kept(f16) == len(probe.prompts)
+    for path in (tiny_export["merged:q8_0"], base):
+        shared = sum(a == b for a, b in zip(answers(path), reference))
+        assert probe.answers_kept(path) == shared
+    assert shared < len(probe.prompts)  # the adapter changed the answers

@@ -227,7 +227,7 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     run = tiny_export["merged:f16"].parent.parent
     out = tmp_path / "ex"
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", out, "--imatrix-tokens", 300,
-                "--imatrix-decision-weight", 100)
+                "--imatrix-decision-weight", 0)  # not the default: every token alike
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     info = manifest["imatrix"]
@@ -235,7 +235,7 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert 300 <= info["tokens"] < 300 + 64 and info["entries"] == 14  # whole sequences up to the budget
     written = IM.read(out / info["file"])
     assert written.counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
-    assert info["decision_weight"] == written.decision_weight == 100 != IM.DECISION_WEIGHT
+    assert info["decision_weight"] == written.decision_weight == 0 != IM.DECISION_WEIGHT
     (q4,) = manifest["outputs"]
     check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
@@ -244,9 +244,8 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
                                                        "ffn_up", "ffn_down") for i in (0, 1)}
     helped = sorted(g for g, kl in by_group.items() if kl < check["kl_without"])
     assert (check["kl_chosen"] is not None) == (0 < len(helped) < len(by_group))
-    tried = [check["kl_with_imatrix"], check["kl_without"], check["kl_chosen"] or float("inf")]
-    assert check["kl_kept"] == min(tried)
-    expected = [sorted(by_group), [], helped][tried.index(min(tried))]
+    best = kept_of(check)  # the most held-out prompts answered as the f16 does, then the lowest KL
+    expected = {"with_imatrix": sorted(by_group), "without": [], "chosen": helped}[best]
     assert sorted(check["imatrix_groups"]) == expected and q4["imatrix"] == check["imatrix_kept"] == bool(expected)
     r = run_cli("export", run, "--quant", "q4_k_m", "--out", tmp_path / "none", "--imatrix", "none")
     assert r.exit_code == 0, r.output
@@ -261,7 +260,20 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert given["outputs"][0]["imatrix"] and given["outputs"][0]["imatrix_check"] is None  # no data to check on
     guided = (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
     kept = (out / "tiny-run-q4_k_m.gguf").read_bytes()
-    assert guided != plain and (kept == guided) == (check["kl_kept"] == check["kl_with_imatrix"])
+    assert guided != plain and (kept == guided) == (best == "with_imatrix")
+
+
+def kept_of(check: dict) -> str:
+    """Which of the files an export made with and without the importance matrix its check says it
+    kept ("with_imatrix", "without", "chosen"), after checking the rule: the most held-out prompts
+    answered greedily as the f16 does, then the lowest KL."""
+    made = {k: (check[f"answers_{k}"], check[f"kl_{k}"]) for k in ("with_imatrix", "without", "chosen")
+            if check[f"kl_{k}"] is not None}
+    assert all(0 <= answers <= check["answers_of"] and kl >= 0 for answers, kl in made.values())
+    most = max(answers for answers, _ in made.values())
+    assert check["answers_kept"] == most
+    assert check["kl_kept"] == min(kl for answers, kl in made.values() if answers == most)
+    return next(k for k, v in made.items() if v == (check["answers_kept"], check["kl_kept"]))
 
 
 def test_export_with_a_mismatched_imatrix_file_is_one_line(tiny_export, computed, tmp_path):
