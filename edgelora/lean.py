@@ -12,6 +12,11 @@ dropout's float noise and the dropped input each LoRA branch keeps):
     (a step ~20% faster on CPU than with torch.rand masks and bool arithmetic).
   - Gated MLPs `down(act(gate(x)) * up(x))`: autograd keeps gate(x), act(gate(x)) and up(x);
     `_GatedProduct` keeps gate(x) and up(x) and recomputes the activation (elementwise, cheap).
+  - Inputs that are cheap functions of tensors kept anyway: the product above is down_proj's
+    input, and each decoder layer's norm output is the input of q/k/v (or gate/up), and its
+    LoRA branch kept them too. Such a tensor carries its recipe (`recomputable`: the function and
+    the tensors it is made from), and `DropoutLinear` keeps those instead and makes the input
+    again in backward, passing the gradient on to them.
 
 Nothing is recomputed that costs a matrix multiply, so unlike gradient checkpointing this costs
 no speed; `lean(model)` applies both to a PEFT model in place.
@@ -67,6 +72,45 @@ class _DroppedMatmul(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+RECIPE = "_edgelora_recipe"  # a tensor's attribute: (fn, inputs) with fn(*inputs) == the tensor, elementwise
+
+
+def recomputable(out: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """Mark `out` as fn(*inputs), where `inputs` are kept for the backward pass anyway."""
+    setattr(out, RECIPE, (fn, inputs))
+    return out
+
+
+class _DroppedMatmulOf(torch.autograd.Function):
+    """_DroppedMatmul of x = fn(*inputs) keeping `inputs` (kept elsewhere already), not x: x is made
+    again in backward and its gradient passed on to the inputs (x itself gets none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p, fn, *inputs):
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep, weight, *inputs)
+        ctx.fn, ctx.scale = fn, 1.0 / (1.0 - mask_p(p))
+        return F.linear(_masked(x, keep), weight * ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        keep, weight, *inputs = ctx.saved_tensors
+        needs = ctx.needs_input_grad[4:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+            x = ctx.fn(*leaves)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            dropped = _masked(x.detach(), keep).reshape(-1, x.shape[-1])
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped) * ctx.scale
+        grads = [None] * len(inputs)
+        if any(needs):
+            wanted = [leaf for leaf, need in zip(leaves, needs) if need]
+            found = iter(torch.autograd.grad(x, wanted, _masked(grad @ (weight * ctx.scale), keep)))
+            grads = [next(found) if need else None for need in needs]
+        return None, grad_w, None, None, *grads
+
+
 class DropoutLinear(torch.nn.Linear):
     """lora_A with its dropout inside (no bias, like PEFT's lora_A): the same parameter, so the
     adapter's state dict, optimizer and saved files are unchanged."""
@@ -79,6 +123,10 @@ class DropoutLinear(torch.nn.Linear):
 
     def forward(self, x):
         if self.training and self.p > 0:
+            recipe = getattr(x, RECIPE, None)
+            if recipe is not None and torch.is_grad_enabled():
+                fn, inputs = recipe
+                return _DroppedMatmulOf.apply(x, self.weight, self.p, fn, *inputs)
             return _DroppedMatmul.apply(x, self.weight, self.p)
         return F.linear(x, self.weight)
 
@@ -105,8 +153,19 @@ class _GatedProduct(torch.autograd.Function):
 def _gated_mlp_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     if torch.is_grad_enabled():
-        return self.down_proj(_GatedProduct.apply(gate, up, self.act_fn))
+        product = recomputable(_GatedProduct.apply(gate, up, self.act_fn), self._product, gate, up)
+        return self.down_proj(product)
     return self.down_proj(self.act_fn(gate) * up)
+
+
+def _gated_product(self, gate, up):
+    return self.act_fn(gate) * up
+
+
+def _norm_recipe(norm, args, out):
+    """A forward hook: the norm's output is norm(input), and the norm keeps its input anyway."""
+    if torch.is_grad_enabled() and isinstance(out, torch.Tensor):
+        recomputable(out, norm.forward, args[0])
 
 
 GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3")  # mlp: down(act(gate(x)) * up(x))
@@ -125,6 +184,10 @@ def lean(model) -> None:
                 loras[name] = DropoutLinear(loras[name], drop.p)
                 dropouts[name] = torch.nn.Identity()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.model_type in GATED_MLP:
-        for layer in base.get_decoder().layers:
+    for layer in base.get_decoder().layers:
+        if base.config.model_type in GATED_MLP:
             layer.mlp.forward = types.MethodType(_gated_mlp_forward, layer.mlp)
+            layer.mlp._product = types.MethodType(_gated_product, layer.mlp)
+        for name, module in layer.named_children():
+            if name.endswith("layernorm"):  # input_layernorm, post_attention_layernorm, pre_feedforward_...
+                module.register_forward_hook(_norm_recipe)
