@@ -49,29 +49,6 @@ def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x * keep.view(torch.uint8).to(x.dtype)
 
 
-class _DroppedMatmul(torch.autograd.Function):
-    """F.linear(x * keep / (1 - p), weight) keeping x and a bool mask, not the dropped copy; the
-    scale goes on the (small) weight."""
-
-    @staticmethod
-    def forward(ctx, x, weight, p):
-        keep = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(x, keep, weight)
-        ctx.scale = 1.0 / (1.0 - mask_p(p))
-        return F.linear(_masked(x, keep), weight * ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, keep, weight = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _masked(grad @ (weight * ctx.scale), keep)
-        if ctx.needs_input_grad[1]:
-            dropped = _masked(x, keep).reshape(-1, x.shape[-1])
-            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped) * ctx.scale
-        return grad_x, grad_w, None
-
-
 RECIPE = "_edgelora_recipe"  # a tensor's attribute: (fn, inputs) with fn(*inputs) == the tensor, elementwise
 
 
@@ -81,9 +58,15 @@ def recomputable(out: torch.Tensor, fn, *inputs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _DroppedMatmulOf(torch.autograd.Function):
-    """_DroppedMatmul of x = fn(*inputs) keeping `inputs` (kept elsewhere already), not x: x is made
-    again in backward and its gradient passed on to the inputs (x itself gets none)."""
+def _itself(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class _DroppedMatmul(torch.autograd.Function):
+    """F.linear(x * keep / (1 - p), weight) for x = fn(*inputs), keeping `inputs` and a bool mask,
+    not the dropped copy (the scale goes on the small weight): x is made again in backward and its
+    gradient passed on to the inputs (x itself gets none). Without a recipe, fn is _itself and
+    the input is x."""
 
     @staticmethod
     def forward(ctx, x, weight, p, fn, *inputs):
@@ -123,11 +106,9 @@ class DropoutLinear(torch.nn.Linear):
 
     def forward(self, x):
         if self.training and self.p > 0:
-            recipe = getattr(x, RECIPE, None)
-            if recipe is not None and torch.is_grad_enabled():
-                fn, inputs = recipe
-                return _DroppedMatmulOf.apply(x, self.weight, self.p, fn, *inputs)
-            return _DroppedMatmul.apply(x, self.weight, self.p)
+            recipe = getattr(x, RECIPE, None) if torch.is_grad_enabled() else None
+            fn, inputs = recipe or (_itself, (x,))
+            return _DroppedMatmul.apply(x, self.weight, self.p, fn, *inputs)
         return F.linear(x, self.weight)
 
 
