@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .data import answer_limit
 from .errors import EdgeloraError
 from .gguf_info import quantisable, read_gguf, tensor_class
 
@@ -267,12 +268,12 @@ class KLProbe:
 
 def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int], int]]:
     """(the tokens before a sequence's first answer, the most tokens a greedy answer to them may
-    take: twice the trained answer, + 16), None where the sequence has no prompt (text data)."""
+    take: data.answer_limit of that answer), None where the sequence has no prompt (text data)."""
     start = next((j for j in range(1, len(ids)) if labels[j] != -100), None)
     if start is None or labels[start - 1] != -100:
         return None
     end = next((j for j in range(start, len(ids)) if labels[j] == -100), len(ids))
-    return list(ids[:start]), 2 * (end - start) + 16
+    return list(ids[:start]), answer_limit(end - start)
 
 
 def _follows(rt, prompt: list[int], answer: list[int]) -> int:

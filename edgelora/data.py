@@ -211,6 +211,12 @@ def last_answer(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
+def answer_limit(trained_tokens: int) -> int:
+    """The most tokens a greedy answer may take where the trained answer took `trained_tokens`:
+    twice as many, + 16 (room to differ, and to show an answer that does not stop)."""
+    return 2 * trained_tokens + 16
+
+
 def _reasoned(ex: Example) -> bool:
     return any(REASONING in m or "<think>" in m["content"] for m in ex.messages or () if m["role"] == "assistant")
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .data import last_answer
+from .data import answer_limit, last_answer
 from .errors import EdgeloraError
 from .llamacpp import handles
 
@@ -129,7 +129,8 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
     tok = load_tokenizer(adapter_dir or hf_dir)
     ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
     starts = [(t, next((i for i, x in enumerate(t.labels) if x != -100), 0)) for t in trained]
-    answered = [(t.input_ids[:start], answer_limit(t)) for t, start in starts if start > 0 and ends]  # chat only
+    answered = [(t.input_ids[:start], answer_limit(t.n_targets))  # chat only
+                for t, start in starts if start > 0 and ends]
     with torch.no_grad():
         tuned = [run(ids, at) for ids, at in rows]
         stopped = []
@@ -149,11 +150,6 @@ def trained_end(t, piece) -> Optional[int]:
     is not the newline after it (`piece`: token id -> text)."""
     labelled = [i for i, label in enumerate(t.labels) if label != -100 and piece(t.input_ids[i]).strip()]
     return t.input_ids[labelled[-1]] if labelled else None
-
-
-def answer_limit(t) -> int:
-    """The most tokens a greedy answer to a trained example may take: twice the trained answer, + 16."""
-    return 2 * sum(label != -100 for label in t.labels) + 16
 
 
 def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: float = TOP1_SAME) -> list[Check]:
@@ -194,10 +190,10 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Opti
     stopped, runaway = 0, None
     for ex, t in pairs:
         last = last_answer(ex.messages)
-        if rt.chat_finish(ex.messages[:last], max_tokens=answer_limit(t))[1] == "stop":
+        if rt.chat_finish(ex.messages[:last], max_tokens=answer_limit(t.n_targets))[1] == "stop":
             stopped += 1
         elif runaway is None:
-            runaway = f"; {ex.source} ran to the limit of {answer_limit(t)} tokens"
+            runaway = f"; {ex.source} ran to the limit of {answer_limit(t.n_targets)} tokens"
     expected = len(pairs) if stopped_in_torch is None else sum(stopped_in_torch)
     # one answer's end is one greedy decision, which quantisation may flip: a single stop in torch
     # is not a share to keep
