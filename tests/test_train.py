@@ -391,6 +391,34 @@ def test_the_loss_curve_matches_a_plain_peft_loop_on_the_same_batches(tiny_llama
     assert ours == pytest.approx(plain, rel=2e-4) and ours[-1] < ours[0]
 
 
+def test_qlora_leaves_no_weight_in_the_mapped_checkpoint(tiny_llama, monkeypatch):
+    """bitsandbytes quantises the linear weights into new memory but leaves the embedding and norms
+    as views of the mmapped safetensors file, which keeps the whole file mapped and every page read
+    while loading resident; load_model copies them out (with the same values)."""
+    from pathlib import Path
+
+    from edgelora import hf_model
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    checkpoint = str((Path(tiny_llama) / "model.safetensors").resolve())
+
+    def in_checkpoint(model):  # the parameters whose memory lies in a mapping of the checkpoint file
+        spans = [[int(a, 16) for a in line.split()[0].split("-")]
+                 for line in open("/proc/self/maps") if line.rstrip().endswith(checkpoint)]
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in spans)]
+
+    with monkeypatch.context() as m:
+        m.setattr(hf_model, "_leave_the_file", lambda model: None)
+        mapped = hf_model.load_model(tiny_llama, "qlora", "cpu", torch.float32)
+        assert "model.embed_tokens.weight" in in_checkpoint(mapped)  # what bitsandbytes leaves
+    model = hf_model.load_model(tiny_llama, "qlora", "cpu", torch.float32)
+    assert in_checkpoint(model) == []
+    assert torch.equal(model.model.embed_tokens.weight, mapped.model.embed_tokens.weight)
+    if model.config.tie_word_embeddings:  # the head still reads the (copied) embedding
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 def test_dropout_linear_is_dropout_then_linear():
     """The fused LoRA dropout + lora_A: the output and both gradients of F.linear(dropout(x), W)
     with the same mask (keep_mask from torch's generator), and plain F.linear in eval."""
