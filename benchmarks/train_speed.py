@@ -6,7 +6,8 @@ steady-state tokens/s of real (not padding) tokens (the first --warmup steps are
 peak memory, and the ratios edgelora / plain. The plain loop is what the PEFT + bitsandbytes docs
 show: seeded random batches padded by the tokenizer, labels = input_ids, model(..., labels=...).loss.
 edgelora draws the same examples per epoch grouped by length (less padding) and runs the LM head
-only at the answer tokens its loss covers.
+only at the answer tokens its loss covers; its process runs as `edgelora train`'s does, with
+glibc's small-chunk cache off (edgelora/allocator.py; the plain loop's with the environment given).
 
     python benchmarks/train_speed.py                      # SmolLM2-135M, QLoRA, CPU
     python benchmarks/train_speed.py --device cuda --batch-size 16
@@ -146,9 +147,11 @@ def main() -> None:
         print("RESULT " + json.dumps(fn(a, a.hf_dir)), flush=True)
         return
 
+    from edgelora.allocator import training_env
     from edgelora.bases import materialise, resolve_base
 
     hf_dir = str(materialise(resolve_base(a.base)))
+    edgelora_env = training_env(os.environ) or os.environ  # as `edgelora train` runs
     with tempfile.TemporaryDirectory() as tmp:
         if a.random_weights:
             hf_dir = random_weights_dir(hf_dir, Path(tmp) / "random")
@@ -157,7 +160,8 @@ def main() -> None:
             for side in (("edgelora", "plain") if r % 2 == 0 else ("plain", "edgelora")):
                 args = [arg for arg in sys.argv[1:] if arg != "--random-weights"]
                 cmd = [sys.executable, __file__, *args, "--child", side, "--hf-dir", hf_dir]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                env = edgelora_env if side == "edgelora" else os.environ
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"})
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 if out.returncode or not line:
                     sys.exit(f"{side} run failed:\n{out.stderr[-3000:]}")
@@ -170,7 +174,8 @@ def main() -> None:
     kind = "GPU memory allocated" if dev == "cuda" else "peak RSS"
     print(f"\n{a.method} on {dev}, base {a.base}{' (random weights)' if a.random_weights else ''}, "
           f"batch {a.batch_size}, seq-len {a.seq_len}, rank {a.rank}, {a.steps} steps ({a.warmup} warm-up), "
-          f"edgelora's gradient checkpointing {a.grad_checkpointing}")
+          f"edgelora's gradient checkpointing {a.grad_checkpointing}, GLIBC_TUNABLES "
+          f"{edgelora_env.get('GLIBC_TUNABLES')} (edgelora) / {os.environ.get('GLIBC_TUNABLES')} (plain)")
     print("| | edgelora | plain PEFT+bnb | ratio |\n|---|---|---|---|")
     print(f"| tokens/s | {best['edgelora']['tokens_per_s']:.0f} | {best['plain']['tokens_per_s']:.0f} | "
           f"{best['edgelora']['tokens_per_s'] / best['plain']['tokens_per_s']:.2f} |")

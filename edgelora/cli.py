@@ -500,5 +500,14 @@ def serve(model, loras, lora_scales, name, host, port, api_key, max_tokens_limit
         sys.exit(130)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def program() -> None:
+    """The `edgelora` program: `main`, the training commands first restarted with glibc's malloc
+    set for training (allocator.py)."""
+    from .allocator import restart_for_training
+
+    restart_for_training(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    program()
