@@ -7,9 +7,9 @@ headers) are placed between them. glibc keeps recently freed small chunks in a p
 (tcache) that is never merged back into the free space around them, so the freed blocks cannot
 coalesce and the heap grows to well over twice the bytes in use (SmolLM2-135M QLoRA, measured
 with mallinfo2: ~700 MB in use at the peak, a 1.7 GB heap). With the cache off the same training
-peaks ~670 MB lower at the same speed (`benchmarks/train_speed.py`: 1334 vs 2003 MB peak RSS,
-242 vs 232 tokens/s); the plain PEFT loop gains too (1440 vs 1776 MB). Other allocators
-(jemalloc, tcmalloc) preloaded by the user do as well or better and are left alone.
+peaks ~500 MB lower at the same speed (`benchmarks/train_speed.py --repeats 2`: 1342 vs 1848 MB
+peak RSS, 263 vs 250 tokens/s); the plain PEFT loop gains too (1492 vs ~1780 MB). An allocator
+the user preloads (jemalloc: 1110 MB) is left alone.
 
 glibc reads its tunables once, when a process starts, so `edgelora train` and `edgelora demo`
 start again in place (os.execv: the same process id, so torchrun and accelerate launch still see
