@@ -254,7 +254,12 @@ class Runtime:
         if not full.startswith(head):
             raise EdgeloraError("the chat template renders the prompt differently once an answer follows it")
         tail = full[len(head):].rstrip()  # the answer, the end-of-turn token; not the newline after it
-        return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)
+        # read on from the prompt, as training read the whole turn: a tokenizer that puts ▁ before the
+        # text it is given (SentencePiece's add_space_prefix) would put one before the answer alone
+        whole = self.llm.tokenize((head + tail).encode(), add_bos=False, special=True)
+        if whole[:len(prompt)] == prompt:
+            return prompt, whole[len(prompt):]
+        return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)  # tokens merged across the cut
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """`messages` rendered by the chat template chat() uses."""
