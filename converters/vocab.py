@@ -1,12 +1,14 @@
 """The tokenizer part of a GGUF: vocab, merges or scores, special tokens, chat template.
 
-Two kinds of HF fast tokenizer (tokenizer.json) are supported: byte-level BPE (GPT-2 style:
-SmolLM, Qwen, Llama 3), written as llama.cpp's "gpt2" tokenizer, and SentencePiece-style BPE
-with byte fallback (Gemma, and Llama 2 in its original tokenizer.json), written as llama.cpp's
-"llama" one.
+Three kinds of HF fast tokenizer (tokenizer.json) are supported: byte-level BPE (GPT-2 style:
+SmolLM, Qwen, Llama 3), written as llama.cpp's "gpt2" tokenizer; SentencePiece-style BPE with
+byte fallback (Gemma, and Llama 2 in its original tokenizer.json), written as llama.cpp's "llama"
+one; and SentencePiece-style Unigram (SentencePiece's default model type), written as llama.cpp's
+"t5" one, which like HF picks the split with the best sum of the pieces' log-probabilities.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -107,14 +109,17 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, data: dict, n_vocab: int
     tokenizer partly depends (check_name_rules)."""
     path = tokenizer_file(model_dir)
     model, decoder = data.get("model") or {}, data.get("decoder") or {}
+    unigram = model.get("type") == "Unigram"
     sentencepiece = model.get("type") == "BPE" and bool(model.get("byte_fallback"))
-    if not sentencepiece and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
-        raise ConvertError(f"{path}: only byte-level BPE (GPT-2 style) and SentencePiece-style BPE with byte "
-                           "fallback (Llama 2, Gemma) tokenizers are supported")
+    if not (sentencepiece or unigram) and (model.get("type") != "BPE" or decoder.get("type") != "ByteLevel"):
+        raise ConvertError(f"{path}: only byte-level BPE (GPT-2 style), SentencePiece-style BPE with byte "
+                           "fallback (Llama 2, Gemma) and Unigram tokenizers are supported")
 
     tokens, types = token_table(data, n_vocab, path)
     check_name_rules(data, name, path)
-    if sentencepiece:
+    if unigram:
+        add_unigram(writer, data, tokens, path)
+    elif sentencepiece:
         space_prefix = sentencepiece_space_prefix(data, path)
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
@@ -127,9 +132,11 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, data: dict, n_vocab: int
         writer.add_token_list(tokens)
     writer.add_token_types(types)
     try:
-        special = gguf.SpecialVocab(model_dir, load_merges=not sentencepiece, n_vocab=n_vocab)
+        special = gguf.SpecialVocab(model_dir, load_merges=not (sentencepiece or unigram), n_vocab=n_vocab)
     except ValueError as e:  # malformed merges or special token ids
         raise ConvertError(f"{path}: {e}") from None
+    if unigram:  # llama.cpp's "t5" tokenizer otherwise takes T5's ids (unknown 2, end 1, padding 0)
+        special.special_token_ids.setdefault("unk", model["unk_id"])
     # HF adds BOS/EOS only when the tokenizer says so; llama.cpp's default differs per type.
     special.add_special_token.setdefault("bos", False)
     special.add_special_token.setdefault("eos", False)
@@ -150,7 +157,7 @@ def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[i
         tokens[i], types[i] = text, kind
 
     byte_fallback = bool(data["model"].get("byte_fallback"))
-    for text, i in data["model"]["vocab"].items():
+    for text, i in vocab_ids(data["model"]).items():
         byte = byte_fallback and _BYTE_TOKEN.fullmatch(text)
         put(i, text, gguf.TokenType.BYTE if byte else gguf.TokenType.NORMAL)
     # Added tokens are matched on raw text (not byte-level encoded) by both HF and llama.cpp.
@@ -160,7 +167,47 @@ def token_table(data: dict, n_vocab: int, path: Path) -> tuple[list[str], list[i
     unk = data["model"].get("unk_token")
     if byte_fallback and unk in data["model"]["vocab"]:
         types[data["model"]["vocab"][unk]] = gguf.TokenType.UNKNOWN
+    if data["model"].get("type") == "Unigram" and data["model"].get("unk_id") is not None:
+        types[data["model"]["unk_id"]] = gguf.TokenType.UNKNOWN
     return tokens, types
+
+
+def vocab_ids(model: dict) -> dict[str, int]:
+    """tokenizer.json's model vocabulary as text -> id: BPE's is that map, Unigram's a list of
+    [text, log-probability] whose positions are the ids."""
+    vocab = model.get("vocab") or {}
+    return {text: i for i, (text, _) in enumerate(vocab)} if model.get("type") == "Unigram" else vocab
+
+
+def add_unigram(writer: gguf.GGUFWriter, data: dict, tokens: list[str], path: Path) -> None:
+    """A Unigram vocabulary as llama.cpp's "t5" tokenizer: the pieces' log-probabilities as scores,
+    SentencePiece's precompiled character map where the normalizer starts with one, ▁ prepended
+    as the rest of the normalizer / pre-tokenizer says (sentencepiece_space_prefix). llama.cpp
+    runs the Viterbi search over the whole text between special tokens, HF's over each word
+    when Metaspace splits: the same while no piece holds a ▁ past its first character."""
+    model = data["model"]
+    if model.get("byte_fallback"):
+        raise ConvertError(f"{path}: a Unigram tokenizer with byte fallback: llama.cpp's Unigram tokenizer has "
+                           "none (it would read characters outside the vocabulary as the unknown token)")
+    if model.get("unk_id") is None:
+        raise ConvertError(f"{path}: a Unigram tokenizer without an unknown token: llama.cpp's needs one")
+    normalizer = data.get("normalizer") or {}
+    steps = (normalizer.get("normalizers") or []) if normalizer.get("type") == "Sequence" else [normalizer]
+    charsmap = steps[0].get("precompiled_charsmap") if steps and steps[0].get("type") == "Precompiled" else None
+    rest = steps[1:] if charsmap is not None else steps
+    words = not any(SPACE in text[1:] for text in vocab_ids(model))
+    space_prefix = sentencepiece_space_prefix({**data, "normalizer": {"type": "Sequence", "normalizers": rest}
+                                               if [s for s in rest if s] else None}, path, split_ok=words)
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(tokens)
+    scores = {i: score for i, (_, score) in enumerate(model["vocab"])}
+    writer.add_token_scores([scores.get(i, 0.0) for i in range(len(tokens))])
+    writer.add_add_space_prefix(space_prefix)
+    writer.add_remove_extra_whitespaces(False)
+    if charsmap:
+        writer.add_precompiled_charsmap(base64.b64decode(charsmap))
+        log.warning("%s: HF applies the character map to each grapheme, llama.cpp to each character: a CR LF line "
+                    "end (one grapheme) becomes one ▁ in HF, two in llama.cpp", path)
 
 
 # llama.cpp's tokenizer takes a model whose general.name holds "phi3" or "phi-3" for Phi-3
@@ -197,7 +244,7 @@ def check_name_rules(data: dict, name: str, path: Path) -> None:
     tokens (what `edgelora export` then checks on the run's own examples)."""
     stripped = set()
     if _phi3_named(name):
-        known = set(data["model"]["vocab"]) | {a["content"] for a in data.get("added_tokens") or []}
+        known = set(vocab_ids(data["model"])) | {a["content"] for a in data.get("added_tokens") or []}
         missing = [t for t in ("</s>", *PHI3_KEPT) if t not in known]
         if missing:
             raise ConvertError(f"{path}: llama.cpp reads a model named {name!r} as Phi-3 and looks up its token "
@@ -215,7 +262,7 @@ def check_name_rules(data: dict, name: str, path: Path) -> None:
             return
 
 
-def sentencepiece_space_prefix(data: dict, path: Path) -> bool:
+def sentencepiece_space_prefix(data: dict, path: Path, split_ok: bool = False) -> bool:
     """Whether the text gets a leading ▁ (llama.cpp's add_space_prefix) on top of spaces becoming ▁.
 
     llama.cpp's "llama" tokenizer does that and nothing else, on the whole text between special
@@ -225,11 +272,12 @@ def sentencepiece_space_prefix(data: dict, path: Path) -> bool:
     Mistral v0.3). Metaspace puts no ▁ before text that starts with a space, and with "first"
     only at the start of the input; llama.cpp puts one before the text at the start and after
     every special token: where that differs is warned about (export's template check then tells
-    whether the run's own prompts meet it).
+    whether the run's own prompts meet it). `split_ok`: a Metaspace that splits into words is
+    the same (the vocabulary has no piece that spans a word boundary).
     """
     normalizer, pre = data.get("normalizer") or {}, data.get("pre_tokenizer")
     if not normalizer and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE \
-            and not pre.get("split", True):
+            and (split_ok or not pre.get("split", True)):
         scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
         if scheme != "never":
             log.warning("%s: Metaspace (prepend_scheme %r) puts no ▁ before text that starts with a space%s; "

@@ -120,6 +120,19 @@ def train_sentencepiece_tokenizer(space_prefix: bool, metaspace: str | None = No
                                    pad_token="<pad>")
 
 
+@functools.cache
+def train_unigram_tokenizer(prepend_scheme: str = "always") -> PreTrainedTokenizerFast:
+    """A SentencePiece-style Unigram (Viterbi over per-piece log-probabilities, no byte fallback)
+    with a Metaspace pre-tokenizer that splits on spaces, ChatML's specials and template."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme, split=True)
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=700, special_tokens=["<unk>", *SPECIALS],
+                                                            unk_token="<unk>", show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", chat_template=CHATML)
+
+
 def randomize(model: torch.nn.Module) -> None:
     """Weights large enough for clearly separated logits; norms and biases not trivial."""
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,10 @@ import pytest
 import torch
 from llama_cpp import GGML_TYPE_F32, Llama
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from families import CHATML, CORPUS, TRICKY, build_adapter, build_model, gguf_fields, train_sentencepiece_tokenizer
+from families import (CHATML, CORPUS, TRICKY, build_adapter, build_model, gguf_fields, train_sentencepiece_tokenizer,
+                      train_unigram_tokenizer)
 from edgelora.converters import ConvertError
 from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.converters.vocab import LLAMA3_SPLIT, QWEN2_SPLIT, pre_tokenizer_name
@@ -404,12 +406,99 @@ def test_a_folder_with_only_sentencepieces_tokenizer_model(tmp_path, caplog):
     assert_logits_close(gguf_logits(out, tokens), hf_logits(model_dir, tokens), tolerance("llama", 1e-4))
 
 
+def _sentencepiece_unigram(tmp_path: Path) -> PreTrainedTokenizerFast:
+    """A real SentencePiece Unigram model, trained here with its NFKC character map (nmt_nfkc), as
+    a tokenizer.json holds one: its pieces and log-probabilities, a Precompiled normalizer, Metaspace."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 5))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "uni"), vocab_size=300,
+                                   model_type="unigram", normalization_rule_name="nmt_nfkc", character_coverage=1.0, hard_vocab_limit=False,
+                                   unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tmp_path / "uni.model").read_bytes())
+    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=0, byte_fallback=False))
+    tok.normalizer = normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.mark.parametrize("charsmap", [False, True], ids=["tokenizers-unigram", "sentencepiece-nfkc-unigram"])
+def test_unigram_vocab(tmp_path, charsmap, caplog):
+    """A Unigram tokenizer becomes llama.cpp's "t5" (UGM) tokenizer: the same pieces and
+    log-probabilities, SentencePiece's character map where the normalizer has one, and llama.cpp
+    splits text as HF does -- except, as warned, text that starts with a space (at the start or
+    after a special token), before which Metaspace puts no ▁ and llama.cpp does."""
+    tok = _sentencepiece_unigram(tmp_path) if charsmap else train_unigram_tokenizer()
+    model_dir = build_model(tmp_path / "model", "llama", tok=tok)
+    out = tmp_path / "out.gguf"
+    convert(model_dir, out, outtype="f32")
+    fields, reader = gguf_fields(out), gguf.GGUFReader(out)
+    assert fields["tokenizer.ggml.model"] == "t5" and fields["tokenizer.ggml.add_space_prefix"] is True
+    model = json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    assert reader.fields["tokenizer.ggml.scores"].contents()[:len(model["vocab"])] == \
+        pytest.approx([score for _, score in model["vocab"]])
+    assert reader.fields["tokenizer.ggml.token_type"].contents()[model["unk_id"]] == gguf.TokenType.UNKNOWN
+    assert ("tokenizer.ggml.precompiled_charsmap" in reader.fields) is charsmap
+    assert "Metaspace (prepend_scheme 'always') puts no ▁ before text that starts with a space" in caplog.text
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    texts = TRICKY + ["aaaa  aaa 🦙", "Ω and ü", "x<|im_end|>y"]
+    if charsmap:  # NFKC: the map decides these splits, on both sides; a CR LF pair it maps apart, as warned
+        assert "a CR LF line end (one grapheme) becomes one ▁ in HF, two in llama.cpp" in caplog.text
+        crlf = [t for t in texts if "\r\n" in t]
+        texts = [t.replace("\r\n", "\n") for t in texts] + ["ﬁne ＡＢＣ ① ½ ｶﾀｶﾅ"]
+        assert hf.tokenize("ＡＢＣ ①") == hf.tokenize("ABC 1")
+        with pytest.raises(AssertionError):
+            assert_same_tokens(out, model_dir, crlf)
+    after_space = [t for t in texts if re.search("^ |(" + "|".join(map(re.escape, tok.all_special_tokens)) + ") ", t)]
+    assert len(after_space) == (2 if charsmap else 3)  # the special tokens are plain text to the SentencePiece one
+    assert_same_tokens(out, model_dir, [t for t in texts if t not in after_space])
+    for text in after_space:
+        with pytest.raises(AssertionError):
+            assert_same_tokens(out, model_dir, [text])
+    tokens = prompt_tokens(model_dir)
+    assert_logits_close(gguf_logits(out, tokens), hf_logits(model_dir, tokens), tolerance("llama", 1e-4))
+    if not charsmap:  # a chat: the answer's ids read on from the prompt's, as training read the turn
+        from edgelora.runtime import load
+
+        chat, answer = [{"role": "user", "content": "hi there"}], '{"a": 1}'
+        prompt, answer_ids = load(out, n_ctx=256).chat_tokens(chat, answer)
+        turn = hf.apply_chat_template(chat + [{"role": "assistant", "content": answer}], tokenize=False)
+        assert prompt + answer_ids == hf.encode(turn.rstrip(), add_special_tokens=False)
+        assert hf.tokenize(answer)[0] == "\u2581" != hf.convert_ids_to_tokens(answer_ids)[0]  # not read alone
+
+
+def test_a_unigram_base_trains_exports_and_verifies(tmp_path, chat_file):
+    """A tiny llama whose tokenizer is a Unigram trains, and its merged f16 and LoRA GGUF pass every
+    one of the export's checks on the run's examples (logits, the template rendering the training
+    ids, answers ending at the end-of-turn token, the LoRA route equal to the merged file)."""
+    from edgelora.exporter import export
+    from edgelora.trainer import train
+    from tiny import cfg
+
+    base = build_model(tmp_path / "base", "llama", tok=train_unigram_tokenizer())
+    train(cfg(base, chat_file, tmp_path / "run", max_steps=4, lr=2e-2, eval_split=0.0))
+    res = export(str(tmp_path / "run"), quants=["f16"], lora_gguf=True)  # raises if a check fails
+    checks = json.loads((res.out_dir / "manifest.json").read_text())["checks"]
+    assert {c["name"] for c in checks} >= {"logits", "adapter", "template", "end_of_turn", "bos", "stops",
+                                          "lora_route"}
+    assert all(c["passed"] for c in checks), checks
+
+
 @pytest.mark.parametrize("change, message", [
     ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}},
      "SentencePiece-style tokenizer with a normalizer / pre-tokenizer llama.cpp does not reproduce"),
     ({"model": {"type": "Unigram", "unk_id": 3, "vocab": [["<unk>", 0.0]], "byte_fallback": True}},
-     "only byte-level BPE .* and SentencePiece-style BPE with byte fallback .* are supported"),
-], ids=["metaspace", "unigram"])
+     "a Unigram tokenizer with byte fallback: llama.cpp's Unigram tokenizer has none"),
+    ({"model": {"type": "Unigram", "unk_id": None, "vocab": [["<unk>", 0.0]]}},
+     "a Unigram tokenizer without an unknown token: llama.cpp's needs one"),
+    ({"model": {"type": "WordPiece", "vocab": {"a": 0}}},
+     "only byte-level BPE .*, SentencePiece-style BPE with byte fallback .* and Unigram tokenizers are supported"),
+], ids=["metaspace", "unigram-byte-fallback", "unigram-no-unknown", "wordpiece"])
 def test_unsupported_tokenizer(tmp_path, change, message):
     tok = train_sentencepiece_tokenizer(False)
     model = build_model(tmp_path / "model", "gemma3_text", tok=tok, num_hidden_layers=2)
