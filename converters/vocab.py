@@ -194,10 +194,10 @@ def add_unigram(writer: gguf.GGUFWriter, data: dict, tokens: list[str], path: Pa
     normalizer = data.get("normalizer") or {}
     steps = (normalizer.get("normalizers") or []) if normalizer.get("type") == "Sequence" else [normalizer]
     charsmap = steps[0].get("precompiled_charsmap") if steps and steps[0].get("type") == "Precompiled" else None
-    rest = steps[1:] if charsmap is not None else steps
+    rest = [step for step in (steps[1:] if charsmap is not None else steps) if step]  # what the map leaves
     words = not any(SPACE in text[1:] for text in vocab_ids(model))
-    space_prefix = sentencepiece_space_prefix({**data, "normalizer": {"type": "Sequence", "normalizers": rest}
-                                               if [s for s in rest if s] else None}, path, split_ok=words)
+    space_prefix = sentencepiece_space_prefix(
+        {**data, "normalizer": {"type": "Sequence", "normalizers": rest} if rest else None}, path, split_ok=words)
     writer.add_tokenizer_model("t5")
     writer.add_token_list(tokens)
     scores = {i: score for i, (_, score) in enumerate(model["vocab"])}

@@ -12,7 +12,7 @@ peak RSS, 263 vs 250 tokens/s); the plain PEFT loop gains too (1492 vs ~1780 MB)
 the user preloads (jemalloc: 1110 MB) is left alone.
 
 glibc reads its tunables once, when a process starts, so `edgelora train` and `edgelora demo`
-start again in place (os.execv: the same process id, so torchrun and accelerate launch still see
+start again in place (os.execve: the same process id, so torchrun and accelerate launch still see
 their worker) with GLIBC_TUNABLES set. A GLIBC_TUNABLES that already sets the tcache is kept:
 `GLIBC_TUNABLES=glibc.malloc.tcache_count=7` gives glibc's default back.
 """
