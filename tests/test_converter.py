@@ -472,15 +472,19 @@ def test_unigram_vocab(tmp_path, charsmap, caplog):
         assert hf.tokenize(answer)[0] == "\u2581" != hf.convert_ids_to_tokens(answer_ids)[0]  # not read alone
 
 
-def test_a_unigram_base_trains_exports_and_verifies(tmp_path, chat_file):
-    """A tiny llama whose tokenizer is a Unigram trains, and its merged f16 and LoRA GGUF pass every
-    one of the export's checks on the run's examples (logits, the template rendering the training
-    ids, answers ending at the end-of-turn token, the LoRA route equal to the merged file)."""
+@pytest.mark.parametrize("vocab", ["unigram", "llama2-style"])
+def test_space_prefixed_vocabularies_train_export_and_verify(tmp_path, chat_file, vocab):
+    """A tiny llama whose tokenizer puts ▁ before the text it is given (a Unigram; a Llama 2 style
+    SentencePiece BPE) trains, and its merged f16 and LoRA GGUF pass every one of the export's
+    checks on the run's examples (logits, the template rendering the training ids -- the answer
+    read on from the prompt, not alone --, answers ending at the end-of-turn token, the LoRA route
+    equal to the merged file)."""
     from edgelora.exporter import export
     from edgelora.trainer import train
     from tiny import cfg
 
-    base = build_model(tmp_path / "base", "llama", tok=train_unigram_tokenizer())
+    tok = train_unigram_tokenizer() if vocab == "unigram" else train_sentencepiece_tokenizer(True)
+    base = build_model(tmp_path / "base", "llama", tok=tok)
     train(cfg(base, chat_file, tmp_path / "run", max_steps=4, lr=2e-2, eval_split=0.0))
     res = export(str(tmp_path / "run"), quants=["f16"], lora_gguf=True)  # raises if a check fails
     checks = json.loads((res.out_dir / "manifest.json").read_text())["checks"]
