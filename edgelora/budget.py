@@ -177,7 +177,7 @@ class KLProbe:
                  max_positions: int = 512, loras=()):
         """`sequences`: (token ids, labels) as training tokenised them (labels -100 = not an answer);
         `loras`: (LoRA GGUF, scale) pairs applied to the reference."""
-        from .runtime import CTX_STEP
+        from .runtime import CTX_STEP, PACKED_CTX
 
         self.f16, self.scratch, self.rows = f16, scratch, []
         budget = max_positions
@@ -192,7 +192,7 @@ class KLProbe:
             raise EdgeloraError("no answer tokens in the calibration examples to measure KL divergence on")
         self.prompts = [p for ids, labels in sequences if (p := _first_prompt(ids, labels))]
         longest = max([len(ids) for ids, _ in self.rows] + [len(p) + limit for p, limit in self.prompts])
-        self.n_ctx = -(-longest // CTX_STEP) * CTX_STEP
+        self.n_ctx = max(-(-longest // CTX_STEP) * CTX_STEP, PACKED_CTX)
         self.loras = loras
         self.reference = [lp.astype(np.float32) for lp in self.logprobs(f16, loras)]
         self._answers: Optional[list[list[int]]] = None  # the reference's greedy answers to the prompts
@@ -222,37 +222,38 @@ class KLProbe:
         on average and still flip the one uncertain token a field hangs on). None: no prompts (text
         data). Read in one pass per prompt over prompt + the reference's answer: a greedy answer is
         the same exactly when the file ranks the reference's token first at every position of it."""
-        from .runtime import load
-
         if not self.prompts:
             return None
         if self._answers is None:
             self._answers = self._reference_answers()
-        rt = load(path, n_ctx=self.n_ctx)
-        return sum(_follows(rt, prompt, answer) == len(answer)
-                   for (prompt, _), answer in zip(self.prompts, self._answers))
+        followed = _follows(self._load(path), [p for p, _ in self.prompts], self._answers)
+        return sum(n == len(answer) for n, answer in zip(followed, self._answers))
 
     def _reference_answers(self) -> list[list[int]]:
         """The reference's greedy answers, each cut where reading it whole ranks another token first
         (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
         reference keeps all of its own."""
         from .llamacpp import greedy
-        from .runtime import load
 
-        rt = load(self.f16, loras=self.loras, n_ctx=self.n_ctx)
-        answers = []
-        for prompt, limit in self.prompts:
-            answer = greedy(rt.llm, prompt, limit)
-            answers.append(answer[:_follows(rt, prompt, answer)])
-        return answers
+        rt = self._load(self.f16, self.loras)
+        prompts = [p for p, _ in self.prompts]
+        answers = [greedy(rt.llm, prompt, limit) for prompt, limit in self.prompts]
+        return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
         """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""
         from .bench import log_softmax
-        from .runtime import load
+        from .llamacpp import logits_at
 
-        rt = load(path, loras=loras, n_ctx=self.n_ctx)
-        return [log_softmax(rt.logits(ids)[rows]) for ids, rows in self.rows]
+        rt = self._load(path, loras)
+        return [log_softmax(lg) for lg in logits_at(rt.llm, [ids for ids, _ in self.rows],
+                                                     [rows for _, rows in self.rows])]
+
+    def _load(self, path: Path, loras=()):
+        """The GGUF at `path`, to read the probe's sequences several to a batch."""
+        from .runtime import load, reading_sequences
+
+        return load(path, loras=loras, n_ctx=self.n_ctx, sequences=reading_sequences())
 
     def against(self, logprobs: list[np.ndarray]) -> tuple[float, float]:
         """(mean KL(f16 || them), the share of positions where both rank the same token first) for
@@ -276,11 +277,15 @@ def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int]
     return list(ids[:start]), answer_limit(end - start)
 
 
-def _follows(rt, prompt: list[int], answer: list[int]) -> int:
-    """How many of `answer`'s first tokens the model in `rt` ranks first after `prompt` (and the
-    answer's tokens before each)."""
-    if not answer:
-        return 0
-    top = rt.logits(prompt + answer)[len(prompt) - 1:-1].argmax(-1)
-    same = top == np.asarray(answer)
-    return int(same.argmin()) if not same.all() else len(answer)
+def _follows(rt, prompts: list[list[int]], answers: list[list[int]]) -> list[int]:
+    """For each prompt and answer: how many of the answer's first tokens the model in `rt` ranks
+    first after the prompt (and the answer's tokens before each). One read of prompt + answer."""
+    from .llamacpp import logits_at
+
+    logits = logits_at(rt.llm, [p + a for p, a in zip(prompts, answers)],
+                            [range(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(prompts, answers)])
+    out = []
+    for answer, lg in zip(answers, logits):
+        same = lg.argmax(-1) == np.asarray(answer, dtype=int)
+        out.append(len(answer) if same.all() else int(same.argmin()))
+    return out

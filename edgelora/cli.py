@@ -178,6 +178,7 @@ def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_toke
            target_size, target_bpw, name, verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
+    from .stages import summary as stage_summary
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
@@ -192,6 +193,7 @@ def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_toke
     if result.checks:  # all passed: a failure is an error
         click.echo(f"verified on the run's training examples: {', '.join(dict.fromkeys(c['name'] for c in result.checks))}"
                    f" ({', '.join(dict.fromkeys(c['file'] for c in result.checks))})")
+    click.echo(f"time: {stage_summary(result.seconds)}")
     click.echo(f"manifest: {result.manifest}")
 
 

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,6 +30,7 @@ from .files import atomic_write_json, atomic_write_text, output_folder, read_jso
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .schema import SCHEMA_FILE
+from .stages import StageClock, stage
 
 log = logging.getLogger("edgelora")
 
@@ -55,6 +55,7 @@ class ExportResult:
     files: list[ExportedFile]
     manifest: Path
     checks: list[dict] = field(default_factory=list)  # edgelora.verify's, as in the manifest
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, and the total (edgelora.stages)
 
 
 AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
@@ -144,113 +145,121 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     from .converters.hf_to_gguf import convert, convert_lora
     from .gguf_info import inspect_gguf
 
-    started = time.perf_counter()
-    if target_size is not None and target_bpw is not None:
-        raise EdgeloraError("give --target-size or --target-bpw, not both")
-    if target_bpw is not None and not 1.5 <= target_bpw <= 16:
-        raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
-    budgeted = target_size is not None or target_bpw is not None
-    plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
-    if verify and verify_examples < 1:
-        raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
-    if imatrix_tokens < 1:
-        raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
-    if not imatrix_decision_weight >= 0:
-        raise EdgeloraError(f"--imatrix-decision-weight must be at least 0, not {imatrix_decision_weight}")
-    refuse_overwrite(plan.outputs.values(), force)
-    output_folder(plan.out_dir)
-    wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
-    calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
-        wants_imatrix or budgeted or verify) else None
-    if budgeted and calibration is None:
-        raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
-    importance, importance_info = _importance(plan, imatrix, calibration, imatrix_tokens, imatrix_decision_weight)
-    base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
-    cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
-             MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
-    if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
-        cards[MERGED][C.K.NAME] = name
-    results: dict[Role, dict] = {}  # quantize()'s summary
-    budgets: dict[Role, dict] = {}  # what the budgeted file's choice measured
-    checks: dict[Role, dict] = {}  # KL with and without the imatrix, and which file was kept
-    verified: list[tuple[str, V.Check]] = []  # (file, check) for the manifest; failures raise once it is written
-    verifying = verify and calibration is not None and bool(calibration.first)
-    reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
-    in_torch = None  # what the model does in torch on them (verify.Trained)
-    seconds = {"verify": 0.0}  # verification's part of the export's time
+    clock = StageClock()
+    with clock.running():
+        if target_size is not None and target_bpw is not None:
+            raise EdgeloraError("give --target-size or --target-bpw, not both")
+        if target_bpw is not None and not 1.5 <= target_bpw <= 16:
+            raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
+        budgeted = target_size is not None or target_bpw is not None
+        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
+        if verify and verify_examples < 1:
+            raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
+        if imatrix_tokens < 1:
+            raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
+        if not imatrix_decision_weight >= 0:
+            raise EdgeloraError(f"--imatrix-decision-weight must be at least 0, not {imatrix_decision_weight}")
+        refuse_overwrite(plan.outputs.values(), force)
+        output_folder(plan.out_dir)
+        wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
+        calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
+            wants_imatrix or budgeted or verify) else None
+        if budgeted and calibration is None:
+            raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
+        importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
+        base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
+        cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
+                 MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
+        if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
+            cards[MERGED][C.K.NAME] = name
+        results: dict[Role, dict] = {}  # quantize()'s summary
+        budgets: dict[Role, dict] = {}  # what the budgeted file's choice measured
+        checks: dict[Role, dict] = {}  # KL with and without the imatrix, and which file was kept
+        verified: list[tuple[str, V.Check]] = []  # (file, check) for the manifest; failures raise once it is written
+        verifying = verify and calibration is not None and bool(calibration.first)
+        reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
+        in_torch = None  # what the model does in torch on them (verify.Trained)
 
-    def ladder(adapter: Optional[Path], kind: str) -> None:
-        """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
-        wanted = {q: plan.outputs[Role(kind, q)] for q in plan.quants if Role(kind, q) in plan.outputs}
-        f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
-        log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
-        with _progress(f16.name) as progress:
-            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[kind])
-        try:
-            if kind == MERGED and verifying:
-                nonlocal reference, in_torch
-                t0 = time.perf_counter()
-                reference, in_torch, parity = _against_torch(plan, f16, calibration)
-                verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
-                                for c in parity)
-                seconds["verify"] += time.perf_counter() - t0
-            measures = kind == MERGED and calibration is not None and (
-                (importance is not None and wants_imatrix) or AUTO in wanted)
-            probe = _probe(f16, calibration) if measures else None
-            for q, path in wanted.items():
-                if q == AUTO:
-                    results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
-                        f16, path, importance, probe, target_size, target_bpw, wants_imatrix and keep_better)
-                elif q != "f16":
-                    log.info("quantising %s -> %s", f16.name, path.name)
-                    results[Role(kind, q)], checks[Role(kind, q)] = _quantize_checked(
-                        f16, path, q, importance, probe if wants_imatrix else None, keep_better)  # a FILE: as given
-        finally:
-            if "f16" not in wanted:
-                f16.unlink(missing_ok=True)
+        def ladder(adapter: Optional[Path], kind: str) -> None:
+            """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
+            wanted = {q: plan.outputs[Role(kind, q)] for q in plan.quants if Role(kind, q) in plan.outputs}
+            f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
+            log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
+            with stage("convert"), _progress(f16.name) as progress:
+                convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[kind])
+            try:
+                if kind == MERGED and wants_imatrix and calibration is not None:
+                    nonlocal importance, importance_info
+                    with stage("imatrix"):
+                        importance, importance_info = _computed_imatrix(plan, f16, calibration, imatrix_tokens,
+                                                                        imatrix_decision_weight)
+                elif kind == MERGED and wants_imatrix:
+                    log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): "
+                             "quantising without one")
+                if kind == MERGED and verifying:
+                    nonlocal reference, in_torch
+                    with stage("torch"):
+                        reference, in_torch, parity = _against_torch(plan, f16, calibration)
+                    verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
+                                    for c in parity)
+                measures = kind == MERGED and calibration is not None and (
+                    (importance is not None and wants_imatrix) or AUTO in wanted)
+                with stage("probe"):
+                    probe = _probe(f16, calibration) if measures else None
+                for q, path in wanted.items():
+                    if q == AUTO:
+                        results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
+                            f16, path, importance, probe, target_size, target_bpw, wants_imatrix and keep_better)
+                    elif q != "f16":
+                        log.info("quantising %s -> %s", f16.name, path.name)
+                        results[Role(kind, q)], checks[Role(kind, q)] = _quantize_checked(
+                            f16, path, q, importance, probe if wants_imatrix else None, keep_better)  # a FILE: as given
+            finally:
+                if "f16" not in wanted:
+                    f16.unlink(missing_ok=True)
 
-    ladder(plan.adapter_dir, MERGED)
-    if plan.lora_gguf:
-        log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
-        convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
-        if plan.base.kind != "gguf":
-            ladder(None, BASE)
+        ladder(plan.adapter_dir, MERGED)
+        if plan.lora_gguf:
+            log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
+            with stage("lora_gguf"):
+                convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
+            if plan.base.kind != "gguf":
+                ladder(None, BASE)
 
-    files = []
-    for role, path in plan.outputs.items():
-        info = inspect_gguf(path)
-        quantised = results.get(role)
-        files.append(ExportedFile(
-            role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
-            info.get("file_type"), info["tensor_types"], info["class_types"],
-            imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
-            imatrix_check=checks.get(role),
-            fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
-    if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
-        path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
-        importance_info["sha256"] = file_sha256(path)
-    schema_info = _copy_schema(plan)
-    base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
-    stops = _write_modelfiles(plan, base_file, schema_info is not None)
-    if verifying:
-        t0 = time.perf_counter()
-        verified += _verify(plan, calibration, base_file, stops, reference, in_torch)
-        seconds["verify"] += time.perf_counter() - t0
-    elif verify:
-        log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
-    verification = [{"file": file, **c.as_dict()} for file, c in verified]
-    manifest = ExportManifest(
-        name=plan.name,
-        base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
-        adapter=None if plan.adapter_dir is None else {
-            "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
-        outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
-        json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
-        seconds={**seconds, "total": time.perf_counter() - started}, versions=package_versions(),
-    ).write(plan.out_dir)
-    for file, c in verified:
-        V.failed([c], plan.out_dir / file)
-    return ExportResult(plan.out_dir, files, manifest, verification)
+        files = []
+        for role, path in plan.outputs.items():
+            info = inspect_gguf(path)
+            quantised = results.get(role)
+            files.append(ExportedFile(
+                role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
+                info.get("file_type"), info["tensor_types"], info["class_types"],
+                imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
+                imatrix_check=checks.get(role),
+                fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
+        if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
+            path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
+            importance_info["sha256"] = file_sha256(path)
+        schema_info = _copy_schema(plan)
+        base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
+        stops = _write_modelfiles(plan, base_file, schema_info is not None)
+        if verifying:
+            with stage("verify"):
+                verified += _verify(plan, calibration, base_file, stops, reference, in_torch)
+        elif verify:
+            log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
+        verification = [{"file": file, **c.as_dict()} for file, c in verified]
+        manifest = ExportManifest(
+            name=plan.name,
+            base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
+            adapter=None if plan.adapter_dir is None else {
+                "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
+            outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
+            json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
+            seconds=clock.as_dict(), versions=package_versions(),
+        ).write(plan.out_dir)
+        for file, c in verified:
+            V.failed([c], plan.out_dir / file)
+        return ExportResult(plan.out_dir, files, manifest, verification, clock.as_dict())
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -265,31 +274,30 @@ class Calibration:
     first: list[tuple[D.Example, D.Tokenized]] = field(default_factory=list)  # the first examples, as trained
 
 
-def _importance(plan: ExportPlan, choice: str, calibration: Optional[Calibration], budget: int,
-                decision_weight: float):
-    """(IMatrix or None, its manifest entry): read from a file, or computed on the calibration
-    examples and written beside the GGUFs."""
-    if choice == "none" or plan.quants == ["f16"]:
+def _imatrix_file(plan: ExportPlan, choice: str):
+    """(IMatrix or None, its manifest entry) for --imatrix FILE, read before any work; (None, None)
+    for none and for auto (computed once the merged f16 is written: _computed_imatrix)."""
+    if choice in ("none", "auto") or plan.quants == ["f16"]:
         return None, None
-    if choice != "auto":
-        imatrix = IM.read(choice)
-        return imatrix, {"file": str(Path(choice).resolve()), "sha256": file_sha256(Path(choice)), "computed": False,
-                         "datasets": imatrix.datasets, "entries": len(imatrix.sums)}
-    if calibration is None:
-        log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): quantising without one")
-        return None, None
+    imatrix = IM.read(choice)
+    return imatrix, {"file": str(Path(choice).resolve()), "sha256": file_sha256(Path(choice)), "computed": False,
+                     "datasets": imatrix.datasets, "entries": len(imatrix.sums)}
+
+
+def _computed_imatrix(plan: ExportPlan, f16: Path, calibration: Calibration, budget: int, decision_weight: float):
+    """(IMatrix, its manifest entry): measured by llama.cpp on the merged `f16` running the
+    calibration examples (imatrix.compute_gguf), written beside the GGUFs with the manifest."""
     chosen = IM.calibration_sample(calibration.sequences, budget)
     n_tokens = sum(len(ids) for ids, _ in chosen)
     log.info("importance matrix: %d tokens of %s (%d sequences); a token before an answer token weighs "
              "1 + %g x the model's entropy there", n_tokens, calibration.source, len(chosen), decision_weight)
     with _progress("imatrix", unit="tok") as progress:
-        imatrix = IM.compute(plan.hf_dir, plan.adapter_dir, [ids for ids, _ in chosen], datasets=[calibration.source],
-                             chunk_size=max(len(ids) for ids, _ in chosen), labels=[lab for _, lab in chosen],
-                             decision_weight=decision_weight, progress=progress)
+        imatrix = IM.compute_gguf(f16, [ids for ids, _ in chosen], datasets=[calibration.source],
+                                  chunk_size=max(len(ids) for ids, _ in chosen), labels=[lab for _, lab in chosen],
+                                  decision_weight=decision_weight, progress=progress)
     return imatrix, {"file": f"{plan.name}-imatrix.gguf", "computed": True,  # written with the manifest
                      "datasets": [calibration.source], "tokens": n_tokens, "sequences": len(chosen),
-                     "decision_weight": imatrix.decision_weight,
-                     "entries": len(imatrix.sums)}
+                     "decision_weight": imatrix.decision_weight, "entries": len(imatrix.sums), "engine": "llama.cpp"}
 
 
 def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool = True) -> Optional[Calibration]:
@@ -355,18 +363,23 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
     from .quantize import TensorSwap, quantize
 
     if importance is None or probe is None:
-        return quantize(f16, dst, quant, imatrix=importance), None
+        with stage("quantise"):
+            return quantize(f16, dst, quant, imatrix=importance), None
     made: dict[str, tuple[float, Optional[int]]] = {}  # label -> (KL, answers kept)
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
     def measure(label: str) -> float:
-        made[label] = (probe.measure(paths[label]), probe.answers_kept(paths[label]))
-        return made[label][0]
+        with stage("measure"):
+            kl = probe.measure(paths[label])
+        with stage("answers"):
+            made[label] = (kl, probe.answers_kept(paths[label]))
+        return kl
 
     groups = _weight_groups(importance.sums)
     try:
-        result = quantize(f16, paths["all"], quant, imatrix=importance)
-        quantize(f16, paths["none"], quant)
+        with stage("quantise"):
+            result = quantize(f16, paths["all"], quant, imatrix=importance)
+            quantize(f16, paths["none"], quant)
         by_group, helped = {}, []
         if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
             measure("all")
@@ -375,12 +388,15 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
             kl_none = measure("none")
             measure("all")
             swap = TensorSwap(paths["none"], paths["all"])
-            for group, names in groups.items():
-                swap.write(names, paths["trial"])
-                by_group[group] = probe.measure(paths["trial"])
+            with stage("trials"), _progress(f"{dst.stem}: the matrix by group", unit="group") as progress:
+                for done, (group, names) in enumerate(groups.items(), 1):
+                    swap.write(names, paths["trial"])
+                    by_group[group] = probe.measure(paths["trial"])
+                    progress(done, len(groups))
             helped = [g for g in groups if by_group[g] < kl_none]
             if helped and len(helped) < len(groups):
-                swap.write([n for g in helped for n in groups[g]], paths["chosen"])
+                with stage("trials"):
+                    swap.write([n for g in helped for n in groups[g]], paths["chosen"])
                 measure("chosen")
         candidates = [k for k in ("all", "chosen", "none") if k in made and (keep_better or k != "none")]
         kept = max(candidates, key=lambda k: (made[k][1] or 0, -made[k][0]))
@@ -449,10 +465,11 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
         return importance.importance(name) if importance is not None and name in importance.sums else None
 
     log.info("measuring the quantisation error of each weight at each type")
-    with _progress("errors", unit="w") as progress:
+    with stage("budget"), _progress("errors", unit="w") as progress:
         options = B.weight_options(f16, column_importance, progress)
     log.info("measuring each weight class's cost in KL divergence")
-    choice = B.choose(options, target, overhead, probe)
+    with stage("budget"):
+        choice = B.choose(options, target, overhead, probe)
     preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
     log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
              target / 2**20)
@@ -462,7 +479,8 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
         dst.unlink()
         raise EdgeloraError(f"{dst}: {size / 2**20:.2f} MiB came out over the target of "
                             f"{target / 2**20:.2f} MiB")
-    measured = check["kl_kept"] if check else probe.measure(dst)
+    with stage("measure"):
+        measured = check["kl_kept"] if check else probe.measure(dst)
     return result, {"target_bytes": target, "target_bpw": target_bpw, "size_bytes": size,
                     "predicted_kl": choice.predicted_kl, "measured_kl": measured,
                     "kl_sequences": len(probe.rows), "sensitivity": choice.sensitivity,

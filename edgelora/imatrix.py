@@ -309,6 +309,84 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
                    decision_weight=decision_weight if weighted else 0.0)
 
 
+def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str], chunk_size: int,
+                 labels: Optional[list[list[int]]] = None, decision_weight: float = 0.0, device: str = "auto",
+                 progress: Optional[Callable[[int, int], None]] = None) -> IMatrix:
+    """What `compute` measures, from llama.cpp's own forward pass over the float GGUF `model` (the
+    merged f16 export writes): each blk.* weight's input sums of squares at every token, as
+    llama-imatrix collects them (llamacpp.WeightInputs), on the GPU where llama.cpp has one. No
+    torch, and no float32 copy of the model: the file is mapped as the quantiser maps it.
+
+    Decision weighting as in `compute`, its entropies from the same file's logits: the sequences are
+    read twice, once for the entropies (the output head at the answer-predicting positions alone),
+    once measured. Every token's outputs are asked for in the measured pass, so that llama.cpp's
+    last layer sees every token (it skips the rows whose output nobody reads). Sequences are read
+    several to a batch (llamacpp.batched_logits)."""
+    from .bench import log_softmax
+    from .llamacpp import WeightInputs, batched_logits
+    from .runtime import CTX_STEP, PACKED_CTX, load, reading_sequences
+
+    weighted = labels is not None and decision_weight > 0
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    state = {"weights": None, "seen": {}, "last": None}  # the batch's token weights, rows seen per weight
+
+    def on_input(name: str, x: np.ndarray) -> None:
+        start = state["seen"].get(name, 0)
+        state["seen"][name] = start + len(x)
+        weights, last = state["weights"], state["last"]
+        if last is None or last[0] is not x or last[1] != start:  # q/k/v (gate/up) share x: square it once
+            w = None if weights is None else weights[start:start + len(x)]
+            squares = x.astype(np.float64) ** 2
+            state["last"] = last = (x, start, squares.sum(0) if w is None else w @ squares)
+        sums[name] = sums.get(name, 0) + last[2]
+        counts[name] = counts.get(name, 0) + len(x)
+
+    observer = WeightInputs(lambda name: name.startswith("blk."), on_input)
+    longest = max(map(len, token_ids))
+    rt = load(model, device=device, n_ctx=max(-(-longest // CTX_STEP) * CTX_STEP, PACKED_CTX), observe=observer,
+              sequences=reading_sequences(device))
+    passes = 2 if weighted else 1
+    total, done = passes * sum(map(len, token_ids)), 0
+
+    def counted(parts) -> None:
+        nonlocal done
+        done += sum(n for _, _, n in parts)
+        if progress:
+            progress(done, total)
+
+    weights: list[Optional[np.ndarray]] = [None] * len(token_ids)
+    if weighted:  # the entropies, at the positions whose next token is an answer's
+        deciding = [np.flatnonzero(np.asarray(labels[i][1:len(ids)]) != -100) for i, ids in enumerate(token_ids)]
+        for i, first, logits in batched_logits(rt.llm, token_ids, deciding, counted):
+            if len(logits):
+                logp = log_softmax(logits).astype(np.float64)
+                if weights[i] is None:
+                    weights[i] = np.ones(len(token_ids[i]))
+                rows = deciding[i][deciding[i] >= first][:len(logits)]
+                weights[i][rows] += decision_weight * -(np.exp(logp) * logp).sum(-1)
+
+    def measuring(parts) -> None:
+        pieces = [np.ones(n) if weights[i] is None else weights[i][first:first + n] for i, first, n in parts]
+        state["weights"] = np.concatenate(pieces) if any(weights[i] is not None for i, _, _ in parts) else None
+        state["seen"], state["last"] = {}, None
+        counted(parts)
+
+    observer.active = True
+    try:
+        for _ in batched_logits(rt.llm, token_ids, None, measuring):  # every row's output: the last layer
+            pass  # sees every token
+    finally:
+        observer.active = False
+    observer.raise_error()
+    if not sums:
+        raise EdgeloraError(f"{model}: llama.cpp multiplied no blk.* weight to measure")
+    return IMatrix({n: np.asarray(s, dtype=np.float32)[None, :] for n, s in sums.items()},
+                   {n: np.array([c], dtype=np.float32) for n, c in counts.items()},
+                   datasets, chunk_count=len(token_ids), chunk_size=chunk_size,
+                   decision_weight=decision_weight if weighted else 0.0)
+
+
 def calibration_order(n: int, seed: int = 0) -> list[int]:
     """The fixed-seed shuffled order calibration sequences are taken in (the last ones are the
     least likely to have been used, so a measurement of the result takes those)."""

@@ -57,13 +57,45 @@ def model_params_policy():
         C.llama_model_default_params = default
 
 
-def load_llama(path: str | Path, **kwargs):
-    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded."""
+def load_llama(path: str | Path, *, observe: "WeightInputs | None" = None, sequences: int = 1, **kwargs):
+    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded;
+    `observe`: the weights' inputs go to it as llama.cpp computes them (WeightInputs); `sequences`:
+    how many sequences one batch may hold (batched_logits), sharing one KV cache."""
     from llama_cpp import Llama
 
     guard_grammar_samplers()
-    with model_params_policy():
-        return Llama(model_path=str(path), **kwargs)
+    fields = {"n_seq_max": sequences, "kv_unified": True} if sequences > 1 else {}
+    if observe:
+        fields.update(cb_eval=observe.callback, cb_eval_user_data=None)
+    with model_params_policy(), _context_params(fields):
+        llm = Llama(model_path=str(path), **kwargs)
+    if observe:
+        llm._edgelora_eval_callback = observe.callback  # llama.cpp calls it for the context's whole life
+    return llm
+
+
+@contextlib.contextmanager
+def _context_params(fields: dict):
+    """Within the block, contexts llama-cpp-python creates get these llama_context_params fields
+    (it sets the rest itself from Llama's arguments)."""
+    import llama_cpp.llama_cpp as C
+
+    if not fields:
+        yield
+        return
+    default = C.llama_context_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    C.llama_context_default_params = params
+    try:
+        yield
+    finally:
+        C.llama_context_default_params = default
 
 
 GGML_LOG_ERROR = 4  # enum ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT (llama-cpp-python's table is stale)
@@ -175,6 +207,74 @@ def all_logits(llm, tokens):
     return out
 
 
+def batched_logits(llm, sequences, rows=None, before=None):
+    """For each token sequence (read from position 0), its next-token logits (float32) at its
+    `rows` (positions; None: every position), yielded as (sequence index, first position of the
+    part, logits at the part's rows) after each batch, and kept nowhere: only the rows asked for
+    go through the output head. Sequences are packed into batches of up to n_batch tokens, each
+    its own sequence in the KV cache, as many as the Llama was loaded for (load_llama(sequences=N));
+    one longer than a batch is read on its own, in parts. `before(parts)`: called before each batch
+    with what it holds, in order: (sequence index, first position, tokens) per part. Clears the KV
+    cache."""
+    import llama_cpp
+    import numpy as np
+
+    _, ctx, _, batch = handles(llm)
+    n_vocab, room = llm.n_vocab(), llm.n_batch
+    slots = max(1, int(llm.context_params.n_seq_max))
+    wanted = [np.arange(len(ids)) if r is None else np.asarray(r, dtype=int)
+              for ids, r in zip(sequences, rows or [None] * len(sequences))]
+
+    def decode(parts, last: bool = True):  # parts: (index, first position, tokens); last: clear the cache after
+        b, flags = batch.batch, []
+        b.n_tokens = 0
+        for slot, (i, first, tokens) in enumerate(parts):
+            take = set(wanted[i][(wanted[i] >= first) & (wanted[i] < first + len(tokens))].tolist())
+            for j, token in enumerate(tokens):
+                k = b.n_tokens
+                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, first + j, 1, (first + j) in take
+                b.seq_id[k][0] = slot
+                b.n_tokens += 1
+            flags.append(len(take))
+        if before:
+            before([(i, first, len(tokens)) for i, first, tokens in parts])
+        if llama_cpp.llama_decode(ctx, b) != 0:
+            raise EdgeloraError(f"llama.cpp could not evaluate a batch of {b.n_tokens} tokens")
+        got = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(sum(flags), n_vocab)) if sum(flags) else None
+        at = 0
+        for (i, first, _), n in zip(parts, flags):
+            yield i, first, got[at:at + n].copy() if n else np.empty((0, n_vocab), np.float32)
+            at += n
+        if last:
+            llm._ctx.kv_cache_clear()  # every sequence's cells
+
+    llm.reset()
+    llm._ctx.kv_cache_clear()
+    pending, used = [], 0
+    for i, ids in enumerate(sequences):
+        if len(ids) > room:  # alone, in parts
+            for first in range(0, len(ids), room):
+                yield from decode([(i, first, list(ids[first:first + room]))], last=first + room >= len(ids))
+            continue
+        if pending and (used + len(ids) > room or len(pending) == slots):
+            yield from decode(pending)
+            pending, used = [], 0
+        pending.append((i, 0, list(ids)))
+        used += len(ids)
+    if pending:
+        yield from decode(pending)
+
+
+def logits_at(llm, sequences, rows=None) -> list:
+    """batched_logits gathered: per sequence, its logits at its rows, one array."""
+    import numpy as np
+
+    out: list[list] = [[] for _ in sequences]
+    for i, _, logits in batched_logits(llm, sequences, rows):
+        out[i].append(logits)
+    return [np.concatenate(parts) for parts in out]
+
+
 def greedy(llm, prompt, limit: int) -> list[int]:
     """The greedy continuation of `prompt` (token ids, read from position 0): llama.cpp's top token
     one at a time, at most `limit`, ending with the first end-of-generation token if one comes.
@@ -200,3 +300,131 @@ def greedy(llm, prompt, limit: int) -> list[int]:
             break
         pending = [token]
     return out
+
+
+# ---------------------------------------------------------------- the inputs of a model's weights
+
+class _GGMLTensor(ctypes.Structure):
+    """ggml.h's struct ggml_tensor (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10,
+    GGML_MAX_NAME 64); checked against ggml's own accessors on the first tensor read."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+_GGML_TYPE_F32 = 0
+
+
+@lru_cache(maxsize=1)
+def ggml_library():
+    """libggml-base as llama_cpp loaded it, with the few functions edgelora calls bound."""
+    import llama_cpp.llama_cpp as C
+    from llama_cpp._ctypes_extensions import load_shared_library
+
+    base = load_shared_library("ggml-base", C._base_path)
+    for name, restype, argtypes in (
+            ("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p]),
+            ("ggml_nelements", ctypes.c_int64, [ctypes.c_void_p]),
+            ("ggml_nbytes", ctypes.c_size_t, [ctypes.c_void_p]),
+            ("ggml_is_contiguous", ctypes.c_bool, [ctypes.c_void_p]),
+            ("ggml_op_name", ctypes.c_char_p, [ctypes.c_int]),
+            ("ggml_backend_buffer_is_host", ctypes.c_bool, [ctypes.c_void_p]),
+            ("ggml_backend_tensor_get", None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t])):
+        fn = getattr(base, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return base
+
+
+@lru_cache(maxsize=1)
+def _mul_mat_op() -> int:
+    """enum ggml_op's value for MUL_MAT, read from ggml's own names (the enum moves between versions)."""
+    ggml = ggml_library()
+    for op in range(256):
+        name = ggml.ggml_op_name(op)
+        if name == b"MUL_MAT":
+            return op
+    raise EdgeloraError("this llama.cpp build has no MUL_MAT operation to observe")
+
+
+class WeightInputs:
+    """What each weight of a model multiplies, as llama.cpp computes it: load a model with
+    `load_llama(..., observe=this)` (or runtime.load) and, while `active`, every matrix
+    multiplication by a weight `wanted(name)` accepts calls `on_input(name, x)`, x the float32
+    activations it multiplied, one row per token (in the order the batch holds them); weights that
+    multiply the same input one after another (q, k, v) are given the same array object. Through
+    llama.cpp's eval callback, the hook llama-imatrix collects its statistics with."""
+
+    def __init__(self, wanted, on_input):
+        import llama_cpp.llama_cpp as C
+
+        self.wanted, self.on_input, self.active = wanted, on_input, False
+        self._checked = False
+        self._last = None  # ((input tensor, its data), its rows) of the last multiplication read
+        self.callback = C.ggml_backend_sched_eval_callback(self._called)
+
+    def _called(self, address, ask, _user_data) -> bool:
+        try:
+            return self._observe(address, ask)
+        except BaseException as e:  # noqa: BLE001 - an exception cannot cross llama.cpp's C frames
+            self.error = e
+            return False
+
+    def _observe(self, address, ask: bool) -> bool:
+        if not self.active or getattr(self, "error", None) is not None:
+            return False
+        t = _GGMLTensor.from_address(address)
+        if not self._checked:
+            self._check_layout(address, t)
+        if t.op != _mul_mat_op() or not t.src[0] or not t.src[1]:
+            return False
+        weight, x = _GGMLTensor.from_address(t.src[0]), _GGMLTensor.from_address(t.src[1])
+        name = weight.name.decode("utf-8", "replace")
+        name = name.split("#")[1] if name.count("#") == 2 else name  # CUDA0#blk.0.attn_q.weight#0: a copy's name
+        if x.type != _GGML_TYPE_F32 or not self.wanted(name):
+            return False
+        if not ask:
+            source = (t.src[1], x.data)
+            if self._last is None or self._last[0] != source:  # q, k and v multiply one input: read it once
+                self._last = (source, _rows(t.src[1], x))
+            self.on_input(name, self._last[1])
+        return True
+
+    def _check_layout(self, address, t: _GGMLTensor) -> None:
+        ggml = ggml_library()
+        n = 1
+        for d in t.ne:
+            n *= d
+        if ggml.ggml_get_name(address) != t.name or ggml.ggml_nelements(address) != n:
+            import llama_cpp
+
+            raise EdgeloraError(f"llama-cpp-python {llama_cpp.__version__}'s ggml lays out its tensors differently "
+                                "from the one edgelora reads (0.3.36): export with --imatrix none, or install "
+                                "llama-cpp-python==0.3.36")
+        self._checked = True
+
+    def raise_error(self) -> None:
+        """Raise what went wrong inside the callback, if anything did (llama.cpp cannot carry it)."""
+        error, self.error = getattr(self, "error", None), None
+        if error is not None:
+            raise error
+
+
+def _rows(address, t: _GGMLTensor):
+    """A float32 tensor's values as a (rows, ne[0]) array, copied out of ggml's buffer."""
+    import numpy as np
+
+    ggml = ggml_library()
+    shape = tuple(int(d) for d in reversed(t.ne))
+    if t.buffer and ggml.ggml_backend_buffer_is_host(t.buffer) and t.data:
+        span = (sum((int(n) - 1) * int(s) for n, s in zip(t.ne, t.nb)) + 4) // 4
+        flat = np.ctypeslib.as_array((ctypes.c_float * span).from_address(t.data))
+        values = np.lib.stride_tricks.as_strided(flat, shape=shape,
+                                                 strides=tuple(int(s) for s in reversed(t.nb)))
+        return np.array(values, dtype=np.float32).reshape(-1, shape[-1])
+    if not ggml.ggml_is_contiguous(address):
+        raise EdgeloraError(f"{t.name.decode()}: a non-contiguous tensor outside host memory cannot be read")
+    out = np.empty(shape, dtype=np.float32)
+    ggml.ggml_backend_tensor_get(address, out.ctypes.data, 0, ggml.ggml_nbytes(address))
+    return out.reshape(-1, shape[-1])

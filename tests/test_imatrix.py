@@ -91,6 +91,36 @@ def test_decision_weighting_equals_a_direct_computation(tiny_llama, computed, tm
     np.testing.assert_allclose(unweighted.sums["blk.1.attn_q.weight"], computed.sums["blk.1.attn_q.weight"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("weight", [0.0, 10.0])
+def test_llama_cpp_computes_what_torch_computes(tiny_llama, f16, weight):
+    """compute_gguf (llama.cpp's forward over the f16 GGUF, its eval callback) against compute (torch,
+    float32): the same weights, the same token counts, the same sums up to the f16 rounding of the
+    weights (about 1% on the worst column here), decision weighting included."""
+    labels = [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]
+    in_torch = IM.compute(tiny_llama, None, SEQUENCES, datasets=["unit"], chunk_size=10, batch_size=2,
+                          labels=labels, decision_weight=weight)
+    in_llama = IM.compute_gguf(f16, SEQUENCES, datasets=["unit"], chunk_size=10, labels=labels,
+                               decision_weight=weight, device="cpu")
+    assert sorted(in_llama.sums) == sorted(in_torch.sums)
+    for name in in_torch.sums:
+        assert in_llama.counts[name].tolist() == in_torch.counts[name].tolist() == [sum(map(len, SEQUENCES))]
+        np.testing.assert_allclose(in_llama.sums[name], in_torch.sums[name], rtol=0.03, atol=1e-3)
+    assert in_llama.decision_weight == in_torch.decision_weight == weight
+    assert (in_llama.chunk_count, in_llama.chunk_size) == (3, 10)
+
+
+def test_llama_cpp_decision_weighting_moves_the_sums(f16):
+    """The weighted sums differ from the plain ones (the answers' entropies are not zero), the counts do not."""
+    labels = [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]
+    plain = IM.compute_gguf(f16, SEQUENCES, datasets=["unit"], chunk_size=10, device="cpu")
+    weighted = IM.compute_gguf(f16, SEQUENCES, datasets=["unit"], chunk_size=10, labels=labels,
+                               decision_weight=10.0, device="cpu")
+    name = "blk.1.ffn_down.weight"
+    assert (weighted.sums[name] > plain.sums[name] * 1.01).any()
+    assert (weighted.sums[name] >= plain.sums[name] * (1 - 1e-6)).all()  # every token weighs at least 1
+    assert weighted.counts[name].tolist() == plain.counts[name].tolist()
+
+
 def test_gguf_file_round_trips_in_llama_cpps_format(computed, tmp_path):
     path = IM.write(computed, tmp_path / "m.imatrix.gguf", "llama")
     reader = gguf.GGUFReader(path)
@@ -236,6 +266,12 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     written = IM.read(out / info["file"])
     assert written.counts["blk.0.attn_q.weight"].tolist() == [info["tokens"]]
     assert info["decision_weight"] == written.decision_weight == 0 != IM.DECISION_WEIGHT
+    assert info["engine"] == "llama.cpp"
+    seconds = manifest["seconds"]  # where the export's time went, stage by stage (edgelora.stages)
+    assert {"convert", "imatrix", "probe", "quantise", "measure", "trials", "answers", "verify"} <= set(seconds)
+    assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"]
+    from edgelora.stages import summary
+    assert f"time: {summary(seconds)}" in r.output
     (q4,) = manifest["outputs"]
     check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0

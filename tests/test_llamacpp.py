@@ -37,3 +37,45 @@ def test_a_llama_without_the_private_handles_is_one_clear_error():
     with pytest.raises(EdgeloraError, match=rf"^llama-cpp-python {llama_cpp.__version__} keeps a model's handles "
                                             r"elsewhere .*_model.*llama-cpp-python==0\.3\.36$"):
         llamacpp.handles(moved)
+
+
+@pytest.mark.parametrize("sequences", [1, 16])
+def test_batched_logits_are_each_sequence_read_alone(wider_gguf, sequences):
+    """Several sequences to a batch (each its own in the KV cache), only the rows asked for through the
+    output head, one longer than a batch read in parts: the same logits as reading each alone, every row."""
+    import numpy as np
+
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=32, n_ubatch=32, sequences=sequences, verbose=False)
+    seqs = [[1, 5, 9, 13, 2, 7], [3, 4, 4, 8], list(range(1, 70)), [6, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    rows = [[0, 5], None, [0, 31, 32, 68], [9]]  # the third is longer than a batch: rows on both sides of a part
+    seen = []
+    got = llamacpp.logits_at(llm, seqs, rows)
+    for _ in llamacpp.batched_logits(llm, seqs, rows, before=seen.append):
+        pass
+    for ids, want, logits in zip(seqs, rows, got):
+        alone = llamacpp.all_logits(llm, ids)
+        np.testing.assert_allclose(logits, alone[np.arange(len(ids)) if want is None else want], rtol=1e-4, atol=1e-4)
+    parts = [part for batch in seen for part in batch]
+    assert sorted((i, first) for i, first, _ in parts) == [(0, 0), (1, 0), (2, 0), (2, 32), (2, 64), (3, 0)]
+    assert all(len(batch) == 1 for batch in seen) == (sequences == 1)
+    assert sum(n for _, _, n in parts) == sum(map(len, seqs))
+
+
+def test_weight_inputs_see_every_token_of_every_weight(wider_gguf):
+    """WeightInputs: while active, each blk.* weight's input once per token, a row each; q, k and v share one array."""
+    import numpy as np
+
+    seen: dict[str, list] = {}
+    observer = llamacpp.WeightInputs(lambda name: name.startswith("blk."),
+                                     lambda name, x: seen.setdefault(name, []).append(x))
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=256, observe=observer, verbose=False)
+    llamacpp.all_logits(llm, [1, 2, 3])  # not active: nothing seen
+    assert not seen
+    observer.active = True
+    llamacpp.all_logits(llm, [1, 2, 3, 4, 5])
+    observer.active = False
+    observer.raise_error()
+    assert "blk.0.attn_q.weight" in seen and "blk.0.ffn_down.weight" in seen
+    assert all(sum(len(x) for x in xs) == 5 for xs in seen.values())
+    assert seen["blk.0.attn_q.weight"][0] is seen["blk.0.attn_k.weight"][0]
+    assert all(x.dtype == np.float32 and np.isfinite(x).all() for xs in seen.values() for x in xs)
