@@ -39,6 +39,7 @@ FILE_TYPE = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "IQ4_NL": "MOSTLY_I
              "Q4_K": "MOSTLY_Q4_K_M", "Q5_0": "MOSTLY_Q5_0", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K",
              "Q8_0": "MOSTLY_Q8_0"}
 SIZE_MARGIN = 64 << 10  # tensor alignment and metadata that differ from the f16 file's
+GENERATION_CELLS = 8192  # KV cells for the reference's greedy answers, generated together (llamacpp.greedy_many)
 
 
 @dataclass
@@ -233,12 +234,15 @@ class KLProbe:
         """The reference's greedy answers, each cut where reading it whole ranks another token first
         (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
         reference keeps all of its own."""
-        from .llamacpp import greedy
+        from .llamacpp import greedy_many
+        from .runtime import CTX_STEP, PACKED_SEQUENCES, load
 
-        rt = self._load(self.f16, self.loras)
-        prompts = [p for p, _ in self.prompts]
-        answers = [greedy(rt.llm, prompt, limit) for prompt, limit in self.prompts]
-        return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
+        prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
+        cells = min(sum(len(p) + limit for p, limit in self.prompts), GENERATION_CELLS)
+        rt = load(self.f16, loras=self.loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, self.n_ctx),
+                  sequences=min(len(prompts), PACKED_SEQUENCES))
+        answers = greedy_many(rt.llm, prompts, limits)
+        return [answer[:n] for answer, n in zip(answers, _follows(self._load(self.f16, self.loras), prompts, answers))]
 
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
         """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""

@@ -275,6 +275,64 @@ def logits_at(llm, sequences, rows=None) -> list:
     return [np.concatenate(parts) for parts in out]
 
 
+def greedy_many(llm, prompts, limits) -> list[list[int]]:
+    """`greedy` for many prompts at once: each its own sequence in the KV cache (a Llama loaded with
+    load_llama(sequences=N)), their next tokens decoded together, one batch a step, so that a step
+    reads the weights once for all of them (what makes CPU generation slow is reading them). As many
+    prompts at a time as the Llama has sequences and its context cells hold (prompt + limit each).
+    Clears the KV cache."""
+    import llama_cpp
+    import numpy as np
+
+    _, ctx, vocab, batch = handles(llm)
+    n_vocab, room, slots, cells = llm.n_vocab(), llm.n_batch, max(1, int(llm.context_params.n_seq_max)), llm.n_ctx()
+    out: list[list[int]] = [[] for _ in prompts]
+
+    def decode(entries) -> np.ndarray:  # entries: (sequence slot, token, position, wants logits)
+        b = batch.batch
+        b.n_tokens = len(entries)
+        for k, (slot, token, pos, wants) in enumerate(entries):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, wants
+            b.seq_id[k][0] = slot
+        if llama_cpp.llama_decode(ctx, b) != 0:
+            raise EdgeloraError(f"llama.cpp could not evaluate a batch of {len(entries)} tokens")
+        n = sum(1 for e in entries if e[3])
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).argmax(-1) if n else None
+
+    def answer(group: list[int]) -> None:
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        entries = [(slot, t, pos, pos == len(prompts[i]) - 1) for slot, i in enumerate(group)
+                   for pos, t in enumerate(prompts[i])]
+        firsts: list[int] = []
+        for start in range(0, len(entries), room):  # the prompts, a batch at a time; each one's last token read
+            top = decode(entries[start:start + room])
+            firsts += [] if top is None else top.tolist()
+        live = [(slot, i) for slot, i in enumerate(group) if limits[i] > 0]
+        nexts = dict(zip(range(len(group)), firsts))
+        while live:
+            for slot, i in live:
+                out[i].append(int(nexts[slot]))
+            live = [(slot, i) for slot, i in live
+                    if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
+            if live:
+                top = decode([(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
+                nexts = {slot: t for (slot, _), t in zip(live, top.tolist())}
+
+    group, used = [], 0
+    for i in range(len(prompts)):
+        need = len(prompts[i]) + limits[i]
+        if group and (len(group) == slots or used + need > cells):
+            answer(group)
+            group, used = [], 0
+        group.append(i)
+        used += need
+    if group:
+        answer(group)
+    llm._ctx.kv_cache_clear()
+    return out
+
+
 def greedy(llm, prompt, limit: int) -> list[int]:
     """The greedy continuation of `prompt` (token ids, read from position 0): llama.cpp's top token
     one at a time, at most `limit`, ending with the first end-of-generation token if one comes.

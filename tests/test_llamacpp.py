@@ -79,3 +79,25 @@ def test_weight_inputs_see_every_token_of_every_weight(wider_gguf):
     assert all(sum(len(x) for x in xs) == 5 for xs in seen.values())
     assert seen["blk.0.attn_q.weight"][0] is seen["blk.0.attn_k.weight"][0]
     assert all(x.dtype == np.float32 and np.isfinite(x).all() for xs in seen.values() for x in xs)
+
+
+def test_greedy_many_answers_as_greedy_does_one_by_one(wider_gguf):
+    """Prompts answered together (one batch a step, each its own sequence; more prompts than sequences,
+    and a context that holds only some at a time) give each prompt's one-at-a-time greedy answer."""
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=256, n_batch=64, sequences=3, verbose=False)
+    prompts = [[1, 5, 9, 13], [3, 4, 4, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
+    limits = [120, 120, 30, 5, 0]  # the first two fill the context: the third waits for the next group
+    together = llamacpp.greedy_many(llm, prompts, limits)
+    alone = [llamacpp.greedy(llm, p, n) for p, n in zip(prompts, limits)]
+    same = 0
+    for prompt, a, b in zip(prompts, together, alone):
+        split = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+        if split is None:
+            assert a == b
+            same += 1
+            continue
+        # batched and one-token arithmetic round differently: they may part only at a near-tie
+        logits = llamacpp.all_logits(llm, prompt + b[:split])[-1]
+        assert abs(logits[a[split]] - logits[b[split]]) < 1e-2 and split > 20
+    assert same >= 4
+    assert len(together[-1]) == 0 and all(0 < len(a) <= n for a, n in zip(together[:-1], limits))
