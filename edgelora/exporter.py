@@ -248,6 +248,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         elif verify:
             log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
         verification = [{"file": file, **c.as_dict()} for file, c in verified]
+        seconds = clock.as_dict()
         manifest = ExportManifest(
             name=plan.name,
             base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
@@ -255,11 +256,11 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
             outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
             json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
-            seconds=clock.as_dict(), versions=package_versions(),
+            seconds=seconds, versions=package_versions(),
         ).write(plan.out_dir)
         for file, c in verified:
             V.failed([c], plan.out_dir / file)
-        return ExportResult(plan.out_dir, files, manifest, verification, clock.as_dict())
+        return ExportResult(plan.out_dir, files, manifest, verification, seconds)
 
 
 # ---------------------------------------------------------------- importance matrix

@@ -317,11 +317,11 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     llama-imatrix collects them (llamacpp.WeightInputs), on the GPU where llama.cpp has one. No
     torch, and no float32 copy of the model: the file is mapped as the quantiser maps it.
 
-    Decision weighting as in `compute`, its entropies from the same file's logits: the sequences are
-    read twice, once for the entropies (the output head at the answer-predicting positions alone),
-    once measured. Every token's outputs are asked for in the measured pass, so that llama.cpp's
-    last layer sees every token (it skips the rows whose output nobody reads). Sequences are read
-    several to a batch (llamacpp.batched_logits)."""
+    Decision weighting as in `compute`, in the same single pass: the squares at the rows whose next
+    token is an answer's are kept aside until the batch's logits give the entropies there, then
+    added again times a*H (so those rows weigh 1 + a*H, the others 1). Every row's output is asked
+    for, so that llama.cpp's last layer sees every token (it skips the rows whose output nobody
+    reads). Sequences are read several to a batch where llama.cpp runs on a GPU (batched_logits)."""
     from .bench import log_softmax
     from .llamacpp import WeightInputs, batched_logits
     from .runtime import CTX_STEP, PACKED_CTX, load, reading_sequences
@@ -329,53 +329,62 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     weighted = labels is not None and decision_weight > 0
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    state = {"weights": None, "seen": {}, "last": None}  # the batch's token weights, rows seen per weight
+    # this batch's: rows seen per weight, the last input squared, the answer-predicting rows, and the
+    # squares there of each distinct input with the weights it fed (until the entropies are known)
+    batch = {"seen": {}, "last": None, "deciding": np.zeros(0, dtype=int), "aside": [], "entropies": []}
 
     def on_input(name: str, x: np.ndarray) -> None:
-        start = state["seen"].get(name, 0)
-        state["seen"][name] = start + len(x)
-        weights, last = state["weights"], state["last"]
+        start = batch["seen"].get(name, 0)
+        batch["seen"][name] = start + len(x)
+        last = batch["last"]
         if last is None or last[0] is not x or last[1] != start:  # q/k/v (gate/up) share x: square it once
-            w = None if weights is None else weights[start:start + len(x)]
             squares = x.astype(np.float64) ** 2
-            state["last"] = last = (x, start, squares.sum(0) if w is None else w @ squares)
+            batch["last"] = last = (x, start, squares.sum(0), [])
+            deciding = batch["deciding"]
+            at = np.flatnonzero((deciding >= start) & (deciding < start + len(x)))  # which of the batch's
+            if len(at):
+                batch["aside"].append((at, squares[deciding[at] - start].astype(np.float32), last[3]))
+        last[3].append(name)
         sums[name] = sums.get(name, 0) + last[2]
         counts[name] = counts.get(name, 0) + len(x)
+
+    def add_decisions() -> None:  # the batch just read: its answer-predicting rows again, times a*H
+        if batch["aside"]:
+            extra = decision_weight * np.concatenate(batch["entropies"])  # per answer-predicting row, in order
+            for at, squares, names in batch["aside"]:
+                weighted_sum = extra[at] @ squares
+                for name in names:
+                    sums[name] = sums[name] + weighted_sum
+        batch["aside"], batch["entropies"] = [], []
+
+    total, done = sum(map(len, token_ids)), 0
+
+    def before(parts) -> None:
+        nonlocal done
+        add_decisions()
+        at, rows = 0, []
+        for i, first, n in parts:
+            if weighted:
+                answer = np.asarray(labels[i][first + 1:first + n + 1][:n]) != -100  # the next token is an answer's
+                rows.append(at + np.flatnonzero(answer))
+            at += n
+        batch.update(seen={}, last=None, deciding=np.concatenate(rows) if rows else np.zeros(0, dtype=int))
+        done += at
+        if progress:
+            progress(done, total)
 
     observer = WeightInputs(lambda name: name.startswith("blk."), on_input)
     longest = max(map(len, token_ids))
     rt = load(model, device=device, n_ctx=max(-(-longest // CTX_STEP) * CTX_STEP, PACKED_CTX), observe=observer,
               sequences=reading_sequences(device))
-    passes = 2 if weighted else 1
-    total, done = passes * sum(map(len, token_ids)), 0
-
-    def counted(parts) -> None:
-        nonlocal done
-        done += sum(n for _, _, n in parts)
-        if progress:
-            progress(done, total)
-
-    weights: list[Optional[np.ndarray]] = [None] * len(token_ids)
-    if weighted:  # the entropies, at the positions whose next token is an answer's
-        deciding = [np.flatnonzero(np.asarray(labels[i][1:len(ids)]) != -100) for i, ids in enumerate(token_ids)]
-        for i, first, logits in batched_logits(rt.llm, token_ids, deciding, counted):
-            if len(logits):
-                logp = log_softmax(logits).astype(np.float64)
-                if weights[i] is None:
-                    weights[i] = np.ones(len(token_ids[i]))
-                rows = deciding[i][deciding[i] >= first][:len(logits)]
-                weights[i][rows] += decision_weight * -(np.exp(logp) * logp).sum(-1)
-
-    def measuring(parts) -> None:
-        pieces = [np.ones(n) if weights[i] is None else weights[i][first:first + n] for i, first, n in parts]
-        state["weights"] = np.concatenate(pieces) if any(weights[i] is not None for i, _, _ in parts) else None
-        state["seen"], state["last"] = {}, None
-        counted(parts)
-
     observer.active = True
     try:
-        for _ in batched_logits(rt.llm, token_ids, None, measuring):  # every row's output: the last layer
-            pass  # sees every token
+        for i, first, logits in batched_logits(rt.llm, token_ids, None, before):  # every row's output
+            if weighted:
+                answer = np.asarray(labels[i][first + 1:first + len(logits) + 1][:len(logits)]) != -100
+                logp = log_softmax(logits[np.flatnonzero(answer)]).astype(np.float64)
+                batch["entropies"].append(-(np.exp(logp) * logp).sum(-1))
+        add_decisions()
     finally:
         observer.active = False
     observer.raise_error()

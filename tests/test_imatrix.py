@@ -109,6 +109,21 @@ def test_llama_cpp_computes_what_torch_computes(tiny_llama, f16, weight):
     assert (in_llama.chunk_count, in_llama.chunk_size) == (3, 10)
 
 
+def test_llama_cpp_reads_a_sequence_longer_than_a_batch_in_parts(tiny_llama, f16):
+    """A 600-token sequence (llama.cpp's batch is 512): read in two parts, each part's answer rows weighted
+    by their own entropies, the same sums as torch's one pass."""
+    rng = np.random.default_rng(0)
+    long = rng.integers(3, 500, size=600).tolist()
+    labels = [[-100] * 300 + long[300:]]
+    in_torch = IM.compute(tiny_llama, None, [long], datasets=["unit"], chunk_size=600, labels=labels,
+                          decision_weight=5.0)
+    in_llama = IM.compute_gguf(f16, [long], datasets=["unit"], chunk_size=600, labels=labels,
+                               decision_weight=5.0, device="cpu")
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_down.weight"):
+        np.testing.assert_allclose(in_llama.sums[name], in_torch.sums[name], rtol=0.03)
+        assert in_llama.counts[name].tolist() == [600]
+
+
 def test_llama_cpp_decision_weighting_moves_the_sums(f16):
     """The weighted sums differ from the plain ones (the answers' entropies are not zero), the counts do not."""
     labels = [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]
