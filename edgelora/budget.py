@@ -39,6 +39,7 @@ FILE_TYPE = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "IQ4_NL": "MOSTLY_I
              "Q4_K": "MOSTLY_Q4_K_M", "Q5_0": "MOSTLY_Q5_0", "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K",
              "Q8_0": "MOSTLY_Q8_0"}
 SIZE_MARGIN = 64 << 10  # tensor alignment and metadata that differ from the f16 file's
+SETTLED_Z = 3.0  # KLProbe.compare stops reading once a difference is this many standard errors from zero
 GENERATION_CELLS = 8192  # KV cells for the reference's greedy answers, generated together (llamacpp.greedy_many)
 
 
@@ -216,6 +217,40 @@ class KLProbe:
         """Mean KL(f16 || the GGUF at `path`) over the probe's positions."""
         return self.against(self.logprobs(path))[0]
 
+    def kl_rows(self, path: Path) -> list[np.ndarray]:
+        """KL(f16 || the GGUF at `path`) at each of the probe's positions, per sequence."""
+        return [self._kl(q, i) for i, q in enumerate(self.logprobs(path))]
+
+    def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4) -> tuple[float, int]:
+        """(mean KL(f16 || the GGUF at `path`) minus that of the file whose kl_rows are `base`, positions read):
+        the sequences read a part at a time (a quarter of them), stopping once the difference is `z`
+        standard errors from zero (a sequence's positions taken together: they are not independent).
+        Only the sign is settled early; z = inf reads every sequence and gives the exact difference
+        (default: SETTLED_Z)."""
+        from .bench import log_softmax
+        from .llamacpp import logits_at
+
+        z = SETTLED_Z if z is None else z
+        step = -(-len(self.rows) // parts)
+        sums, counts = [], []  # per sequence read: the sum of the differences at its positions, their number
+        with self._load(path) as rt:
+            for start in range(0, len(self.rows), step):
+                chunk = self.rows[start:start + step]
+                logits = logits_at(rt.llm, [ids for ids, _ in chunk], [rows for _, rows in chunk])
+                for i, lg in enumerate(logits, start):
+                    sums.append(float((self._kl(log_softmax(lg), i) - base[i]).sum()))
+                    counts.append(len(lg))
+                d, n = np.asarray(sums), np.asarray(counts, dtype=float)
+                mean = d.sum() / n.sum()
+                error = np.sqrt(((d - mean * n) ** 2).sum()) / n.sum()
+                if start + step < len(self.rows) and abs(mean) > z * error:
+                    break
+        return float(mean), int(n.sum())
+
+    def _kl(self, q: np.ndarray, i: int) -> np.ndarray:
+        p = self.reference[i].astype(np.float64)
+        return (np.exp(p) * (p - q)).sum(-1)
+
     def answers_kept(self, path: Path) -> Optional[int]:
         """How many of the probe's prompts (the sequences' first turns, up to their answer) the GGUF
         at `path` answers greedily exactly as the reference does, token for token and ending where it
@@ -227,7 +262,8 @@ class KLProbe:
             return None
         if self._answers is None:
             self._answers = self._reference_answers()
-        followed = _follows(self._load(path), [p for p, _ in self.prompts], self._answers)
+        with self._load(path) as rt:
+            followed = _follows(rt, [p for p, _ in self.prompts], self._answers)
         return sum(n == len(answer) for n, answer in zip(followed, self._answers))
 
     def _reference_answers(self) -> list[list[int]]:
@@ -239,19 +275,20 @@ class KLProbe:
 
         prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
         cells = min(sum(len(p) + limit for p, limit in self.prompts), GENERATION_CELLS)
-        rt = load(self.f16, loras=self.loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, self.n_ctx),
-                  sequences=min(len(prompts), PACKED_SEQUENCES))
-        answers = greedy_many(rt.llm, prompts, limits)
-        return [answer[:n] for answer, n in zip(answers, _follows(self._load(self.f16, self.loras), prompts, answers))]
+        with load(self.f16, loras=self.loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, self.n_ctx),
+                  sequences=min(len(prompts), PACKED_SEQUENCES)) as rt:
+            answers = greedy_many(rt.llm, prompts, limits)
+        with self._load(self.f16, self.loras) as rt:
+            return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
         """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""
         from .bench import log_softmax
         from .llamacpp import logits_at
 
-        rt = self._load(path, loras)
-        return [log_softmax(lg) for lg in logits_at(rt.llm, [ids for ids, _ in self.rows],
-                                                     [rows for _, rows in self.rows])]
+        with self._load(path, loras) as rt:
+            return [log_softmax(lg) for lg in logits_at(rt.llm, [ids for ids, _ in self.rows],
+                                                         [rows for _, rows in self.rows])]
 
     def _load(self, path: Path, loras=()):
         """The GGUF at `path`, to read the probe's sequences several to a batch."""

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from . import card as C
 from . import data as D
 from . import imatrix as IM
@@ -204,8 +206,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                                     for c in parity)
                 measures = kind == MERGED and calibration is not None and (
                     (importance is not None and wants_imatrix) or AUTO in wanted)
-                with stage("probe"):
-                    probe = _probe(f16, calibration) if measures else None
+                probe = None
+                if measures:
+                    with stage("probe"):
+                        probe = _probe(f16, calibration)
                 for q, path in wanted.items():
                     if q == AUTO:
                         results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
@@ -256,7 +260,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
             outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
             json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
-            seconds=seconds, versions=package_versions(),
+            seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
         ).write(plan.out_dir)
         for file, c in verified:
             V.failed([c], plan.out_dir / file)
@@ -351,7 +355,10 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
     Of those files the one that answers most of the held-out prompts greedily as the f16 does is
     kept, the lowest KL among equals; without `keep_better`, the best of those made with the
     matrix. All figures go in the manifest. llama.cpp quantises twice; the per-group files are
-    those two files' tensors recombined.
+    those two files' tensors recombined. A group's file is read against the file without the
+    matrix a quarter of the held-out sequences at a time, and only until the sign of the difference
+    is settled (KLProbe.compare): its kl_by_group is then the estimate that decided it, and
+    positions_by_group says how many positions it was read at.
 
     Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
     calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
@@ -369,32 +376,33 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
     made: dict[str, tuple[float, Optional[int]]] = {}  # label -> (KL, answers kept)
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
-    def measure(label: str) -> float:
+    def measure(label: str) -> list:
         with stage("measure"):
-            kl = probe.measure(paths[label])
+            rows = probe.kl_rows(paths[label])
         with stage("answers"):
-            made[label] = (kl, probe.answers_kept(paths[label]))
-        return kl
+            made[label] = (float(np.concatenate(rows).mean()), probe.answers_kept(paths[label]))
+        return rows
 
     groups = _weight_groups(importance.sums)
     try:
         with stage("quantise"):
             result = quantize(f16, paths["all"], quant, imatrix=importance)
             quantize(f16, paths["none"], quant)
-        by_group, helped = {}, []
+        by_group, read, helped = {}, {}, []
         if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
             measure("all")
             made["none"] = made["all"]
         else:
-            kl_none = measure("none")
+            without = measure("none")
             measure("all")
             swap = TensorSwap(paths["none"], paths["all"])
             with stage("trials"), _progress(f"{dst.stem}: the matrix by group", unit="group") as progress:
                 for done, (group, names) in enumerate(groups.items(), 1):
                     swap.write(names, paths["trial"])
-                    by_group[group] = probe.measure(paths["trial"])
+                    difference, read[group] = probe.compare(paths["trial"], without)
+                    by_group[group] = made["none"][0] + difference
                     progress(done, len(groups))
-            helped = [g for g in groups if by_group[g] < kl_none]
+            helped = [g for g in groups if by_group[g] < made["none"][0]]
             if helped and len(helped) < len(groups):
                 with stage("trials"):
                     swap.write([n for g in helped for n in groups[g]], paths["chosen"])
@@ -411,7 +419,9 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
         figures = {f"{what}_{suffix}": made[label][i] if label in made else None
                    for label, suffix in (("all", "with_imatrix"), ("none", "without"), ("chosen", "chosen"))
                    for i, what in enumerate(("kl", "answers"))}
-        return result, {**figures, "kl_by_group": by_group, "kl_kept": made[kept][0], "answers_kept": made[kept][1],
+        return result, {**figures, "kl_by_group": by_group, "positions_by_group": read,
+                        "positions": sum(len(rows) for _, rows in probe.rows),
+                        "kl_kept": made[kept][0], "answers_kept": made[kept][1],
                         "answers_of": len(probe.prompts), "imatrix_kept": bool(used), "imatrix_groups": used,
                         "sequences": len(probe.rows)}
     finally:
@@ -596,9 +606,9 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
         routes.append((lora.name, base_file, [(lora, 1.0)]))
     out = []
     for label, model, loras in routes:
-        rt = load(model, loras=loras, device="cpu")
-        checks = V.token_checks(rt, examples, trained, stops) + [V.stop_check(rt, examples, trained, in_torch.stopped)]
-        del rt
+        with load(model, loras=loras, device="cpu") as rt:
+            checks = V.token_checks(rt, examples, trained, stops) + [V.stop_check(rt, examples, trained,
+                                                                                  in_torch.stopped)]
         if loras:
             checks.append(V.lora_route_check(reference, model, loras[0][0]))
         log.info("verified %s on %d training examples: %s", label, len(examples),

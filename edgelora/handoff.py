@@ -125,7 +125,8 @@ class ExportManifest:
     imatrix: Optional[dict] = None  # the importance matrix used: file, sha256, computed, datasets, ...
     json_schema: Optional[dict] = None  # the run's answer schema, copied beside the files
     budget: Optional[dict] = None  # what the budgeted (auto) file's choice measured
-    seconds: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)  # per stage of the export, and the total (edgelora.stages)
+    peak_rss_mb: dict = field(default_factory=dict)  # the process's peak RSS when each stage last ended
     versions: dict = field(default_factory=dict)
 
     def outputs_by_role(self) -> dict[Role, ExportedFile]:

@@ -387,6 +387,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
         add_decisions()
     finally:
         observer.active = False
+        rt.close()
     observer.raise_error()
     if not sums:
         raise EdgeloraError(f"{model}: llama.cpp multiplied no blk.* weight to measure")

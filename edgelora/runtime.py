@@ -199,6 +199,16 @@ class Runtime:
     _template: str | None = field(default=None, init=False, repr=False)  # set by use_chat_template
     _grammars: dict = field(default_factory=dict, init=False, repr=False)  # JSON schema text -> LlamaGrammar
 
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the model, its context and its mapping of the file now, not when the garbage is collected."""
+        self.llm.close()
+
     @property
     def chat_template(self) -> str | None:
         """The chat template chat() renders with: a LoRA's (use_chat_template), else the GGUF's."""

@@ -168,3 +168,27 @@ def test_a_probe_counts_the_held_out_prompts_a_file_answers_as_the_f16_does(tiny
         shared = sum(a == b for a, b in zip(answers(path), reference))
         assert probe.answers_kept(path) == shared
     assert shared < len(probe.prompts)  # the adapter changed the answers
+
+
+def test_compare_settles_a_clear_difference_early_and_reads_all_for_the_exact_one(tiny_export, run_dir, tmp_path):
+    """KLProbe.compare: with z = inf every sequence is read and the difference is measure's, exactly;
+    a file far closer to the f16 than the base (q8_0 vs the base without the adapter) is settled on
+    the first quarter of the sequences, with the same sign."""
+    import math
+
+    import numpy as np
+
+    from edgelora import exporter as E
+
+    plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
+    f16, q8, base = tiny_export["merged:f16"], tiny_export["merged:q8_0"], tiny_export["base:f16"]
+    probe = E._probe(f16, E._calibration(plan, None, 0))
+    far = probe.kl_rows(base)
+    assert np.concatenate(far).mean() == pytest.approx(probe.measure(base), rel=1e-9)
+    total = sum(len(rows) for _, rows in probe.rows)
+    exact, read = probe.compare(q8, far, z=math.inf)
+    assert read == total and exact == pytest.approx(probe.measure(q8) - probe.measure(base), rel=1e-6, abs=1e-9)
+    early, read = probe.compare(q8, far)
+    assert exact < 0 and early < 0 and read < total / 2
+    same, read = probe.compare(base, far)  # no difference at all: never settled, everything read
+    assert same == 0 and read == total

@@ -341,3 +341,29 @@ def test_plain_conversion_takes_calibration_data(tiny_llama, chat_file, tmp_path
                 "--imatrix-data", chat_file)
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ex" / "manifest.json").read_text())["imatrix"]["datasets"] == ["chat.jsonl"]
+
+
+def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export, run_dir, tmp_path, monkeypatch):
+    """Each group read only until its sign is settled (KLProbe.compare) decides as reading every held-out
+    sequence does: the same groups helped, the same file kept, byte for byte; on fewer positions."""
+    import math
+
+    from edgelora import budget as B
+    from edgelora import exporter as E
+
+    plan = E.plan_export(str(run_dir), None, ["q4_k_m"], False, str(tmp_path / "plan"))
+    calibration = E._calibration(plan, None, 0)
+    f16 = tiny_export["merged:f16"]
+    probe = E._probe(f16, calibration)
+    importance = IM.compute_gguf(f16, [ids for ids, _ in calibration.sequences[:16]], datasets=["t"], chunk_size=64,
+                                 device="cpu")
+    adaptive = E._quantize_checked(f16, tmp_path / "adaptive.gguf", "q4_k_m", importance, probe)[1]
+    monkeypatch.setattr(B, "SETTLED_Z", math.inf)
+    exhaustive = E._quantize_checked(f16, tmp_path / "exhaustive.gguf", "q4_k_m", importance, probe)[1]
+    total = exhaustive["positions"]
+    assert set(exhaustive["positions_by_group"].values()) == {total}
+    assert sorted(adaptive["imatrix_groups"]) == sorted(exhaustive["imatrix_groups"])
+    assert (tmp_path / "adaptive.gguf").read_bytes() == (tmp_path / "exhaustive.gguf").read_bytes()
+    assert all(0 < n <= total for n in adaptive["positions_by_group"].values())
+    for group, kl in exhaustive["kl_by_group"].items():  # each estimate on the side of the exact figure's sign
+        assert (adaptive["kl_by_group"][group] < adaptive["kl_without"]) == (kl < exhaustive["kl_without"])
