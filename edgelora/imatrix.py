@@ -369,6 +369,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
                 rows.append(at + np.flatnonzero(answer))
             at += n
         batch.update(seen={}, last=None, deciding=np.concatenate(rows) if rows else np.zeros(0, dtype=int))
+        observer.new_batch()
         done += at
         if progress:
             progress(done, total)

@@ -418,6 +418,7 @@ class WeightInputs:
         import llama_cpp.llama_cpp as C
 
         self.wanted, self.on_input, self.active = wanted, on_input, False
+        self.error: BaseException | None = None  # raised by raise_error: an exception cannot cross C frames
         self._checked = False
         self._last = None  # ((input tensor, its data), its rows) of the last multiplication read
         self.callback = C.ggml_backend_sched_eval_callback(self._called)
@@ -429,8 +430,12 @@ class WeightInputs:
             self.error = e
             return False
 
+    def new_batch(self) -> None:
+        """Forget the last input read: llama.cpp may reuse a graph, its tensors and buffers, for the next batch."""
+        self._last = None
+
     def _observe(self, address, ask: bool) -> bool:
-        if not self.active or getattr(self, "error", None) is not None:
+        if not self.active or self.error is not None:
             return False
         t = _GGMLTensor.from_address(address)
         if not self._checked:
@@ -464,7 +469,7 @@ class WeightInputs:
 
     def raise_error(self) -> None:
         """Raise what went wrong inside the callback, if anything did (llama.cpp cannot carry it)."""
-        error, self.error = getattr(self, "error", None), None
+        error, self.error = self.error, None
         if error is not None:
             raise error
 
