@@ -2,9 +2,11 @@
 
 For every weight llama.cpp quantises (the `blk.*` matrices), the sum over calibration tokens of
 each input column's squared activation, and the token count: what llama.cpp's imatrix tool
-collects (tools/imatrix), here measured in torch on the fine-tuned model (base + adapter merged,
-the weights the merged GGUF holds) running the run's own training examples, rendered exactly as
-in training. llama.cpp's quantiser then spends its rounding error where activations are small.
+collects (tools/imatrix), here measured on the fine-tuned model (base + adapter merged: the
+merged f16 GGUF) running the run's own training examples, rendered exactly as in training, by
+llama.cpp's own forward pass (`compute_gguf`, through the eval callback llama-imatrix uses; the
+float32 torch computation `compute` is the reference it is tested against). llama.cpp's quantiser
+then spends its rounding error where activations are small.
 
 Export weights the tokens (`--imatrix-decision-weight A`, default 100; 0 counts every token
 once, as llama.cpp's tool does): a token that comes before an answer token counts 1 + A x the
@@ -17,7 +19,7 @@ answer's predictable tokens least (benchmarks/quant_quality.py --decision-weight
 Files are llama.cpp's own format, so `llama-quantize --imatrix` takes ours and we take theirs:
 a GGUF with general.type = imatrix, `<tensor>.in_sum2` (F32, [n_mat, n_cols]) and `<tensor>.counts`
 (F32, [n_mat, 1]) per weight, imatrix.datasets / chunk_count / chunk_size; or the legacy .dat.
-Reading, checking and handing one to the quantiser need no torch; `compute` does.
+Reading, checking, computing one with llama.cpp and handing it to the quantiser need no torch; `compute` does.
 """
 from __future__ import annotations
 
