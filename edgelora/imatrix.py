@@ -329,6 +329,9 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     from .runtime import CTX_STEP, PACKED_CTX, load, reading_sequences
 
     weighted = labels is not None and decision_weight > 0
+    # per sequence, per position: whether the next token is an answer's (the rows decision weighting weighs)
+    deciding_at = [np.append(np.asarray(labels[i][1:len(ids)]) != -100, False) if weighted else None
+                   for i, ids in enumerate(token_ids)]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     # this batch's: rows seen per weight, the last input squared, the answer-predicting rows, and the
@@ -367,8 +370,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
         at, rows = 0, []
         for i, first, n in parts:
             if weighted:
-                answer = np.asarray(labels[i][first + 1:first + n + 1][:n]) != -100  # the next token is an answer's
-                rows.append(at + np.flatnonzero(answer))
+                rows.append(at + np.flatnonzero(deciding_at[i][first:first + n]))
             at += n
         batch.update(seen={}, last=None, deciding=np.concatenate(rows) if rows else np.zeros(0, dtype=int))
         observer.new_batch()
@@ -384,8 +386,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     try:
         for i, first, logits in batched_logits(rt.llm, token_ids, None, before):  # every row's output
             if weighted:
-                answer = np.asarray(labels[i][first + 1:first + len(logits) + 1][:len(logits)]) != -100
-                logp = log_softmax(logits[np.flatnonzero(answer)]).astype(np.float64)
+                logp = log_softmax(logits[deciding_at[i][first:first + len(logits)]]).astype(np.float64)
                 batch["entropies"].append(-(np.exp(logp) * logp).sum(-1))
         add_decisions()
     finally:

@@ -192,19 +192,7 @@ def all_logits(llm, tokens):
     sequence through llama.cpp in batches with every row's logits kept (Llama.eval keeps them only
     for logits_all models, whose buffer is n_ctx x n_vocab for the model's whole life). Clears the
     KV cache: the next generation re-evaluates its prompt."""
-    import numpy as np
-
-    _, ctx, _, batch = handles(llm)
-    n_vocab = llm.n_vocab()
-    out = np.empty((len(tokens), n_vocab), dtype=np.float32)
-    llm.reset()
-    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-    for start in range(0, len(tokens), llm.n_batch):
-        chunk = list(tokens[start:start + llm.n_batch])
-        batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-        llm._ctx.decode(batch)
-        out[start:start + len(chunk)] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
-    return out
+    return logits_at(llm, [tokens])[0]
 
 
 def batched_logits(llm, sequences, rows=None, before=None):
@@ -336,28 +324,8 @@ def greedy_many(llm, prompts, limits) -> list[list[int]]:
 def greedy(llm, prompt, limit: int) -> list[int]:
     """The greedy continuation of `prompt` (token ids, read from position 0): llama.cpp's top token
     one at a time, at most `limit`, ending with the first end-of-generation token if one comes.
-    No sampler, no penalties: what temperature 0 answers. Clears the KV cache first."""
-    import llama_cpp
-    import numpy as np
-
-    _, _, vocab, batch = handles(llm)
-    n_vocab = llm.n_vocab()
-    llm.reset()
-    llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-    out: list[int] = []
-    pending, n_past = list(prompt), 0
-    while len(out) < limit:
-        for start in range(0, len(pending), llm.n_batch):
-            chunk = pending[start:start + llm.n_batch]
-            batch.set_batch(batch=chunk, n_past=n_past + start, logits_all=False)  # logits of the last token only
-            llm._ctx.decode(batch)
-        n_past += len(pending)
-        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
-        out.append(token)
-        if llama_cpp.llama_vocab_is_eog(vocab, token):
-            break
-        pending = [token]
-    return out
+    No sampler, no penalties: what temperature 0 answers. Clears the KV cache."""
+    return greedy_many(llm, [prompt], [limit])[0]
 
 
 # ---------------------------------------------------------------- the inputs of a model's weights

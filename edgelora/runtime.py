@@ -43,11 +43,6 @@ CTX_STEP = 256  # llama.cpp rounds a context up to a multiple of this; Llama's o
 # one sequence a batch: packed 64 to a batch, 8k tokens of the demo's sequences read no faster there
 # (19.8 vs 19.0 s on 2 cores).
 PACKED_SEQUENCES, PACKED_CTX = 64, 512
-
-
-def reading_sequences(device: str = "auto") -> int:
-    """How many sequences to read in one batch on `device` (see PACKED_SEQUENCES)."""
-    return PACKED_SEQUENCES if pick_device(device)[0] != "cpu" else 1
 NO_TEMPLATE = "this GGUF has no chat template (tokenizer.chat_template), nor does any LoRA applied to it"
 logger = logging.getLogger("edgelora")
 
@@ -102,6 +97,11 @@ def pick_device(want: str = "auto") -> tuple[str, int]:
         f"--force-reinstall --no-cache-dir llama-cpp-python=={llama_cpp.__version__}")
 
 
+def reading_sequences(device: str = "auto") -> int:
+    """How many sequences to read in one batch on `device` (see PACKED_SEQUENCES)."""
+    return PACKED_SEQUENCES if pick_device(device)[0] != "cpu" else 1
+
+
 # ---------------------------------------------------------------- GGUF files
 
 # GGUF value types -> struct codes (8 = string and 9 = array are read apart).
@@ -113,8 +113,9 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     """Open a GGUF model, with LoRA GGUFs applied at the given scales, on `device`.
 
     n_ctx is capped to the context the model was trained with, and rounded up (with a warning) to
-    the multiple of 256 llama.cpp allocates. `observe` and `sequences`: see llamacpp.load_llama. Every problem with the files
-    (missing, not GGUF, an adapter made for another base) is a one-line EdgeloraError.
+    the multiple of 256 llama.cpp allocates. `observe` and `sequences`: see llamacpp.load_llama.
+    Every problem with the files (missing, not GGUF, an adapter made for another base) is a
+    one-line EdgeloraError.
     """
     path = Path(model).expanduser()
     meta = gguf_metadata(path)
@@ -133,7 +134,8 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
         try:
             llm = load_llama(path, n_ctx=ctx, n_gpu_layers=n_gpu_layers, seed=seed,
                              n_threads=threads, n_threads_batch=threads, verbose=verbose,
-                             op_offload=device != "cpu", observe=observe, sequences=sequences)  # cpu: no GPU even for large prompt batches
+                             op_offload=device != "cpu",  # cpu: no GPU even for large prompt batches
+                             observe=observe, sequences=sequences)
         except ValueError:
             raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
     rt = Runtime(llm, device, n_gpu_layers, seed)

@@ -52,8 +52,11 @@ def test_batched_logits_are_each_sequence_read_alone(wider_gguf, sequences):
     got = llamacpp.logits_at(llm, seqs, rows)
     for _ in llamacpp.batched_logits(llm, seqs, rows, before=seen.append):
         pass
+    oracle = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=512, logits_all=True, verbose=False)
     for ids, want, logits in zip(seqs, rows, got):
-        alone = llamacpp.all_logits(llm, ids)
+        oracle.reset()
+        oracle.eval(ids)  # llama-cpp-python's own evaluation, every row kept
+        alone = np.array(oracle.scores[:len(ids)], dtype=np.float32)
         np.testing.assert_allclose(logits, alone[np.arange(len(ids)) if want is None else want], rtol=1e-4, atol=1e-4)
     parts = [part for batch in seen for part in batch]
     assert sorted((i, first) for i, first, _ in parts) == [(0, 0), (1, 0), (2, 0), (2, 32), (2, 64), (3, 0)]
@@ -83,12 +86,25 @@ def test_weight_inputs_see_every_token_of_every_weight(wider_gguf):
 
 def test_greedy_many_answers_as_greedy_does_one_by_one(wider_gguf):
     """Prompts answered together (one batch a step, each its own sequence; more prompts than sequences,
-    and a context that holds only some at a time) give each prompt's one-at-a-time greedy answer."""
+    and a context that holds only some at a time) give each prompt's one-at-a-time greedy answer, as
+    llama-cpp-python's own temperature-0 generation gives it."""
     llm = llamacpp.load_llama(wider_gguf, n_ctx=256, n_batch=64, sequences=3, verbose=False)
     prompts = [[1, 5, 9, 13], [3, 4, 4, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
     limits = [120, 120, 30, 5, 0]  # the first two fill the context: the third waits for the next group
     together = llamacpp.greedy_many(llm, prompts, limits)
-    alone = [llamacpp.greedy(llm, p, n) for p, n in zip(prompts, limits)]
+    import llama_cpp
+
+    vocab = llamacpp.handles(llm)[2]
+
+    def generated(prompt, limit):
+        out = []
+        for token in (llm.generate(prompt, temp=0.0, reset=True) if limit else ()):
+            out.append(token)
+            if llama_cpp.llama_vocab_is_eog(vocab, token) or len(out) == limit:
+                break
+        return out
+
+    alone = [generated(p, n) for p, n in zip(prompts, limits)]
     same = 0
     for prompt, a, b in zip(prompts, together, alone):
         split = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
