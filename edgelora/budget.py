@@ -270,14 +270,8 @@ class KLProbe:
         """The reference's greedy answers, each cut where reading it whole ranks another token first
         (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
         reference keeps all of its own."""
-        from .llamacpp import greedy_many
-        from .runtime import CTX_STEP, PACKED_SEQUENCES, load
-
         prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
-        cells = min(sum(len(p) + limit for p, limit in self.prompts), GENERATION_CELLS)
-        with load(self.f16, loras=self.loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, self.n_ctx),
-                  sequences=min(len(prompts), PACKED_SEQUENCES)) as rt:
-            answers = greedy_many(rt.llm, prompts, limits)
+        answers = greedy_answers(self.f16, prompts, limits, self.loras, self.n_ctx)
         with self._load(self.f16, self.loras) as rt:
             return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
@@ -316,6 +310,18 @@ def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int]
         return None
     end = next((j for j in range(start, len(ids)) if labels[j] == -100), len(ids))
     return list(ids[:start]), answer_limit(end - start)
+
+
+def greedy_answers(path: Path, prompts: list[list[int]], limits: list[int], loras=(), n_ctx: int = 0) -> list[list[int]]:
+    """The GGUF at `path`'s greedy answers to `prompts` (token ids), at most `limits` tokens each,
+    generated together (llamacpp.greedy_many), each ending with an end-of-generation token if one came."""
+    from .llamacpp import greedy_many
+    from .runtime import CTX_STEP, PACKED_SEQUENCES, load
+
+    cells = min(sum(len(p) + limit for p, limit in zip(prompts, limits)), GENERATION_CELLS)
+    with load(path, loras=loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, n_ctx),
+              sequences=min(len(prompts), PACKED_SEQUENCES)) as rt:
+        return greedy_many(rt.llm, prompts, limits)
 
 
 def _follows(rt, prompts: list[list[int]], answers: list[list[int]]) -> list[int]:

@@ -155,10 +155,15 @@ def schema(data, data_format, no_enums):
               help="Importance matrix for the quantiser: auto = measured on the run's own training examples "
                    "(each quant is also made without it, and the file that answers more held-out training "
                    "prompts as the f16 does, then the lower KL, is kept); FILE = a llama.cpp imatrix (.gguf or .dat).")
+@click.option("--effort", type=click.Choice(["fast", "default", "thorough"]), default="default", show_default=True,
+              help="How much the export measures before it keeps a file. fast: the matrix from at most 4096 "
+                   "tokens, each quant made once, with it; default: also made without it and with it per group "
+                   "of weights, each group tried until its effect is clear; thorough: each group tried on every "
+                   "held-out example. The files are verified at every effort.")
 @click.option("--imatrix-data", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
-@click.option("--imatrix-tokens", type=click.IntRange(min=1), default=32768, show_default=True,
-              help="Most calibration tokens for --imatrix auto.")
+@click.option("--imatrix-tokens", type=click.IntRange(min=1),
+              help="Most calibration tokens for --imatrix auto. [default: 4096 at --effort fast, else 32768]")
 @click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=100.0, show_default=True,
               metavar="A", help="For --imatrix auto: a token before an answer token counts 1 + A x the model's "
                                 "entropy over that answer token (0: every token alike, as llama.cpp's imatrix "
@@ -174,14 +179,14 @@ def schema(data, data_format, no_enums):
 @click.option("--out", help="Output folder. [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
-def export(run_dir, base, quants, lora_gguf, imatrix, imatrix_data, imatrix_tokens, imatrix_decision_weight,
+def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imatrix_tokens, imatrix_decision_weight,
            target_size, target_bpw, name, verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
     from .stages import summary as stage_summary
 
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
-                        imatrix=imatrix, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
+                        imatrix=imatrix, effort=effort, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
                         imatrix_decision_weight=imatrix_decision_weight, target_size=target_size,
                         target_bpw=target_bpw, name=name, verify=verify)
     for f in result.files:

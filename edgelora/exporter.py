@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .handoff import BASE, LORA, MERGED, SUMMARY_FILE, ExportedFile, ExportManif
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
+from .budget import SETTLED_Z
 from .schema import SCHEMA_FILE
 from .stages import StageClock, stage
 
@@ -49,6 +51,22 @@ class ExportPlan:
     lora_gguf: bool
     dataset: Optional[str] = None  # the training data file's name, for the model card
     outputs: dict[Role, Path] = field(default_factory=dict)  # what each file is -> its final path
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How much an export measures before it keeps a quantised file (--effort)."""
+
+    imatrix_tokens: int  # most calibration tokens the importance matrix is measured on
+    search: bool  # also quantise without the matrix, and with it per group of weights; keep what answers as the f16
+    settle_z: float  # a group's trial is read until its difference is this many standard errors from 0 (inf: whole)
+
+
+EFFORTS = {
+    "fast": Effort(4096, search=False, settle_z=math.inf),
+    "default": Effort(IM.DEFAULT_TOKENS, search=True, settle_z=SETTLED_Z),
+    "thorough": Effort(IM.DEFAULT_TOKENS, search=True, settle_z=math.inf),
+}
 
 
 @dataclass
@@ -125,7 +143,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
            lora_gguf: bool = False, out: Optional[str] = None, force: bool = False, imatrix: str = "auto",
-           imatrix_data: Optional[str] = None, imatrix_tokens: int = IM.DEFAULT_TOKENS,
+           effort: str = "default", imatrix_data: Optional[str] = None, imatrix_tokens: Optional[int] = None,
            imatrix_decision_weight: float = IM.DECISION_WEIGHT, target_size: Optional[str | int] = None,
            target_bpw: Optional[float] = None,
            keep_better: bool = True, name: Optional[str] = None, verify: bool = True,
@@ -134,13 +152,15 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
     conversion), "none", or the path of a llama.cpp imatrix file (.gguf or .dat).
+    effort: a key of EFFORTS: how many calibration tokens the matrix is measured on (unless
+    `imatrix_tokens` says), and whether each quant is also made without it and per group of weights.
     imatrix_decision_weight: for a computed imatrix, how much more the tokens before an uncertain
     answer token count (edgelora.imatrix.compute); 0 weighs every token alike.
     target_size (bytes, or "70MB") / target_bpw: also write `auto`, a file of per-tensor types
     chosen to that budget by measured loss (edgelora.budget).
-    keep_better: where an imatrix was used, also quantise without it and keep the file that answers
-    more held-out training prompts greedily as the f16 does, then the one with the lower KL (the
-    figures of both are in the manifest either way).
+    keep_better: where the effort searches, the file made without the matrix is a candidate too:
+    the file that answers more held-out training prompts greedily as the f16 does is kept, then the
+    one with the lower KL (the figures of all are in the manifest either way).
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
     verify: check the written files against the run's first `verify_examples` training examples
     (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
@@ -157,6 +177,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
         if verify and verify_examples < 1:
             raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
+        if effort not in EFFORTS:
+            raise EdgeloraError(f"--effort {effort}: must be one of {', '.join(EFFORTS)}")
+        how = EFFORTS[effort]
+        imatrix_tokens = how.imatrix_tokens if imatrix_tokens is None else imatrix_tokens
         if imatrix_tokens < 1:
             raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
         if not imatrix_decision_weight >= 0:
@@ -204,8 +228,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                         reference, in_torch, parity = _against_torch(plan, f16, calibration)
                     verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
                                     for c in parity)
-                measures = kind == MERGED and calibration is not None and (
-                    (importance is not None and wants_imatrix) or AUTO in wanted)
+                search = kind == MERGED and how.search and importance is not None and wants_imatrix
+                measures = kind == MERGED and calibration is not None and (search or AUTO in wanted)
                 probe = None
                 if measures:
                     with stage("probe"):
@@ -213,11 +237,11 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 for q, path in wanted.items():
                     if q == AUTO:
                         results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
-                            f16, path, importance, probe, target_size, target_bpw, wants_imatrix and keep_better)
+                            f16, path, importance, probe, target_size, target_bpw, search and keep_better, how.settle_z)
                     elif q != "f16":
                         log.info("quantising %s -> %s", f16.name, path.name)
                         results[Role(kind, q)], checks[Role(kind, q)] = _quantize_checked(
-                            f16, path, q, importance, probe if wants_imatrix else None, keep_better)  # a FILE: as given
+                            f16, path, q, importance, probe if search else None, keep_better, how.settle_z)
             finally:
                 if "f16" not in wanted:
                     f16.unlink(missing_ok=True)
@@ -258,7 +282,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
             adapter=None if plan.adapter_dir is None else {
                 "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
-            outputs=files, card=cards[MERGED], checks=verification if verify else None, imatrix=importance_info,
+            outputs=files, card=cards[MERGED], effort=effort, checks=verification if verify else None, imatrix=importance_info,
             json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
             seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
         ).write(plan.out_dir)
@@ -347,7 +371,7 @@ def _probe(f16: Path, calibration: Calibration):
 
 
 def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optional[IM.IMatrix], probe,
-                      keep_better: bool = True) -> tuple[dict, Optional[dict]]:
+                      keep_better: bool = True, settle_z: float = SETTLED_Z) -> tuple[dict, Optional[dict]]:
     """`quant` with the importance matrix where it helps, measured: where the probe can measure, the
     file is also made without the matrix and, if the two differ, with it for one group of weights at
     a time (a class of weight in a third of the layers: attn_q in blk.0-9, ...), then with it for
@@ -357,8 +381,8 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
     matrix. All figures go in the manifest. llama.cpp quantises twice; the per-group files are
     those two files' tensors recombined. A group's file is read against the file without the
     matrix a quarter of the held-out sequences at a time, and only until the sign of the difference
-    is settled (KLProbe.compare): its kl_by_group is then the estimate that decided it, and
-    positions_by_group says how many positions it was read at.
+    is `settle_z` standard errors from zero (KLProbe.compare; inf: every sequence): its kl_by_group
+    is then the estimate that decided it, and positions_by_group says how many positions it was read at.
 
     Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
     calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
@@ -399,7 +423,7 @@ def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optio
             with stage("trials"), _progress(f"{dst.stem}: the matrix by group", unit="group") as progress:
                 for done, (group, names) in enumerate(groups.items(), 1):
                     swap.write(names, paths["trial"])
-                    difference, read[group] = probe.compare(paths["trial"], without)
+                    difference, read[group] = probe.compare(paths["trial"], without, z=settle_z)
                     by_group[group] = made["none"][0] + difference
                     progress(done, len(groups))
             helped = [g for g in groups if by_group[g] < made["none"][0]]
@@ -454,10 +478,10 @@ def _weight_groups(names, parts: int = 3) -> dict[str, list[str]]:
 
 
 def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, target_size,
-              target_bpw: Optional[float], keep_better: bool) -> tuple[dict, dict, Optional[dict]]:
+              target_bpw: Optional[float], search: bool, settle_z: float) -> tuple[dict, dict, Optional[dict]]:
     """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured;
-    with `keep_better`, quantised to those types with and without the importance matrix as
-    _quantize_checked does for a fixed quant (the types, so the size, are the same either way)."""
+    with `search`, quantised to those types as _quantize_checked searches for a fixed quant (the
+    types, so the size, are the same whichever file is kept)."""
     from . import budget as B
     from .gguf_info import read_gguf
 
@@ -484,7 +508,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
     log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
              target / 2**20)
-    result, check = _quantize_checked(f16, dst, preset, importance, probe if keep_better else None)
+    result, check = _quantize_checked(f16, dst, preset, importance, probe if search else None, settle_z=settle_z)
     size = dst.stat().st_size
     if size > target:
         dst.unlink()
@@ -586,7 +610,7 @@ def _against_torch(plan: ExportPlan, f16: Path, calibration: Calibration):
     reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
                         max_positions=V.POSITIONS)
     log.info("comparing the f16 GGUF with the model in torch on %d training examples", len(reference.rows))
-    in_torch = V.trained_model(plan.hf_dir, plan.adapter_dir, reference.rows, [t for _, t in calibration.first])
+    in_torch = V.trained_model(plan.hf_dir, plan.adapter_dir, reference.rows, [t for _, t in calibration.first], f16)
     return reference, in_torch, V.logits_checks(reference, in_torch)
 
 

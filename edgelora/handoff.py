@@ -121,6 +121,7 @@ class ExportManifest:
     adapter: Optional[dict]  # inputs.adapter: path, sha256; None for a plain conversion
     outputs: list[ExportedFile] = field(metadata={"item": "output"})
     card: dict = field(default_factory=dict)  # the model card written into the merged files
+    effort: Optional[str] = None  # --effort: how much was measured before each quantised file was kept
     checks: Optional[list] = None  # edgelora.verify's checks; None when not verified
     imatrix: Optional[dict] = None  # the importance matrix used: file, sha256, computed, datasets, ...
     json_schema: Optional[dict] = None  # the run's answer schema, copied beside the files

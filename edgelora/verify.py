@@ -106,15 +106,38 @@ class Trained:
     stopped: list[bool]  # per chat example: its greedy answer ended with an end-of-turn token
 
 
-def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, trained: Sequence) -> Trained:
-    """Run the HF model (float32, CPU) with and without the adapter at `rows`' positions ((token ids,
-    positions) pairs), and greedily answer each `trained` example's prompt (data.Tokenized) up to
-    answer_limit tokens, stopping at the tokens the trained answers end with."""
+def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, trained: Sequence,
+                  f16: Optional[Path] = None) -> Trained:
+    """What the HF model (float32, CPU, a decoder layer at a time: edgelora.layerwise) computes with
+    and without the adapter at `rows`' positions ((token ids, positions) pairs), and whether its
+    greedy answer to each `trained` example's prompt (data.Tokenized) ends, within answer_limit
+    tokens, with a token the trained answers end with. Those answers are the `f16` GGUF's where it
+    is given (this model to f16 rounding, which the logits check shows: no second model in memory),
+    else generated in torch by the model loaded whole."""
+    from .hf_model import load_tokenizer
+    from .layerwise import answer_logprobs
+
+    tuned, *base = answer_logprobs(hf_dir, adapter_dir, rows, adapter=(True, False) if adapter_dir else (True,))
+    tok = load_tokenizer(adapter_dir or hf_dir)
+    ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
+    starts = [(t, next((i for i, x in enumerate(t.labels) if x != -100), 0)) for t in trained]
+    answered = [(t.input_ids[:start], answer_limit(t.n_targets))  # chat only
+                for t, start in starts if start > 0 and ends]
+    if not answered:
+        answers = []
+    elif f16 is not None:
+        from .budget import greedy_answers
+
+        answers = greedy_answers(f16, *map(list, zip(*answered)))
+    else:
+        answers = _torch_answers(hf_dir, adapter_dir, answered, ends)
+    return Trained(tuned, base[0] if base else None, [bool(a) and a[-1] in ends for a in answers])
+
+
+def _torch_answers(hf_dir: Path, adapter_dir: Optional[Path], answered: list, ends: list[int]) -> list[list[int]]:
+    """Greedy answers of the HF model + adapter in torch to (prompt ids, limit) pairs."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .bench import log_softmax
-    from .hf_model import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     if adapter_dir is not None:
@@ -122,27 +145,13 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-
-    def run(ids, at):
-        return log_softmax(model(torch.tensor([ids])).logits[0, at].numpy())
-
-    tok = load_tokenizer(adapter_dir or hf_dir)
-    ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
-    starts = [(t, next((i for i, x in enumerate(t.labels) if x != -100), 0)) for t in trained]
-    answered = [(t.input_ids[:start], answer_limit(t.n_targets))  # chat only
-                for t, start in starts if start > 0 and ends]
+    out = []
     with torch.no_grad():
-        tuned = [run(ids, at) for ids, at in rows]
-        stopped = []
         for prompt, limit in answered:
             ids = torch.tensor([prompt])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
-                                 do_sample=False, eos_token_id=ends, pad_token_id=ends[0])[0, len(prompt):]
-            stopped.append(int(out[-1]) in ends)
-        if adapter_dir is None:
-            return Trained(tuned, None, stopped)
-        with model.disable_adapter():
-            return Trained(tuned, [run(ids, at) for ids, at in rows], stopped)
+            out.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
+                                      do_sample=False, eos_token_id=ends, pad_token_id=ends[0])[0, len(prompt):].tolist())
+    return out
 
 
 def trained_end(t, piece) -> Optional[int]:

@@ -138,5 +138,17 @@ def test_export_options_default_as_the_python_api():
     api = inspect.signature(export).parameters
     shared = {p.name: p.default for p in main.commands["export"].params
               if p.name in api and isinstance(p.default, (bool, int, float, str))}  # those with a default
-    assert {"imatrix", "imatrix_tokens", "imatrix_decision_weight", "verify"} <= set(shared)
+    assert {"imatrix", "effort", "imatrix_decision_weight", "verify"} <= set(shared)
     assert {name: api[name].default for name in shared} == shared
+
+
+def test_export_efforts_as_the_python_api():
+    """--effort offers exporter.EFFORTS, and --imatrix-tokens's help gives their token budgets."""
+    from edgelora.cli import main
+    from edgelora.exporter import EFFORTS
+
+    options = {p.name: p for p in main.commands["export"].params}
+    assert list(options["effort"].type.choices) == list(EFFORTS)
+    assert f"{EFFORTS['fast'].imatrix_tokens} at --effort fast, else {EFFORTS['default'].imatrix_tokens}" \
+        in options["imatrix_tokens"].help
+    assert EFFORTS["thorough"].imatrix_tokens == EFFORTS["default"].imatrix_tokens

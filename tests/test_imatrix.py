@@ -343,12 +343,10 @@ def test_plain_conversion_takes_calibration_data(tiny_llama, chat_file, tmp_path
     assert json.loads((tmp_path / "ex" / "manifest.json").read_text())["imatrix"]["datasets"] == ["chat.jsonl"]
 
 
-def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export, run_dir, tmp_path, monkeypatch):
-    """Each group read only until its sign is settled (KLProbe.compare) decides as reading every held-out
-    sequence does: the same groups helped, the same file kept, byte for byte; on fewer positions."""
-    import math
-
-    from edgelora import budget as B
+def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export, run_dir, tmp_path):
+    """Each group read only until its sign is settled (KLProbe.compare, --effort default) decides as
+    reading every held-out sequence does (--effort thorough): the same groups helped, the same file
+    kept, byte for byte; on fewer positions."""
     from edgelora import exporter as E
 
     plan = E.plan_export(str(run_dir), None, ["q4_k_m"], False, str(tmp_path / "plan"))
@@ -357,9 +355,10 @@ def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export
     probe = E._probe(f16, calibration)
     importance = IM.compute_gguf(f16, [ids for ids, _ in calibration.sequences[:16]], datasets=["t"], chunk_size=64,
                                  device="cpu")
-    adaptive = E._quantize_checked(f16, tmp_path / "adaptive.gguf", "q4_k_m", importance, probe)[1]
-    monkeypatch.setattr(B, "SETTLED_Z", math.inf)
-    exhaustive = E._quantize_checked(f16, tmp_path / "exhaustive.gguf", "q4_k_m", importance, probe)[1]
+    adaptive = E._quantize_checked(f16, tmp_path / "adaptive.gguf", "q4_k_m", importance, probe,
+                                   settle_z=E.EFFORTS["default"].settle_z)[1]
+    exhaustive = E._quantize_checked(f16, tmp_path / "exhaustive.gguf", "q4_k_m", importance, probe,
+                                     settle_z=E.EFFORTS["thorough"].settle_z)[1]
     total = exhaustive["positions"]
     assert set(exhaustive["positions_by_group"].values()) == {total}
     assert sorted(adaptive["imatrix_groups"]) == sorted(exhaustive["imatrix_groups"])
@@ -367,3 +366,27 @@ def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export
     assert all(0 < n <= total for n in adaptive["positions_by_group"].values())
     for group, kl in exhaustive["kl_by_group"].items():  # each estimate on the side of the exact figure's sign
         assert (adaptive["kl_by_group"][group] < adaptive["kl_without"]) == (kl < exhaustive["kl_without"])
+
+
+def test_a_fast_export_quantises_once_with_a_smaller_matrix(run_dir, tmp_path, monkeypatch):
+    """--effort fast: the matrix from the effort's token budget, each quant llama.cpp's quantisation of
+    the f16 with it (nothing made without it, no per-group trials, no answer checks), still verified."""
+    import dataclasses
+
+    from edgelora import exporter as E
+
+    monkeypatch.setitem(E.EFFORTS, "fast", dataclasses.replace(E.EFFORTS["fast"], imatrix_tokens=200))
+    out = tmp_path / "fast"
+    r = run_cli("export", run_dir, "--quant", "f16", "--quant", "q4_k_m", "--effort", "fast", "--out", out)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["effort"] == "fast" and 200 <= manifest["imatrix"]["tokens"] < 200 + 64
+    q4 = {o["role"]: o for o in manifest["outputs"]}["merged:q4_k_m"]
+    assert q4["imatrix"] and q4["imatrix_check"] is None
+    assert not {"probe", "measure", "answers", "trials"} & set(manifest["seconds"])
+    assert {c["name"] for c in manifest["checks"]} >= {"template", "logits", "adapter", "stops"}
+    again = tmp_path / "again.gguf"
+    quantize(out / "tiny-run-f16.gguf", again, "q4_k_m", imatrix=IM.read(out / manifest["imatrix"]["file"]))
+    assert again.read_bytes() == (out / "tiny-run-q4_k_m.gguf").read_bytes()
+    r = run_cli("export", run_dir, "--effort", "quick", "--out", tmp_path / "no")
+    assert r.exit_code == 2 and "'quick' is not one of 'fast', 'default', 'thorough'" in r.output
