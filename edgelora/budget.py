@@ -196,7 +196,7 @@ class KLProbe:
         longest = max([len(ids) for ids, _ in self.rows] + [len(p) + limit for p, limit in self.prompts])
         self.n_ctx = max(-(-longest // CTX_STEP) * CTX_STEP, PACKED_CTX)
         self.loras = loras
-        self.reference = [lp.astype(np.float32) for lp in self.logprobs(f16, loras)]
+        self.reference = self.logprobs(f16, loras)
         self._answers: Optional[list[list[int]]] = None  # the reference's greedy answers to the prompts
 
     def __call__(self, types: dict[str, str]) -> float:
@@ -215,11 +215,14 @@ class KLProbe:
 
     def measure(self, path: Path) -> float:
         """Mean KL(f16 || the GGUF at `path`) over the probe's positions."""
-        return self.against(self.logprobs(path))[0]
+        return float(np.concatenate(self.kl_rows(path)).mean())
 
     def kl_rows(self, path: Path) -> list[np.ndarray]:
-        """KL(f16 || the GGUF at `path`) at each of the probe's positions, per sequence."""
-        return [self._kl(q, i) for i, q in enumerate(self.logprobs(path))]
+        """KL(f16 || the GGUF at `path`) at each of the probe's positions, per sequence (each
+        sequence's log-probabilities made, in float64, only while its KL is taken)."""
+        from .bench import log_softmax
+
+        return [self._kl(log_softmax(lg), i) for i, lg in enumerate(self._logits(path))]
 
     def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4) -> tuple[float, int]:
         """(mean KL(f16 || the GGUF at `path`) minus that of the file whose kl_rows are `base`, positions read):
@@ -276,13 +279,17 @@ class KLProbe:
             return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
-        """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's positions."""
+        """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's
+        positions, per sequence (computed in float64, kept in float32: half the memory)."""
         from .bench import log_softmax
+
+        return [log_softmax(lg).astype(np.float32) for lg in self._logits(path, loras)]
+
+    def _logits(self, path: Path, loras=()) -> list[np.ndarray]:
         from .llamacpp import logits_at
 
         with self._load(path, loras) as rt:
-            return [log_softmax(lg) for lg in logits_at(rt.llm, [ids for ids, _ in self.rows],
-                                                         [rows for _, rows in self.rows])]
+            return logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
 
     def _load(self, path: Path, loras=()):
         """The GGUF at `path`, to read the probe's sequences several to a batch."""
