@@ -71,6 +71,8 @@ def diagnose(path: Path, *, lora: Optional[Path] = None, data: Optional[Path] = 
     checks.append(V.Check("loads", True, f"llama.cpp {llama_cpp.__version__} loads it: {info['arch']}, "
                                          f"{rt.llm.n_vocab()} tokens" + (f", LoRA {lora.name} applied" if lora else "")))
     checks.append(_chat_template(rt))
+    if not checks[-1].passed:  # every check after this one renders a conversation
+        return Diagnosis(info, checks)
     if data is None:
         if rt.chat_template is not None:
             text, finish = rt.chat_finish(GREETING, max_tokens=GREETING_TOKENS)
@@ -163,13 +165,24 @@ def _special_tokens(reader, n_vocab: Optional[int]) -> V.Check:
 
 
 def _chat_template(rt) -> V.Check:
+    """Renders a conversation with a system message, or (a template may refuse those) without one;
+    a template that fails (edgelora.templates: sandboxed, bounded) is a failed check, not an error."""
+    from .templates import TemplateError
+
     if rt.chat_template is None:
         return V.Check("chat_template", True, "none: plain completion only (chat in Ollama or LM Studio needs a template)")
     try:
         rt.chat_text([{"role": "system", "content": "S"}, *GREETING])
-    except EdgeloraError as e:
-        return V.Check("chat_template", False, f"llama-cpp-python cannot render a conversation with it: {e}")
-    return V.Check("chat_template", True, "renders a conversation")
+        return V.Check("chat_template", True, "renders a conversation")
+    except TemplateError as e:
+        if not e.refused:
+            return V.Check("chat_template", False, f"cannot render a conversation: {e}")
+        refusal = e
+    try:
+        rt.chat_text(GREETING)
+    except TemplateError as e:
+        return V.Check("chat_template", False, f"cannot render a conversation: {e}")
+    return V.Check("chat_template", True, f"renders a conversation without a system message ({refusal})")
 
 
 def _lora_base(path: Path, info: dict, lora: Path) -> list[V.Check]:

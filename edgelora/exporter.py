@@ -183,8 +183,13 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         imatrix_tokens = how.imatrix_tokens if imatrix_tokens is None else imatrix_tokens
         if imatrix_tokens < 1:
             raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
-        if not imatrix_decision_weight >= 0:
-            raise EdgeloraError(f"--imatrix-decision-weight must be at least 0, not {imatrix_decision_weight}")
+        if not (math.isfinite(imatrix_decision_weight) and imatrix_decision_weight >= 0):
+            raise EdgeloraError(f"--imatrix-decision-weight must be a finite number, at least 0, not "
+                                f"{imatrix_decision_weight}")
+        if isinstance(target_size, str):
+            from .budget import parse_size
+
+            parse_size(target_size)  # refused now, not after the other files are written
         refuse_overwrite(plan.outputs.values(), force)
         output_folder(plan.out_dir)
         wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
@@ -309,8 +314,21 @@ def _imatrix_file(plan: ExportPlan, choice: str):
     if choice in ("none", "auto") or plan.quants == ["f16"]:
         return None, None
     imatrix = IM.read(choice)
+    IM.check(imatrix, _weights_of(plan))
     return imatrix, {"file": str(Path(choice).resolve()), "sha256": file_sha256(Path(choice)), "computed": False,
                      "datasets": imatrix.datasets, "entries": len(imatrix.sums)}
+
+
+def _weights_of(plan: ExportPlan) -> dict:
+    """The names and shapes (GGUF's order) of the weights the export writes, read from the HF
+    folder's headers (nothing converted yet), as inspect_gguf summarises a file: what an imatrix is
+    checked against before any work."""
+    from .converters.hf_to_gguf import HFModel
+
+    model = HFModel(plan.hf_dir)
+    return {"path": plan.base.spec + (" + adapter" if plan.adapter_dir else ""),
+            "tensors": [{"name": name, "shape": list(reversed(model.index.shape(hf)))}
+                        for hf, name in model.gguf_names.items()]}
 
 
 def _computed_imatrix(plan: ExportPlan, f16: Path, calibration: Calibration, budget: int, decision_weight: float):
@@ -552,12 +570,12 @@ def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str]
     """(Ollama TEMPLATE, default SYSTEM, stop strings) for a ChatML-style template (<|im_start|>
     role, content, then whatever closes its turns: <|im_end|>, or a base's EOS; the answer may
     open with more, such as a no-think template's empty <think> block); None otherwise."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from .templates import render
 
     if not source or "<|im_start|>" not in source:
         return None, None, []
-    rendered = ImmutableSandboxedEnvironment().from_string(source).render(
-        messages=[{"role": "user", "content": "\x00"}], add_generation_prompt=True)
+    rendered = render(source, "the run's chat template", messages=[{"role": "user", "content": "\x00"}],
+                      add_generation_prompt=True)
     close = re.search(r"<\|im_start\|>user\n\x00(.+?)\n<\|im_start\|>assistant\n(.*)$", rendered, re.S)
     if close is None:
         return None, None, []

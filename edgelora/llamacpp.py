@@ -58,17 +58,28 @@ def model_params_policy():
 
 
 def load_llama(path: str | Path, *, observe: "WeightInputs | None" = None, sequences: int = 1, **kwargs):
-    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded;
+    """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded, chat
+    templates rendered by edgelora.templates;
     `observe`: the weights' inputs go to it as llama.cpp computes them (WeightInputs); `sequences`:
     how many sequences one batch may hold (batched_logits), sharing one KV cache."""
     from llama_cpp import Llama
+
+    from llama_cpp import llama_chat_format
+
+    from .templates import chat_formatter
 
     guard_grammar_samplers()
     fields = {"n_seq_max": sequences, "kv_unified": True} if sequences > 1 else {}
     if observe:
         fields.update(cb_eval=observe.callback, cb_eval_user_data=None)
-    with model_params_policy(), _context_params(fields):
-        llm = Llama(model_path=str(path), **kwargs)
+    # Llama() builds a formatter for each chat template in the file: ours renders bounded (edgelora.templates),
+    # and a template that does not parse fails when it is used, naming the file, not here
+    formatter, llama_chat_format.Jinja2ChatFormatter = llama_chat_format.Jinja2ChatFormatter, chat_formatter(str(path))
+    try:
+        with model_params_policy(), _context_params(fields):
+            llm = Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_chat_format.Jinja2ChatFormatter = formatter
     if observe:
         llm._edgelora_eval_callback = observe.callback  # llama.cpp calls it for the context's whole life
     return llm

@@ -141,7 +141,7 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     rt = Runtime(llm, device, n_gpu_layers, seed)
     if lora_paths:
         set_loras(llm, [(init_lora(llm, p, path, verbose), scale) for p, scale in lora_paths])
-        rt.use_chat_template(next((t for t in lora_templates if t), None))
+        rt.use_chat_template(*next(((t, p) for (p, _), t in zip(lora_paths, lora_templates) if t), (None, None)))
     return rt
 
 
@@ -199,6 +199,7 @@ class Runtime:
     n_gpu_layers: int
     seed: int = 0
     _template: str | None = field(default=None, init=False, repr=False)  # set by use_chat_template
+    _template_file: str | None = field(default=None, init=False, repr=False)  # ... and the LoRA file it came from
     _grammars: dict = field(default_factory=dict, init=False, repr=False)  # JSON schema text -> LlamaGrammar
 
     def __enter__(self) -> "Runtime":
@@ -216,12 +217,13 @@ class Runtime:
         """The chat template chat() renders with: a LoRA's (use_chat_template), else the GGUF's."""
         return self._template or self.llm.metadata.get(CHAT_TEMPLATE)
 
-    def use_chat_template(self, template: str | None) -> None:
-        """Render chats with `template` (the template a LoRA was trained with); None: the GGUF's own."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    def use_chat_template(self, template: str | None, file: str | Path | None = None) -> None:
+        """Render chats with `template` (the template a LoRA was trained with, from `file`); None:
+        the GGUF's own. Rendered bounded, as every template is (edgelora.templates)."""
+        from .templates import chat_formatter
 
-        self._template = template
-        self.llm.chat_handler = None if template is None else Jinja2ChatFormatter(
+        self._template, self._template_file = template, None if template is None else str(file)
+        self.llm.chat_handler = None if template is None else chat_formatter(self._template_file)(
             template, stop_token_ids=[self.llm.token_eos()], **self._specials()).to_chat_handler()
 
     def _specials(self) -> dict:
@@ -285,15 +287,15 @@ class Runtime:
         return prompt, self.llm.tokenize(tail.encode(), add_bos=False, special=True)  # tokens merged across the cut
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """`messages` rendered by the chat template chat() uses."""
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        """`messages` rendered by the chat template chat() uses (a TemplateError naming its file
+        where the template fails: edgelora.templates)."""
+        from .templates import chat_formatter
 
         template = self.chat_template
         if template is None:
             raise EdgeloraError(NO_TEMPLATE)
-        with _input_errors():
-            return Jinja2ChatFormatter(template, add_generation_prompt=add_generation_prompt,
-                                       **self._specials())(messages=messages).prompt
+        return chat_formatter(self._template_file or self.llm.model_path)(
+            template, add_generation_prompt=add_generation_prompt, **self._specials())(messages=messages).prompt
 
     def logits(self, tokens: Sequence[int]):
         """Next-token logits (float32 array, one row per token) for `tokens` read from position 0,

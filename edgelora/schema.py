@@ -13,6 +13,7 @@ llama.cpp itself), so run / chat / serve / bench all constrain decoding the same
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ SCHEMA_FILE = "schema.json"  # in a run directory, and beside an export's GGUFs
 MAX_ENUM_VALUES = 8  # a string field with more distinct values than this is free text
 MIN_ENUM_REPEATS = 3  # ... and so is one where any value occurs fewer times than this
 MAX_ENUM_LENGTH = 40  # ... or where a value is longer than this (a sentence is not a category)
+MAX_DEPTH = 64  # answers nested deeper than this get no schema: grammars of such depth are not practical
+MAX_OPTIONAL = 256  # an object with more keys that not every answer has: its grammar grows too large to use
 
 
 @dataclass
@@ -110,12 +113,49 @@ def infer(answers: list[tuple[str, str]], enums: bool = True) -> tuple[Optional[
             return None, f"no JSON schema: the answer at {where} is nested too deeply"
         if not isinstance(value, (dict, list)):
             return None, f"no JSON schema: the answer at {where} is a bare {_json_type(value)}, not an object or array"
+        depth = _depth(value)
+        if depth > MAX_DEPTH:
+            return None, f"no JSON schema: the answer at {where} is nested {depth} levels deep; a grammar holds at most {MAX_DEPTH}"
         root.add(value)
     if len(root.types) > 1:
         return None, "no JSON schema: some answers are objects and some are arrays"
+    crowded = _crowded(root.schema(enums))
+    if crowded:
+        return None, (f"no JSON schema: the objects at {crowded[0] or 'the top'} have {crowded[1]:,} keys that not "
+                      f"every answer has; a grammar holds at most {MAX_OPTIONAL} such keys in one object")
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
               "description": f"Inferred by edgelora from {len(answers)} answers", **root.schema(enums)}
     return schema, f"JSON schema inferred from {len(answers)} answers"
+
+
+def _depth(value) -> int:
+    """How many arrays and objects deep `value` nests (counted without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def _crowded(schema) -> Optional[tuple[str, int]]:
+    """(the path, how many) of an object of `schema` with more than MAX_OPTIONAL optional properties
+    (llama-cpp-python's grammar for those grows with their square, and its converter recurses once
+    per property); None where none has. Without recursion."""
+    stack = [(schema, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                optional = len(set(props) - set(node.get("required") or []))
+                if optional > MAX_OPTIONAL:
+                    return path, optional
+                stack.extend((v, f"{path}/properties/{k}") for k, v in props.items())
+            stack.extend((v, path) for key, v in node.items() if key in ("items", "anyOf", "oneOf", "allOf")
+                         for v in (v if isinstance(v, list) else [v]))
+    return None
 
 
 def answers_of(examples) -> list[tuple[str, str]]:
@@ -153,6 +193,10 @@ def grammar_text(schema, where: str) -> str:
 
     if not isinstance(schema, dict):
         raise EdgeloraError(f"{where}: a JSON schema must be an object")
+    crowded = _crowded(schema)
+    if crowded:
+        raise EdgeloraError(f"{where}: the object at {crowded[0] or 'the root'} has {crowded[1]:,} properties that "
+                            f"are not required; a grammar holds at most {MAX_OPTIONAL} of those in one object")
     try:
         jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator).check_schema(schema)
         text = json_schema_to_gbnf(json.dumps(schema))
@@ -160,10 +204,14 @@ def grammar_text(schema, where: str) -> str:
         at = "/".join(map(str, e.absolute_path))
         raise EdgeloraError(f"{where}: not a valid JSON schema{f' at {at}' if at else ''}: {e.message}") from None
     except RecursionError:
-        raise EdgeloraError(f"{where}: JSON schema nested too deeply") from None
+        raise EdgeloraError(f"{where}: JSON schema nested too deeply for a grammar") from None
     except Exception as e:  # noqa: BLE001 - the converter raises many types for schemas it cannot express
         raise EdgeloraError(f"{where}: this JSON schema cannot be turned into a grammar "
                             f"({type(e).__name__}: {e})") from None
+    empty = re.search(r"^([\w-]+) ::= *$", text, re.M)
+    if empty:  # llama.cpp cannot parse a rule that matches nothing
+        raise EdgeloraError(f"{where}: part of this JSON schema admits no value at all (an empty enum?), and "
+                            f"llama.cpp cannot parse the grammar made of it (rule {empty.group(1)} is empty)")
     # JSON strings cannot hold raw control characters; llama-cpp-python's rule lets them through
     return text.replace(_LOOSE_CHAR, _JSON_CHAR)
 

@@ -49,6 +49,7 @@ from starlette.routing import Route
 from .errors import EdgeloraError
 from .llamacpp import grammar_sampler, handles
 from .runtime import CHAT_TEMPLATE, NO_TEMPLATE, Runtime, init_lora, load, lora_file, lora_template, set_loras
+from .templates import TemplateError
 from .schema import beside, grammar_text
 from .schema import load as load_schema
 
@@ -68,6 +69,7 @@ class Lora:
     scale: float
     handle: C.llama_adapter_lora_p  # owned by the base model, freed with it
     template: str | None = None  # the chat template its run trained with, if the file carries one
+    file: str | None = None  # the LoRA GGUF (named when its template fails)
 
 
 class Models:
@@ -98,7 +100,7 @@ class Models:
         if name != self.active:
             lora = self.loras.get(name)
             set_loras(llm, [(lora.handle, lora.scale)] if lora else [])
-            self.runtime.use_chat_template(lora.template if lora else None)
+            self.runtime.use_chat_template(lora.template if lora else None, lora.file if lora else None)
             llm.reset()
             self.active = name
         return llm
@@ -130,20 +132,37 @@ def open_models(model: str | Path, loras: Sequence[tuple[str, float]] = (), *, n
         names.append(lora_name)
         files.append((lora_file(path), float(scale)))
     rt = load(base, device=device, n_ctx=n_ctx, threads=threads, verbose=verbose)
-    adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose), lora_template(path))
+    adapters = {n: Lora(scale, init_lora(rt.llm, path, base, verbose), lora_template(path), str(path))
                 for n, (path, scale) in zip(names[1:], files)}
     schemas = _default_schemas(json_schema, dict(zip(names, [base, *(path for path, _ in files)])))
-    return Models(rt, names[0], adapters, schemas)
+    for schema, where in schemas.values():  # parsed by llama.cpp now, not at the first request
+        try:
+            C.llama_sampler_free(grammar_sampler(handles(rt.llm)[2], grammar_text(schema, where)))
+        except ValueError as e:
+            raise EdgeloraError(f"{where}: {e}") from None
+    models = Models(rt, names[0], adapters, {name: schema for name, (schema, _) in schemas.items()})
+    _check_templates(models)
+    return models
 
 
-def _default_schemas(choice: str | None, files: dict[str, Path]) -> dict[str, dict]:
-    """--json-schema for each served model name (see open_models)."""
+def _check_templates(models: Models) -> None:
+    """Refuse to serve a model whose chat template cannot render a plain conversation (a
+    TemplateError naming its file), rather than answer every chat request with its error."""
+    for name in models.names:
+        if models.has_chat_template(name):
+            models.activate(name)
+            models.runtime.chat_text([{"role": "user", "content": "Hello"}])
+    models.activate(models.base)
+
+
+def _default_schemas(choice: str | None, files: dict[str, Path]) -> dict[str, tuple[dict, str]]:
+    """--json-schema for each served model name (see open_models), with the file it came from."""
     if choice in (None, "none"):
         return {}
     if choice != "auto":
         schema = load_schema(choice)
-        return {name: schema for name in files}
-    return {name: load_schema(path) for name, file in files.items() if (path := beside(file)) is not None}
+        return {name: (schema, choice) for name in files}
+    return {name: (load_schema(path), str(path)) for name, file in files.items() if (path := beside(file)) is not None}
 
 
 # ---------------------------------------------------------------- HTTP
@@ -436,6 +455,9 @@ class _Server:
             first = await run_in_threadpool(next, out)  # a prompt over the context fails here, before the 200
             held = False  # the stream releases the lock when it ends
             return _EventStream(first, out, self.lock.release)
+        except TemplateError as e:  # the model's chat template: refused these messages, or failed on them
+            raise ApiError(400 if e.refused else 500, str(e), "chat_template_error",
+                           type="invalid_request_error" if e.refused else "server_error") from None
         except ValueError as e:  # llama-cpp-python's input errors: a prompt longer than the context
             code = "context_length_exceeded" if "exceed context window" in str(e) else None
             raise ApiError(400, str(e), code) from None

@@ -287,6 +287,8 @@ def test_bad_input_is_one_line(exported, eval_file, tmp_path):
         (["bench", f16, "--eval-data", text], "needs chat or instruction examples"),
         (["bench", f16, "--eval-data", broken], "broken.jsonl:1: malformed JSON"),
         (["bench", out_dir / "tiny-run-lora-f16.gguf", "--eval-data", eval_file], "is a LoRA adapter"),
+        (["bench", f16, out_dir / "tiny-run-imatrix.gguf", "--eval-data", eval_file],
+         "tiny-run-imatrix.gguf is not a model (its general.type is 'imatrix': an importance matrix?)"),
         (["bench", tmp_path / "nope.gguf", "--eval-data", eval_file], "nope.gguf: no such file"),
         (["bench", f16, "--eval-data", eval_file, "--score", "regex"], "needs --pattern"),
         (["bench", out_dir, "--eval-data", eval_file, "--quants", "q8_0,q3_k"], "q3_k not in the export (it has f16, q8_0, q2_k)"),
@@ -294,3 +296,20 @@ def test_bad_input_is_one_line(exported, eval_file, tmp_path):
     ]
     for args, expected in cases:
         assert_one_line_error(run_cli(*args), expected)
+
+
+def test_an_interrupted_export_is_benched_on_its_model_files_alone(exported, eval_file, tmp_path, caplog):
+    """An export killed before its manifest leaves GGUFs of every kind: bench takes the models and
+    says which files it left out (the importance matrix, the LoRA), instead of failing on them."""
+    import shutil
+
+    _, out_dir = exported
+    folder = tmp_path / "interrupted"
+    folder.mkdir()
+    for name in ("tiny-run-f16.gguf", "tiny-run-q8_0.gguf", "tiny-run-imatrix.gguf", "tiny-run-lora-f16.gguf"):
+        shutil.copy(out_dir / name, folder / name)
+    with caplog.at_level("WARNING", logger="edgelora"):
+        report = bench([str(folder)], str(eval_file), limit=2, hf=False, progress=False, threads=2, out=str(tmp_path / "b"))
+    assert sorted(r.label for r in report.report.rows) == ["tiny-run-f16", "tiny-run-q8_0"]
+    assert (f"{folder}: no manifest.json (an interrupted export?): benching its model files alone, not "
+            "tiny-run-imatrix.gguf (imatrix), tiny-run-lora-f16.gguf (adapter)") in caplog.text

@@ -153,6 +153,39 @@ def test_bad_arguments(kwargs, message):
     assert message in str(e.value)
 
 
+def imatrix_variant(tiny_export, path, change):
+    """A copy of the tiny export's own importance matrix, `change`d (a function of its sums dict)."""
+    from edgelora import imatrix as IM
+
+    matrix = IM.read(tiny_export["merged:f16"].parent / "tiny-run-imatrix.gguf")
+    change(matrix.sums, matrix.counts)
+    return IM.write(matrix, path, "llama")
+
+
+def test_options_and_input_files_are_checked_before_anything_is_written(run_dir, tiny_export, tiny_llama, tmp_path):
+    """Each refused in one line naming what the user gave, and the output folder holds no file."""
+    def narrower(sums, counts):
+        sums["blk.0.attn_q.weight"] = sums["blk.0.attn_q.weight"][:, :128]
+
+    def another_model(sums, counts):
+        sums["blk.7.attn_q.weight"], counts["blk.7.attn_q.weight"] = sums["blk.0.attn_q.weight"], counts["blk.0.attn_q.weight"]
+
+    narrow, other = imatrix_variant(tiny_export, tmp_path / "narrow.gguf", narrower), \
+        imatrix_variant(tiny_export, tmp_path / "other.gguf", another_model)
+    for kwargs, message in (
+            (dict(quants=["q8_0"], target_size="abc"), "--target-size 'abc': give a size such as 70MB or 64MiB"),
+            (dict(imatrix_decision_weight=float("inf")),
+             "--imatrix-decision-weight must be a finite number, at least 0, not inf"),
+            (dict(imatrix=str(narrow)), f"imatrix {narrow}: 'blk.0.attn_q.weight' has 128 values, the tensor needs 256"),
+            (dict(imatrix=str(other)), f"imatrix {other}: 'blk.7.attn_q.weight' is not a weight of "
+                                       f"{tiny_llama} + adapter (an imatrix made for another model?)")):
+        out = tmp_path / "out"
+        with pytest.raises(EdgeloraError) as e:
+            export(str(run_dir), out=str(out), **{"quants": ["q4_k_m"], **kwargs})
+        assert str(e.value).startswith(message), str(e.value)
+        assert not out.exists() or not any(out.iterdir())
+
+
 def test_not_a_run_dir(tmp_path):
     with pytest.raises(EdgeloraError, match="not a finished edgelora run"):
         export(str(tmp_path))

@@ -90,6 +90,57 @@ def test_schema_command_prints_the_schema_or_why_not(tmp_path):
     assert r.output.strip() == f"error: no JSON schema: the answer at {bad}:2 is not JSON (Expecting value at column 1)"
 
 
+def test_what_inference_gives_a_grammar_can_hold_or_it_says_why_not(tmp_path):
+    """Answers nested 600 deep, or objects of 5,000 keys no answer always has: no schema, and why
+    (no RecursionError); at the bounds, a schema the grammar converter takes."""
+    deep = "[" * 600 + "]" * 600
+    schema, found = S.infer([("data.jsonl:1", deep)])
+    assert schema is None and found == (f"no JSON schema: the answer at data.jsonl:1 is nested 600 levels deep; a "
+                                        f"grammar holds at most {S.MAX_DEPTH}")
+    nested = 1
+    for _ in range(S.MAX_DEPTH - 1):
+        nested = {"a": nested}
+    schema, _ = S.infer([("x", json.dumps(nested))])
+    assert "root ::=" in S.grammar_text(schema, "x")
+    sparse = [("x", json.dumps({f"k{i}": i, f"k{i + 1}": 0})) for i in range(0, 5000, 2)]  # 5,000 keys, each in one
+    schema, found = S.infer(sparse)
+    assert schema is None and found == ("no JSON schema: the objects at the top have 5,000 keys that not every answer "
+                                        f"has; a grammar holds at most {S.MAX_OPTIONAL} such keys in one object")
+    flat = [("x", json.dumps({f"k{i}": i for i in range(5000)}))] * 2  # 5,000 keys every answer has: fine
+    schema, _ = S.infer(flat)
+    assert len(schema["required"]) == 5000 and "root ::=" in S.grammar_text(schema, "x")
+    r = run_cli("schema", write_jsonl(tmp_path / "deep.jsonl", [{"instruction": "q", "output": deep}]))
+    assert r.exit_code == 1 and "Traceback" not in r.output and "nested 600 levels deep" in r.output
+
+
+@pytest.mark.parametrize("schema, why", [
+    ({"enum": []}, "part of this JSON schema admits no value at all (an empty enum?), and llama.cpp cannot parse the "
+                   "grammar made of it (rule root is empty)"),
+    ({"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(300)}},
+     f"the object at the root has 300 properties that are not required; a grammar holds at most {S.MAX_OPTIONAL} "
+     "of those in one object"),
+])
+def test_a_schema_llama_cpp_cannot_use_is_refused_naming_the_file(tmp_path, tiny_export, schema, why):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(schema))
+    with pytest.raises(EdgeloraError) as e:
+        S.load(path)
+    assert str(e.value) == f"{path}: {why}"
+    r = run_cli("run", tiny_export["merged:q8_0"], "-p", "hi", "--json-schema", path)
+    assert r.exit_code == 1 and r.output.strip() == f"error: {path}: {why}"
+
+
+def test_serve_refuses_at_start_up_a_schema_beside_the_model_it_cannot_use(tiny_export, tmp_path):
+    import shutil
+
+    model = shutil.copy(tiny_export["merged:q8_0"], tmp_path / "m.gguf")
+    (tmp_path / "schema.json").write_text(json.dumps({"type": "object", "properties": {"a": {"enum": []}},
+                                                      "required": ["a"]}))
+    r = run_cli("serve", model, "--json-schema", "auto", "--port", 0)
+    assert r.exit_code == 1 and r.output.strip().startswith(f"error: {tmp_path / 'schema.json'}: part of this JSON "
+                                                            "schema admits no value")
+
+
 # ---------------------------------------------------------------- constrained decoding on a tiny model
 
 def test_constrained_answers_always_parse_and_validate(tiny_export):

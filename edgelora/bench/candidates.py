@@ -3,6 +3,7 @@ files, each with notes on what the file really is; and the settings every row is
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,8 @@ import gguf
 from ..errors import EdgeloraError
 from ..gguf_header import gguf_metadata
 from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, ExportManifest, Role
+
+log = logging.getLogger("edgelora")
 
 
 @dataclass
@@ -62,8 +65,11 @@ def _from_file(path: Path) -> Candidate:
 
     if path.is_dir():
         raise EdgeloraError(f"{path}: give one export folder, or GGUF files")
-    if gguf_metadata(path).get("general.type") == "adapter":
+    kind = gguf_metadata(path).get("general.type")
+    if kind == "adapter":
         raise EdgeloraError(f"{path} is a LoRA adapter: bench its export folder, which pairs it with its base")
+    if kind not in (None, "model"):
+        raise EdgeloraError(f"{path} is not a model (its general.type is {kind!r}: an importance matrix?)")
     info = inspect_gguf(path)
     return Candidate(path.stem, "file", str(path), size_bytes=info["size_bytes"], bpw=info["bpw"],
                      notes=honest_notes(info))
@@ -95,10 +101,13 @@ def honest_notes(info: dict, imatrix: Optional[bool] = None) -> list[str]:
 def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        files = sorted(folder.glob("*.gguf"))
-        models = [p for p in files if gguf_metadata(p).get("general.type") != "adapter"]
+        kinds = {p: gguf_metadata(p).get("general.type") for p in sorted(folder.glob("*.gguf"))}
+        models = [p for p, kind in kinds.items() if kind in (None, "model")]
         if not models:
             raise EdgeloraError(f"{folder}: no {MANIFEST_FILE} and no GGUF model files")
+        skipped = [f"{p.name} ({kind})" for p, kind in kinds.items() if p not in models]
+        log.warning("%s: no %s (an interrupted export?): benching its model files alone%s", folder, MANIFEST_FILE,
+                    f", not {', '.join(skipped)}" if skipped else "")
         return [_from_file(p) for p in models]
     manifest = ExportManifest.read(folder)
     try:
