@@ -198,6 +198,8 @@ def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imat
     if result.checks:  # all passed: a failure is an error
         click.echo(f"verified on the run's training examples: {', '.join(dict.fromkeys(c['name'] for c in result.checks))}"
                    f" ({', '.join(dict.fromkeys(c['file'] for c in result.checks))})")
+    if result.lora_route:
+        click.echo(f"LoRA route (llama.cpp; Ollama 0.34.1+ and LM Studio take the merged file): {result.lora_route}")
     click.echo(f"time: {stage_summary(result.seconds)}")
     click.echo(f"manifest: {result.manifest}")
 

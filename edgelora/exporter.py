@@ -29,11 +29,12 @@ from . import quant_presets
 from . import verify as V
 from .errors import EdgeloraError
 from .handoff import BASE, LORA, MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
-from .files import atomic_write_json, atomic_write_text, output_folder, read_json, refuse_overwrite, temp_name
+from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .budget import SETTLED_Z
 from .schema import SCHEMA_FILE
+from .resume import ExportProgress
 from .stages import StageClock, stage
 
 log = logging.getLogger("edgelora")
@@ -76,6 +77,7 @@ class ExportResult:
     manifest: Path
     checks: list[dict] = field(default_factory=list)  # edgelora.verify's, as in the manifest
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, and the total (edgelora.stages)
+    lora_route: Optional[str] = None  # the llama-server command that runs the base + LoRA GGUF route
 
 
 AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
@@ -190,14 +192,21 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             from .budget import parse_size
 
             parse_size(target_size)  # refused now, not after the other files are written
-        refuse_overwrite(plan.outputs.values(), force)
+        importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
+        adapter_sha256 = file_sha256(plan.adapter_dir / "adapter_model.safetensors") if plan.adapter_dir else None
+        progress = ExportProgress.start(plan.out_dir, {  # what decides the outputs: a rerun with these resumes
+            "base": plan.base_sha256, "adapter": adapter_sha256, "quants": plan.quants, "lora_gguf": plan.lora_gguf,
+            "imatrix": importance_info["sha256"] if importance_info else imatrix, "effort": effort,
+            "imatrix_data": file_sha256(Path(imatrix_data)) if imatrix_data and Path(imatrix_data).is_file() else None,
+            "imatrix_tokens": imatrix_tokens, "decision_weight": imatrix_decision_weight, "target_size": target_size,
+            "target_bpw": target_bpw, "keep_better": keep_better, "name": plan.name,
+            "edgelora": package_versions().get("edgelora")}, plan.outputs, force)
         output_folder(plan.out_dir)
         wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
         calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
             wants_imatrix or budgeted or verify) else None
         if budgeted and calibration is None:
             raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
-        importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
         base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
         cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
                  MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
@@ -212,18 +221,29 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         in_torch = None  # what the model does in torch on them (verify.Trained)
 
         def ladder(adapter: Optional[Path], kind: str) -> None:
-            """The f16 GGUF (merged when an adapter is given), then each quant made from it."""
+            """The f16 GGUF (merged when an adapter is given), then each quant made from it; each
+            output recorded in `progress` once finished, and one finished before kept."""
             wanted = {q: plan.outputs[Role(kind, q)] for q in plan.quants if Role(kind, q) in plan.outputs}
             f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
-            log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
-            with stage("convert"), _progress(f16.name) as progress:
-                convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=progress, card=cards[kind])
+            if progress.get(Role(kind, "f16")) is None:
+                log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
+                with stage("convert"), _progress(f16.name) as bar:
+                    convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=bar, card=cards[kind])
+                if "f16" in wanted:
+                    progress.finished(Role(kind, "f16"), f16)
             try:
                 if kind == MERGED and wants_imatrix and calibration is not None:
                     nonlocal importance, importance_info
-                    with stage("imatrix"):
-                        importance, importance_info = _computed_imatrix(plan, f16, calibration, imatrix_tokens,
-                                                                        imatrix_decision_weight)
+                    if progress.get("imatrix"):
+                        importance_info = progress.get("imatrix")["info"]
+                        importance = IM.read(plan.out_dir / importance_info["file"])
+                    else:
+                        with stage("imatrix"):
+                            importance, importance_info = _computed_imatrix(plan, f16, calibration, imatrix_tokens,
+                                                                            imatrix_decision_weight)
+                        path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
+                        importance_info["sha256"] = file_sha256(path)
+                        progress.finished("imatrix", path, info=importance_info)
                 elif kind == MERGED and wants_imatrix:
                     log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): "
                              "quantising without one")
@@ -240,22 +260,32 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                     with stage("probe"):
                         probe = _probe(f16, calibration)
                 for q, path in wanted.items():
+                    role = Role(kind, q)
+                    if q == "f16":
+                        continue
+                    if progress.get(role):
+                        done = progress.get(role)
+                        results[role], checks[role], budgets[role] = done["result"], done["check"], done["budget"]
+                        continue
                     if q == AUTO:
-                        results[Role(kind, q)], budgets[Role(kind, q)], checks[Role(kind, q)] = _budgeted(
+                        results[role], budgets[role], checks[role] = _budgeted(
                             f16, path, importance, probe, target_size, target_bpw, search and keep_better, how.settle_z)
-                    elif q != "f16":
+                    else:
                         log.info("quantising %s -> %s", f16.name, path.name)
-                        results[Role(kind, q)], checks[Role(kind, q)] = _quantize_checked(
+                        results[role], checks[role] = _quantize_checked(
                             f16, path, q, importance, probe if search else None, keep_better, how.settle_z)
+                    progress.finished(role, path, result=results[role], check=checks[role], budget=budgets.get(role))
             finally:
                 if "f16" not in wanted:
                     f16.unlink(missing_ok=True)
 
         ladder(plan.adapter_dir, MERGED)
         if plan.lora_gguf:
-            log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
-            with stage("lora_gguf"):
-                convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
+            if progress.get(Role(LORA)) is None:
+                log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
+                with stage("lora_gguf"):
+                    convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
+                progress.finished(Role(LORA), plan.outputs[Role(LORA)])
             if plan.base.kind != "gguf":
                 ladder(None, BASE)
 
@@ -269,9 +299,6 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
                 imatrix_check=checks.get(role),
                 fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
-        if importance_info and importance_info["computed"]:  # last: a failed export leaves no file at all
-            path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
-            importance_info["sha256"] = file_sha256(path)
         schema_info = _copy_schema(plan)
         base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
         stops = _write_modelfiles(plan, base_file, schema_info is not None)
@@ -286,14 +313,17 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             name=plan.name,
             base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
             adapter=None if plan.adapter_dir is None else {
-                "path": str(plan.adapter_dir), "sha256": file_sha256(plan.adapter_dir / "adapter_model.safetensors")},
+                "path": str(plan.adapter_dir), "sha256": adapter_sha256},
             outputs=files, card=cards[MERGED], effort=effort, checks=verification if verify else None, imatrix=importance_info,
             json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
             seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
         ).write(plan.out_dir)
+        progress.close()
         for file, c in verified:
             V.failed([c], plan.out_dir / file)
-        return ExportResult(plan.out_dir, files, manifest, verification, seconds)
+        lora = plan.outputs.get(Role(LORA))
+        return ExportResult(plan.out_dir, files, manifest, verification, seconds,
+                            lora_command(str(base_file), str(lora)) if lora and base_file else None)
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -589,7 +619,11 @@ def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str]
 
 def modelfile_text(model: str, template: Optional[str], system: Optional[str], stops: list[str],
                    adapter: Optional[str] = None, schema: bool = False) -> str:
-    lines = [f"FROM {model}"]
+    lines = []
+    if adapter:  # ollama/ollama#14969
+        lines += ["# Ollama 0.34.1 and later refuse ADAPTER: with those, build ./Modelfile (the merged file) instead.",
+                  f"# This route runs in llama.cpp: {lora_command(model, adapter)}"]
+    lines.append(f"FROM {model}")
     if adapter:
         lines.append(f"ADAPTER {adapter}")
     if template:
@@ -605,6 +639,11 @@ def modelfile_text(model: str, template: Optional[str], system: Optional[str], s
                   f'#   curl localhost:11434/api/chat -d "{{\\"model\\": \\"NAME\\", \\"format\\": $(cat {SCHEMA_FILE}), '
                   '\\"messages\\": [...]}"']
     return "\n".join(lines) + "\n"
+
+
+def lora_command(base: str, lora: str) -> str:
+    """The llama.cpp command that serves the base GGUF with the LoRA GGUF applied."""
+    return f"llama-server -m {base} --lora {lora}"
 
 
 def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool) -> Optional[list[str]]:

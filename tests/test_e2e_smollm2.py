@@ -101,7 +101,7 @@ def test_export_ladder_and_lora_gguf_run_in_llama_cpp(smol_run):
     assert sizes == sorted(sizes)
     # The base was a GGUF already: the LoRA route's Modelfile points at it rather than a copy.
     base_gguf = Path(smol_run.summary.base_path)
-    assert (out / "Modelfile.lora").read_text().splitlines()[:2] == [
+    assert (out / "Modelfile.lora").read_text().splitlines()[2:4] == [
         f"FROM {base_gguf}", "ADAPTER ./smol-extract-lora-f16.gguf"]
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in (out / "Modelfile").read_text()
 

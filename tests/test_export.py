@@ -61,7 +61,11 @@ def test_files_manifest_and_modelfiles(run_dir, tiny_export):
     assert "<|im_start|>{{ .Role }}" in modelfile and 'SYSTEM """You are a tiny test model."""' in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     lora_file = (out / "Modelfile.lora").read_text().splitlines()
-    assert lora_file[:2] == [f"FROM ./{_base_name(run_dir)}-base-f16.gguf", "ADAPTER ./tiny-run-lora-f16.gguf"]
+    base = f"./{_base_name(run_dir)}-base-f16.gguf"
+    assert lora_file[:4] == [
+        "# Ollama 0.34.1 and later refuse ADAPTER: with those, build ./Modelfile (the merged file) instead.",
+        f"# This route runs in llama.cpp: llama-server -m {base} --lora ./tiny-run-lora-f16.gguf",
+        f"FROM {base}", "ADAPTER ./tiny-run-lora-f16.gguf"]
 
 
 def _base_name(run_dir):
@@ -208,3 +212,59 @@ def test_failed_quantisation_leaves_no_final_file(run_dir, tmp_path, monkeypatch
     with pytest.raises(EdgeloraError, match="quantisation failed"):
         export(str(run_dir), quants=["q4_k_m"], out=str(tmp_path / "o"))
     assert list((tmp_path / "o").iterdir()) == []  # not even the intermediate f16
+
+
+def test_an_interrupted_export_resumes_keeping_what_it_finished(run_dir, tmp_path, monkeypatch):
+    """Killed while making q2_k: the f16, q8_0 and the importance matrix stay, with the record of
+    them. Run again with other settings: refused, nothing touched. With the same: only q2_k is
+    made (no matrix measured again), the finished files are kept as they are, and the manifest is
+    whole, the record gone."""
+    from edgelora import exporter as E
+    from edgelora.resume import PROGRESS_FILE
+
+    out, quants = tmp_path / "out", ["f16", "q8_0", "q2_k"]
+    quantised, measured = [], []
+    real_quantize, real_imatrix = E._quantize_checked, E._computed_imatrix
+
+    def quantize(f16, dst, quant, *args, **kw):
+        quantised.append(quant)
+        if quant == "q2_k" and len(quantised) == 2:
+            raise KeyboardInterrupt
+        return real_quantize(f16, dst, quant, *args, **kw)
+
+    def imatrix(*args, **kw):
+        measured.append(1)
+        return real_imatrix(*args, **kw)
+
+    monkeypatch.setattr(E, "_quantize_checked", quantize)
+    monkeypatch.setattr(E, "_computed_imatrix", imatrix)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(run_dir), quants=quants, out=str(out))
+    finished = ["tiny-run-f16.gguf", "tiny-run-q8_0.gguf", "tiny-run-imatrix.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*finished, PROGRESS_FILE])
+    before = {name: ((out / name).stat().st_mtime_ns, file_sha256(out / name)) for name in finished}
+    with pytest.raises(EdgeloraError, match=r"tiny-run-f16.gguf already exists; an export with other settings stopped "
+                                            r"here; use --force to start over"):
+        export(str(run_dir), quants=quants, out=str(out), effort="fast")
+    result = export(str(run_dir), quants=quants, out=str(out))
+    assert quantised == ["q8_0", "q2_k", "q2_k"] and measured == [1]
+    assert {name: ((out / name).stat().st_mtime_ns, file_sha256(out / name)) for name in finished} == before
+    assert not (out / PROGRESS_FILE).exists() and [f.file for f in result.files] == [
+        "tiny-run-f16.gguf", "tiny-run-q8_0.gguf", "tiny-run-q2_k.gguf"]
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["imatrix"]["sha256"] == file_sha256(out / "tiny-run-imatrix.gguf")
+    q8 = {o["role"]: o for o in manifest["outputs"]}["merged:q8_0"]
+    assert q8["imatrix_check"]["answers_of"] > 0 and q8["fallbacks"] is not None  # its figures, from the record
+    assert all(c["passed"] for c in manifest["checks"])
+    with pytest.raises(EdgeloraError, match="already exists; use --force"):  # a finished export is not resumed
+        export(str(run_dir), quants=quants, out=str(out))
+
+
+def test_the_lora_route_is_printed_as_the_llama_cpp_command_that_runs_it(run_dir, tmp_path):
+    from tiny import run_cli
+
+    r = run_cli("export", run_dir, "--quant", "f16", "--lora-gguf", "--imatrix", "none", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    base, lora = tmp_path / "o" / f"{_base_name(run_dir)}-base-f16.gguf", tmp_path / "o" / "tiny-run-lora-f16.gguf"
+    assert (f"LoRA route (llama.cpp; Ollama 0.34.1+ and LM Studio take the merged file): llama-server -m {base} "
+            f"--lora {lora}") in r.output
