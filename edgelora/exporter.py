@@ -59,7 +59,7 @@ class Effort:
     """How much an export measures before it keeps a quantised file (--effort)."""
 
     imatrix_tokens: int  # most calibration tokens the importance matrix is measured on
-    search: bool  # also quantise without the matrix, and with it per group of weights; keep what answers as the f16
+    search: bool  # also quantise without the matrix and with it per group; keep the file answering as the f16 does
     settle_z: float  # a group's trial is read until its difference is this many standard errors from 0 (inf: whole)
 
 
@@ -253,8 +253,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                         reference, in_torch, parity = _against_torch(plan, f16, calibration)
                     verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
                                     for c in parity)
+                todo = [q for q in wanted if q != "f16" and progress.get(Role(kind, q)) is None]
                 search = kind == MERGED and how.search and importance is not None and wants_imatrix
-                measures = kind == MERGED and calibration is not None and (search or AUTO in wanted)
+                measures = kind == MERGED and calibration is not None and (search or AUTO in todo) and bool(todo)
                 probe = None
                 if measures:
                     with stage("probe"):

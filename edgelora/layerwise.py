@@ -54,17 +54,15 @@ def _empty_model(hf_dir: Path, adapter_dir: Optional[Path]):
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    weights = Checkpoint(hf_dir, model)
     if adapter_dir is not None:
         from peft import PeftModel
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = PeftModel.from_pretrained(model, adapter_dir, low_cpu_mem_usage=True)
-        model.eval()
-        weights.owner = model
         _load_adapter(model, adapter_dir)
+    model.eval()
+    weights = Checkpoint(hf_dir, model)
     for name, p in model.named_parameters():  # the small ones (final norm, ...) stay loaded
         if p.is_meta and not any(part in name for part in (".layers.", "embed_tokens", "lm_head")):
             weights.load(name)
@@ -110,10 +108,10 @@ class Checkpoint:
 
         return self.index.load(self.key(name)).to(torch.float32)
 
-    def load(self, name: str, value=None) -> None:
+    def load(self, name: str) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        set_module_tensor_to_device(self.owner, name, "cpu", value=self.tensor(name) if value is None else value)
+        set_module_tensor_to_device(self.owner, name, "cpu", value=self.tensor(name))
 
     def drop(self, name: str) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -131,9 +129,16 @@ def _streamed(modules, weights: Checkpoint):
         prefix = names[id(module)]
         return [f"{prefix}.{n}" for n, p in module.named_parameters() if "lora_" not in n]
 
+    def read(module, _args) -> None:
+        for name in own(module):
+            weights.load(name)
+
+    def drop(module, _args, _out) -> None:
+        for name in own(module):
+            weights.drop(name)
+
     for module in modules:
-        handles.append(module.register_forward_pre_hook(lambda m, _args: [weights.load(n) for n in own(m)] and None))
-        handles.append(module.register_forward_hook(lambda m, _args, _out: [weights.drop(n) for n in own(m)] and None))
+        handles += [module.register_forward_pre_hook(read), module.register_forward_hook(drop)]
     try:
         yield
     finally:
