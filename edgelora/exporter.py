@@ -234,8 +234,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             try:
                 if kind == MERGED and wants_imatrix and calibration is not None:
                     nonlocal importance, importance_info
-                    if progress.get("imatrix"):
-                        importance_info = progress.get("imatrix")["info"]
+                    if measured := progress.get("imatrix"):
+                        importance_info = measured["info"]
                         importance = IM.read(plan.out_dir / importance_info["file"])
                     else:
                         with stage("imatrix"):
@@ -264,8 +264,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                     role = Role(kind, q)
                     if q == "f16":
                         continue
-                    if progress.get(role):
-                        done = progress.get(role)
+                    if done := progress.get(role):
                         results[role], checks[role], budgets[role] = done["result"], done["check"], done["budget"]
                         continue
                     if q == AUTO:

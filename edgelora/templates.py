@@ -146,6 +146,7 @@ def _deadline(seconds: float):
         sys.settrace(previous)
 
 
+@lru_cache(maxsize=64)
 def chat_formatter(where: str):
     """llama-cpp-python's Jinja2ChatFormatter class, rendering through render() for templates from
     `where`: what Llama() builds for a GGUF's templates, and what a Runtime renders with."""
