@@ -423,6 +423,7 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
 
     schema = resolve(json_schema, *loras, model)
     rt = _open_runtime(model, loras, lora_scales, device, n_ctx, seed, threads)
+    rt.check_chat_template()  # a template that renders no conversation: refused now, not at every message
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     interactive = sys.stdin.isatty()

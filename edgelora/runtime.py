@@ -297,6 +297,12 @@ class Runtime:
         return chat_formatter(self._template_file or self.llm.model_path)(
             template, add_generation_prompt=add_generation_prompt, **self._specials())(messages=messages).prompt
 
+    def check_chat_template(self) -> None:
+        """Refuse (a TemplateError naming its file) a chat template that cannot render a plain
+        conversation, rather than fail on every message; nothing to check without one."""
+        if self.chat_template is not None:
+            self.chat_text([{"role": "user", "content": "Hello"}])
+
     def logits(self, tokens: Sequence[int]):
         """Next-token logits (float32 array, one row per token) for `tokens` read from position 0,
         for scoring (perplexity, KL between files): llamacpp.all_logits, within this context."""

@@ -149,9 +149,8 @@ def _check_templates(models: Models) -> None:
     """Refuse to serve a model whose chat template cannot render a plain conversation (a
     TemplateError naming its file), rather than answer every chat request with its error."""
     for name in models.names:
-        if models.has_chat_template(name):
-            models.activate(name)
-            models.runtime.chat_text([{"role": "user", "content": "Hello"}])
+        models.activate(name)
+        models.runtime.check_chat_template()
     models.activate(models.base)
 
 

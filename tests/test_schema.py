@@ -113,6 +113,29 @@ def test_what_inference_gives_a_grammar_can_hold_or_it_says_why_not(tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output and "nested 600 levels deep" in r.output
 
 
+def test_training_on_answers_nested_600_deep_trains_and_says_why_no_schema(tiny_llama, tmp_path, caplog):
+    import logging
+
+    from edgelora.trainer import train
+
+    deep = "[" * 600 + "]" * 600
+    data = write_jsonl(tmp_path / "deep.jsonl", [{"instruction": f"q{i}", "output": deep} for i in range(8)])
+    with caplog.at_level(logging.INFO, logger="edgelora"):
+        result = train(cfg(tiny_llama, data, tmp_path / "run", max_steps=2, eval_split=0.0))
+    assert result.summary.json_schema is None and not (tmp_path / "run" / S.SCHEMA_FILE).exists()
+    assert f"no JSON schema: the answer at {data}:1 is nested 600 levels deep" in caplog.text
+
+
+def test_a_flat_schema_of_5000_keys_as_inference_makes_it_is_applied(tiny_export, tmp_path):
+    """What `schema` / `train` infer, `run --json-schema` must be able to apply."""
+    schema, _ = S.infer([("x", json.dumps({f"k{i}": i for i in range(5000)}))] * 2)
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps(schema))
+    r = run_cli("run", tiny_export["merged:q8_0"], "-p", "hi", "--json-schema", path, "--max-tokens", 4)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert r.output.strip().splitlines()[-1].startswith('{"k0"'), r.output
+
+
 @pytest.mark.parametrize("schema, why", [
     ({"enum": []}, "part of this JSON schema admits no value at all (an empty enum?), and llama.cpp cannot parse the "
                    "grammar made of it (rule root is empty)"),

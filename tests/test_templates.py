@@ -110,6 +110,26 @@ def test_run_loads_the_file_and_fails_in_one_line_naming_it(hostile, quick, name
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
+def test_chat_refuses_at_start_a_template_that_renders_no_conversation(hostile, quick, name):
+    from tiny import assert_one_line_error, run_cli
+
+    path = hostile[name]
+    assert_one_line_error(run_cli("chat", path, input="hi\n"), f"{path}: {HOSTILE[name][1]}")
+
+
+def test_chat_says_a_refused_message_in_one_line_and_goes_on(tiny_export, tmp_path):
+    from tiny import run_cli
+
+    path = with_template(tiny_export["merged:q8_0"], tmp_path / "picky.gguf", PICKY)
+    r = run_cli("chat", path, "--max-tokens", 4, input="forbidden\nhello\n")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    refused = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert refused == [f"error: {path}: the chat template refuses this conversation: forbidden is not a word here; "
+                       "/reset starts a new conversation"], r.output
+    assert r.output.rstrip().splitlines()[-1] not in refused  # "hello" was answered after it
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
 def test_doctor_gives_a_verdict_not_a_crash(hostile, quick, name):
     from test_doctor import doctor
 
@@ -153,3 +173,26 @@ def test_serve_answers_a_refused_conversation_in_openais_shape_and_keeps_serving
             "message": f"{tmp_path}/picky.gguf: the chat template refuses this conversation: forbidden is not a word here",
             "type": "invalid_request_error", "param": None, "code": "chat_template_error"}
         assert ask("hello").status_code == 200
+
+
+def test_a_real_serve_process_answers_a_refused_conversation_400_and_keeps_serving(tiny_export, tmp_path):
+    import signal
+
+    from test_faults_serve import QUESTION, post, start_server
+
+    picky = with_template(tiny_export["base:f16"], tmp_path / "picky.gguf", PICKY)
+    log = tmp_path / "server.log"
+    proc, port = start_server({"base:f16": picky, "lora": tiny_export["lora"]}, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(2):
+            status, body = post(url, {"model": "picky", "messages": [{"role": "user", "content": "forbidden"}]})
+            assert status == 400 and body["error"]["code"] == "chat_template_error", body
+            assert body["error"]["message"] == (f"{picky}: the chat template refuses this conversation: "
+                                                "forbidden is not a word here")
+            status, body = post(url, {"model": "picky", "messages": QUESTION})
+            assert status == 200 and body["choices"][0]["message"]["content"], body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
