@@ -204,6 +204,11 @@ def permute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def unpermute_qk(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """permute_qk undone: llama.cpp's interleaved pairs back to HF's rotate-half rows."""
+    return t.reshape(n_head, t.shape[0] // n_head // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
 def rotary_dims(config: dict, arch: Arch, source: str) -> int:
     """How many dimensions of each head RoPE rotates (HF: head_dim x partial_rotary_factor)."""
     fraction = rope_parameters(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))

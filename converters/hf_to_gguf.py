@@ -14,7 +14,7 @@ import torch
 
 from . import ConvertError, read_json
 from .adapter import Adapter
-from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk
+from .architectures import Arch, add_hparams, arch_for, extra_tensors, hparam, permute_qk, unpermute_qk
 from .gguf_stream import CHUNK_BYTES, QType, TensorJob, write_gguf
 from .tensor_index import TensorIndex, model_weight_files
 from .vocab import add_vocab, chat_template, llama_cpp_name, read_tokenizer
@@ -85,6 +85,11 @@ class HFModel:
         if heads is None:
             return t
         return permute_qk(t, t.shape[0] // self.row_unit(hf_name))
+
+    def from_gguf_layout(self, hf_name: str, t: torch.Tensor) -> torch.Tensor:
+        """to_gguf_layout undone: a whole weight as a GGUF holds it, in HF's row order."""
+        heads = self._permuted_heads(hf_name)
+        return t if heads is None else unpermute_qk(t, heads)
 
     def check_adapter(self, adapter: Adapter) -> None:
         adapter.check_base(self.index)

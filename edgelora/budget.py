@@ -298,15 +298,20 @@ class KLProbe:
         return load(path, loras=loras, n_ctx=self.n_ctx, sequences=reading_sequences())
 
     def against(self, logprobs: list[np.ndarray]) -> tuple[float, float]:
-        """(mean KL(f16 || them), the share of positions where both rank the same token first) for
-        log-probabilities at the probe's positions, from any model with the same vocabulary."""
-        kl, agree, n = 0.0, 0, 0
-        for q, ref in zip(logprobs, self.reference):
-            p = ref.astype(np.float64)
-            kl += float((np.exp(p) * (p - q)).sum())
-            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-            n += len(p)
-        return kl / n, agree / n
+        """kl_top1 of the f16 and `logprobs` at the probe's positions, from any model with the same vocabulary."""
+        return kl_top1(self.reference, logprobs)
+
+
+def kl_top1(reference: list[np.ndarray], logprobs: list[np.ndarray]) -> tuple[float, float]:
+    """(mean KL(reference || them), the share of positions where both rank the same token first)
+    for two lists of log-probability arrays (positions x vocabulary) at the same positions."""
+    kl, agree, n = 0.0, 0, 0
+    for q, ref in zip(logprobs, reference, strict=True):
+        p = ref.astype(np.float64)
+        kl += float((np.exp(p) * (p - q)).sum())
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        n += len(p)
+    return kl / n, agree / n
 
 
 def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int], int]]:

@@ -171,6 +171,12 @@ def schema(data, data_format, no_enums):
 @click.option("--target-size", metavar="SIZE",
               help="Also write NAME-auto.gguf: per-tensor types chosen by measured loss to fit SIZE (70MB, 64MiB).")
 @click.option("--target-bpw", type=float, metavar="BITS", help="As --target-size, as bits per weight.")
+@click.option("--refit", "refit", multiple=True, metavar="QUANT",
+              help="Also quantise the bare base to QUANT (q2_k, q4_k_m, q8_0) and continue training the run's "
+                   "adapter against exactly those weights: ships NAME-refit-QUANT-lora-f16.gguf beside the base "
+                   "file, for llama.cpp / llama-server. Repeatable.")
+@click.option("--refit-steps", type=click.IntRange(min=1), metavar="N",
+              help="Training steps of each --refit. [default: a quarter of the run's steps, at least 4]")
 @click.option("--name", help="Names the files (NAME-q4_k_m.gguf) and the model in them (general.name, what "
                              "LM Studio and Ollama list). [default: the run folder's name]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -180,7 +186,7 @@ def schema(data, data_format, no_enums):
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
 def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imatrix_tokens, imatrix_decision_weight,
-           target_size, target_bpw, name, verify, out, force):
+           target_size, target_bpw, refit, refit_steps, name, verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
     from .stages import summary as stage_summary
@@ -188,7 +194,7 @@ def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imat
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, effort=effort, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
                         imatrix_decision_weight=imatrix_decision_weight, target_size=target_size,
-                        target_bpw=target_bpw, name=name, verify=verify)
+                        target_bpw=target_bpw, name=name, verify=verify, refit=refit, refit_steps=refit_steps)
     for f in result.files:
         click.echo(f"{result.out_dir / f.file}  {f.size_bytes / 2**20:8.1f} MiB  {f.bpw:6.2f} bpw  {f.role}")
         fell = f.fallbacks or {}
@@ -200,6 +206,8 @@ def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imat
                    f" ({', '.join(dict.fromkeys(c['file'] for c in result.checks))})")
     if result.lora_route:
         click.echo(f"LoRA route (llama.cpp; Ollama 0.34.1+ and LM Studio take the merged file): {result.lora_route}")
+    for role, command in result.refit_routes.items():
+        click.echo(f"refitted against {role.quant} (llama.cpp): {command}")
     click.echo(f"time: {stage_summary(result.seconds)}")
     click.echo(f"manifest: {result.manifest}")
 

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -26,9 +26,10 @@ from . import card as C
 from . import data as D
 from . import imatrix as IM
 from . import quant_presets
+from . import refit as R
 from . import verify as V
 from .errors import EdgeloraError
-from .handoff import BASE, LORA, MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
+from .handoff import BASE, LORA, MERGED, REFIT, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
@@ -78,6 +79,7 @@ class ExportResult:
     checks: list[dict] = field(default_factory=list)  # edgelora.verify's, as in the manifest
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, and the total (edgelora.stages)
     lora_route: Optional[str] = None  # the llama-server command that runs the base + LoRA GGUF route
+    refit_routes: dict = field(default_factory=dict)  # Role(REFIT, q) -> the command that runs its base + LoRA
 
 
 AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
@@ -100,10 +102,12 @@ def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
 
 
 def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], lora_gguf: bool,
-                out: Optional[str], budgeted: bool = False, name: Optional[str] = None) -> ExportPlan:
+                out: Optional[str], budgeted: bool = False, name: Optional[str] = None,
+                refit: Sequence[str] = ()) -> ExportPlan:
     """What to write where. `name` (default: the run folder's, or the base's) names the files and
-    the model in them (general.name)."""
+    the model in them (general.name). `refit`: the base quants to refit the adapter against."""
     quants = parse_quants(quants, budgeted)
+    refit = _refit_types(refit, run_dir, budgeted)
     if name is not None and not re.fullmatch(r"\w[\w.+-]{0,99}", name):
         raise EdgeloraError(f"--name {name!r}: use letters, digits and . _ + - (it names the files)")
     adapter_dir, dataset = None, None
@@ -140,7 +144,35 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
             for q in quants:
                 if q != AUTO:  # the budget is fitted to the fine-tuned model, not the bare base
                     plan.outputs[Role(BASE, q)] = out_dir / f"{resolved.name}-base-{q}.gguf"
+    for q in refit:  # the base at q (a GGUF base too is quantised again: the refit needs the exact file)
+        plan.outputs[Role(BASE, q)] = out_dir / f"{resolved.name}-base-{q}.gguf"
+        plan.outputs[Role(REFIT, q)] = out_dir / f"{name}-refit-{q}-lora-f16.gguf"
     return plan
+
+
+def _refit_types(refit: Sequence[str], run_dir: Optional[str], budgeted: bool) -> list[str]:
+    """--refit's quants, checked: presets of a quantised type, or auto (the budgeted file's types)
+    where there is a budget, and a run to refit."""
+    if refit and not run_dir:
+        raise EdgeloraError("--refit needs a RUN_DIR: it continues training the run's adapter")
+    known = [q for q in quant_presets.names() if q != "f16"] + [AUTO]
+    for q in refit:
+        if q not in known:
+            raise EdgeloraError(f"--refit {q}: not a quantised preset (choose from {', '.join(known)})")
+        if q == AUTO and not budgeted:
+            raise EdgeloraError("--refit auto needs a budget: --target-size SIZE or --target-bpw BITS")
+    return list(dict.fromkeys(refit))
+
+
+def _types_of(path: Path) -> dict:
+    """A quantisation preset giving each weight the type it has in the GGUF at `path`."""
+    from .budget import FILE_TYPE
+    from .gguf_info import read_gguf
+
+    types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) >= 2}
+    main = max(set(types.values()), key=list(types.values()).count)
+    return {"name": AUTO, "llama_ftype": FILE_TYPE.get(main, "MOSTLY_Q8_0"),
+            "overrides": {re.escape(name): qtype for name, qtype in types.items()}}
 
 
 def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants: Optional[list[str]] = None,
@@ -149,7 +181,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
            imatrix_decision_weight: float = IM.DECISION_WEIGHT, target_size: Optional[str | int] = None,
            target_bpw: Optional[float] = None,
            keep_better: bool = True, name: Optional[str] = None, verify: bool = True,
-           verify_examples: int = V.EXAMPLES) -> ExportResult:
+           verify_examples: int = V.EXAMPLES, refit: Sequence[str] = (), refit_steps: Optional[int] = None) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
@@ -165,7 +197,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     one with the lower KL (the figures of all are in the manifest either way).
     name: names the files and the model in them (default: the run folder's; see edgelora.card).
     verify: check the written files against the run's first `verify_examples` training examples
-    (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written."""
+    (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written.
+    refit: presets (q2_k, ...) to quantise the bare base to and refit the run's adapter against
+    (edgelora.refit), each written as the base file + a LoRA GGUF; `refit_steps` (default: a
+    quarter of the run's steps) each."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .gguf_info import inspect_gguf
 
@@ -176,7 +211,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         if target_bpw is not None and not 1.5 <= target_bpw <= 16:
             raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
         budgeted = target_size is not None or target_bpw is not None
-        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name)
+        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name, refit)
+        refits = [q for q in plan.quants + list(refit) if Role(REFIT, q) in plan.outputs]
+        refit_run = R.check(plan.adapter_dir.parent, refit_steps) if refits else None
         if verify and verify_examples < 1:
             raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
         if effort not in EFFORTS:
@@ -200,6 +237,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             "imatrix_data": file_sha256(Path(imatrix_data)) if imatrix_data and Path(imatrix_data).is_file() else None,
             "imatrix_tokens": imatrix_tokens, "decision_weight": imatrix_decision_weight, "target_size": target_size,
             "target_bpw": target_bpw, "keep_better": keep_better, "name": plan.name,
+            "refit": refits, "refit_steps": refit_run.steps if refit_run else None,
             "edgelora": package_versions().get("edgelora")}, plan.outputs, force)
         output_folder(plan.out_dir)
         wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
@@ -223,7 +261,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         def ladder(adapter: Optional[Path], kind: str) -> None:
             """The f16 GGUF (merged when an adapter is given), then each quant made from it; each
             output recorded in `progress` once finished, and one finished before kept."""
-            wanted = {q: plan.outputs[Role(kind, q)] for q in plan.quants if Role(kind, q) in plan.outputs}
+            wanted = {role.quant: path for role, path in plan.outputs.items() if role.kind == kind}
             f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
             if progress.get(Role(kind, "f16")) is None:
                 log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
@@ -267,7 +305,16 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                     if done := progress.get(role):
                         results[role], checks[role], budgets[role] = done["result"], done["check"], done["budget"]
                         continue
-                    if q == AUTO:
+                    if q == AUTO and kind == BASE:  # the bare base a refit trains against: the merged auto's types
+                        from .quantize import quantize
+
+                        log.info("quantising %s -> %s (the types of %s)", f16.name, path.name,
+                                 plan.outputs[Role(MERGED, AUTO)].name)
+                        with stage("quantise"):
+                            results[role] = quantize(f16, path, _types_of(plan.outputs[Role(MERGED, AUTO)]),
+                                                     imatrix=importance)
+                        checks[role] = None
+                    elif q == AUTO:
                         results[role], budgets[role], checks[role] = _budgeted(
                             f16, path, importance, probe, target_size, target_bpw, search and keep_better, how.settle_z)
                     else:
@@ -280,14 +327,22 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                     f16.unlink(missing_ok=True)
 
         ladder(plan.adapter_dir, MERGED)
-        if plan.lora_gguf:
-            if progress.get(Role(LORA)) is None:
-                log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
-                with stage("lora_gguf"):
-                    convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
-                progress.finished(Role(LORA), plan.outputs[Role(LORA)])
-            if plan.base.kind != "gguf":
-                ladder(None, BASE)
+        if plan.lora_gguf and progress.get(Role(LORA)) is None:
+            log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
+            with stage("lora_gguf"):
+                convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
+            progress.finished(Role(LORA), plan.outputs[Role(LORA)])
+        if any(role.kind == BASE for role in plan.outputs):
+            ladder(None, BASE)
+        for q in refits:
+            role = Role(REFIT, q)
+            if done := progress.get(role):
+                checks[role] = done["check"]
+            else:
+                checks[role] = _refitted(plan, refit_run, q, cards[MERGED], reference if verifying else None)
+                progress.finished(role, plan.outputs[role], check=checks[role])
+            if "verified" in checks[role]:
+                verified.append((plan.outputs[role].name, V.Check(**checks[role]["verified"])))
 
         files = []
         for role, path in plan.outputs.items():
@@ -297,7 +352,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                 role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
                 info.get("file_type"), info["tensor_types"], info["class_types"],
                 imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
-                imatrix_check=checks.get(role),
+                imatrix_check=checks.get(role) if role.kind != REFIT else None,
+                refit=checks.get(role) if role.kind == REFIT else None,
                 fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
         schema_info = _copy_schema(plan)
         base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
@@ -323,7 +379,9 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             V.failed([c], plan.out_dir / file)
         lora = plan.outputs.get(Role(LORA))
         return ExportResult(plan.out_dir, files, manifest, verification, seconds,
-                            lora_command(str(base_file), str(lora)) if lora and base_file else None)
+                            lora_command(str(base_file), str(lora)) if lora and base_file else None,
+                            {r: lora_command(str(plan.outputs[Role(BASE, r.quant)]), str(p))
+                             for r, p in plan.outputs.items() if r.kind == REFIT})
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -685,17 +743,43 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
     lora = plan.outputs.get(Role(LORA))
     if lora is not None and base_file is not None:
         routes.append((lora.name, base_file, [(lora, 1.0)]))
+    routes += [(path.name, plan.outputs[Role(BASE, role.quant)], [(path, 1.0)])  # checked against torch already
+               for role, path in plan.outputs.items() if role.kind == REFIT]
     out = []
     for label, model, loras in routes:
         with load(model, loras=loras, device="cpu") as rt:
             checks = V.token_checks(rt, examples, trained, stops) + [V.stop_check(rt, examples, trained,
                                                                                   in_torch.stopped)]
-        if loras:
+        if loras and loras[0][0] == lora:
             checks.append(V.lora_route_check(reference, model, loras[0][0]))
         log.info("verified %s on %d training examples: %s", label, len(examples),
                  ", ".join(f"{c.name} {'ok' if c.passed else 'FAILED'}" for c in checks))
         out += [(label, c) for c in checks]
     return out
+
+
+def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, reference) -> dict:
+    """The run's adapter refitted against the base file at `quant` and written as a LoRA GGUF; with
+    `reference` (the KLProbe of the merged f16 at the first examples' answers), the pair checked in
+    llama.cpp against the refit model in torch. Returns what the refit measured, and the check as
+    `verified`. Works in a hidden folder beside the outputs, where an interrupted refit resumes."""
+    import shutil
+
+    from .converters.hf_to_gguf import convert_lora
+
+    base_file, lora = plan.outputs[Role(BASE, quant)], plan.outputs[Role(REFIT, quant)]
+    work = plan.out_dir / f".{plan.name}-refit-{quant}.work"
+    with stage("refit"):
+        info = R.refit(run, base_file, plan.hf_dir, work)
+    log.info("refitted against %s in %d steps: training loss %.4f -> %.4f", base_file.name, info["steps"],
+             info["loss_first"], info["loss_last"])
+    with stage("lora_gguf"):
+        convert_lora(plan.hf_dir, work / "run" / "adapter", lora, card=card)
+    if reference is not None:
+        with stage("verify"):
+            info["verified"] = V.refit_check(reference, work, base_file, lora).as_dict()
+    shutil.rmtree(work)
+    return info
 
 
 def _laptop_pick(quants: list[str]) -> str:

@@ -10,7 +10,8 @@ trained by an older edgelora still exports.
 Each is a dataclass here -- RunSummary; ExportManifest and its ExportedFile outputs; BenchReport
 and its BenchRow rows -- so stages pass fields, not string keys. An export's files are known by
 their role: `Role("merged", "q4_k_m")` is written "merged:q4_k_m", `Role("lora")` "lora"
-(base:QUANT for the bare base beside a LoRA GGUF).
+(base:QUANT for the bare base beside a LoRA GGUF; refit:QUANT for a LoRA GGUF refitted against
+base:QUANT, edgelora.refit).
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ from .files import atomic_write_json, read_json
 SCHEMA_KEY = "edgelora_schema"
 LAYOUT = 1
 SUMMARY_FILE, MANIFEST_FILE, REPORT_FILE = "summary.json", "manifest.json", "report.json"
-MERGED, BASE, LORA = "merged", "base", "lora"  # the kinds of exported file
+MERGED, BASE, LORA, REFIT = "merged", "base", "lora", "refit"  # the kinds of exported file
 
 
 @dataclass(frozen=True)
 class Role:
     """Which file of an export: the merged model or the bare base at a quant, or the LoRA GGUF."""
 
-    kind: str  # MERGED | BASE | LORA
+    kind: str  # MERGED | BASE | LORA | REFIT (a LoRA GGUF refitted against the base at `quant`)
     quant: Optional[str] = None  # none for the LoRA GGUF (always f16)
 
     @classmethod
@@ -107,6 +108,7 @@ class ExportedFile:
     imatrix: bool = False  # quantised with the importance matrix (for some weights at least)
     imatrix_check: Optional[dict] = None  # KLs and answers kept with and without it, and which file was kept
     fallbacks: Optional[dict] = None  # weights whose rows a K-quant could not take: count, by_type
+    refit: Optional[dict] = None  # a refitted LoRA GGUF: its steps, seconds, losses (edgelora.refit.refit)
 
     def as_json(self) -> dict:
         return {**dataclasses.asdict(self), "role": str(self.role)}

@@ -468,10 +468,13 @@ def train(cfg: TrainConfig, *, force: bool = False, resume: bool = False,
     return finish(s, step, last_loss, metrics, time.time() - t_start)
 
 
-def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
+def setup(cfg: TrainConfig, force: bool, resume: bool, *, dtype: Optional[torch.dtype] = None,
+          start_adapter: Optional[Path] = None) -> Setup:
     """Check the request, read and tokenise the data (bad input fails before a model is loaded),
     prepare the run directory, load the model with its adapter, the optimizer and schedule, and
-    on --resume restore the last checkpoint."""
+    on --resume restore the last checkpoint. `dtype`: the base's (default: the device's compute
+    dtype); `start_adapter`: a PEFT adapter folder of the same config whose weights the adapter
+    starts from (edgelora.refit), instead of PEFT's initialisation."""
     run_dir = _check_request(cfg, resume)
     train_ex, eval_ex, shape = _read_data(cfg)
     accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
@@ -488,7 +491,7 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
     device = pick_device(cfg.device) if accelerator is None else str(accelerator.device)
     method = pick_method("lora" if cfg.fsdp and cfg.method == "auto" else cfg.method, device)
     sharded = _check_fsdp(cfg, method, world)
-    dtype = compute_dtype(device)
+    dtype = dtype or compute_dtype(device)
     tok = _tokenizer(hf_dir, base, shape, train_ex)
     train_set, train_stats = D.tokenize_all(tok, train_ex, cfg.seq_len, what=str(cfg.data))
     eval_set, eval_stats = (D.tokenize_all(tok, eval_ex, cfg.seq_len, what=str(cfg.eval_data or "eval split"))
@@ -511,6 +514,8 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
     checkpointing, why = choose_checkpointing(cfg, model.config, cfg.batch_size * longest, longest, device, dtype)
     log.info("gradient checkpointing %s (%s)", "on" if checkpointing else "off", why)
     model = add_adapter(model, cfg, method, checkpointing)
+    if start_adapter is not None:
+        _start_from(model, start_adapter)
     n_params = (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
     if sharded:  # before the optimizer: FSDP replaces the parameters with their shards
         loss_of = shard(TargetLoss(model), device, world)
@@ -536,6 +541,17 @@ def setup(cfg: TrainConfig, force: bool, resume: bool) -> Setup:
                  accelerator=accelerator, device=device, method=method, dtype=dtype, sharded=sharded,
                  checkpointing=checkpointing, model=model, n_params=n_params, loss_of=loss_of, scorer=scorer,
                  params=params, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps, start_step=step)
+
+
+def _start_from(model, adapter_dir: Path) -> None:
+    """Load the weights of the adapter in `adapter_dir` (trained with this config) into `model`'s."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, weights)
+    if result.unexpected_keys:
+        raise EdgeloraError(f"{adapter_dir}: the adapter does not fit this model's ({result.unexpected_keys[0]})")
 
 
 def _schedule(cfg: TrainConfig, params: list, device: str, method: str, n_examples: int, world: int):

@@ -16,6 +16,8 @@ what training used or the model it trained:
                  base + adapter in torch (KL and top-1 agreement)
     adapter      ... and the adapter moves them: the base without it is measurably further away
     lora_route   the base GGUF + LoRA GGUF is closer to the merged f16 than the base alone
+    refit        a quantised base GGUF + the LoRA GGUF refitted against it (edgelora.refit) match
+                 the refit model in torch (KL and top-1 agreement, as for the f16)
     stops        greedy answers of the file end with an end-of-generation token, not the length
                  limit, about as often as the model in torch stops (a model that never learnt to
                  stop is not the export's fault)
@@ -31,7 +33,7 @@ from .errors import EdgeloraError
 from .llamacpp import handles
 
 EXAMPLES = 8  # training examples checked: the first ones in the training order
-NAMES = ("template", "end_of_turn", "bos", "logits", "adapter", "lora_route", "stops")
+NAMES = ("template", "end_of_turn", "bos", "logits", "adapter", "lora_route", "refit", "stops")
 POSITIONS = 512  # answer positions the logits checks compare, at most
 KL_SAME = 0.01  # f16 GGUF vs the model in torch: f16 rounding alone gives ~1e-5 on SmolLM2
 TOP1_SAME = 0.95
@@ -176,6 +178,22 @@ def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: 
         checks.append(Check("adapter", moved, f"KL {kl_base:.2g} from the base without the adapter, {kl:.2g} with it"
                             + ("" if moved else ": the adapter changes next to nothing (zero, or lost in the merge)")))
     return checks
+
+
+def refit_check(probe, refit_dir: Path, base_file: Path, lora: Path) -> Check:
+    """`refit`: the base GGUF + refitted LoRA GGUF in llama.cpp against what they were fitted as, the
+    refit model in torch (`refit_dir`: edgelora.refit's work folder, its dequantised base and
+    adapter), at `probe`'s answer positions (budget.KLProbe), with the f16 thresholds: what runs
+    is what was trained, up to f16 rounding of the LoRA and llama.cpp's arithmetic."""
+    from .budget import kl_top1
+    from .layerwise import answer_logprobs
+
+    [in_torch] = answer_logprobs(refit_dir / "base", refit_dir / "run" / "adapter", probe.rows)
+    kl, top1 = kl_top1(in_torch, probe.logprobs(base_file, loras=[(lora, 1.0)]))
+    same = kl <= KL_SAME and top1 >= TOP1_SAME
+    return Check("refit", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} of {base_file.name} + {lora.name} in "
+                 "llama.cpp with the refit model in torch" + ("" if same else f" (at most {KL_SAME} and at least "
+                                                                       f"{TOP1_SAME})"))
 
 
 def lora_route_check(probe, base_file: Path, lora: Path) -> Check:

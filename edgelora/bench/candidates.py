@@ -12,7 +12,7 @@ import gguf
 
 from ..errors import EdgeloraError
 from ..gguf_header import gguf_metadata
-from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, ExportManifest, Role
+from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, REFIT, ExportManifest, Role
 
 log = logging.getLogger("edgelora")
 
@@ -133,19 +133,17 @@ def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optiona
                                    notes=notes))
     if Role(LORA) in outputs:
         lora = outputs[Role(LORA)]
-        lora_info = inspect_gguf(folder / lora.file)
         base = manifest.base
-        if base["kind"] == "gguf":
-            bases = [(None, Path(base["path"]))]  # the base GGUF itself: named by its file type below
-        else:
-            bases = [(role.quant, folder / o.file) for role, o in outputs.items() if role.kind == BASE
-                     and (not quants or role.quant in wanted)]
+        # the base GGUF itself (named by its file type below), and each base quant the export wrote
+        bases = [(None, Path(base["path"]))] if base["kind"] == "gguf" else []
+        bases += [(role.quant, folder / o.file) for role, o in outputs.items() if role.kind == BASE
+                  and (not quants or role.quant in wanted)]
         for quant, path in bases:
-            info = inspect_gguf(path)
-            quant = quant or _quant_name(info["file_type"])
-            bits = (info["tensor_bytes"] + lora_info["tensor_bytes"]) * 8 / info["n_params"]
-            cands.append(Candidate(f"{quant}+lora", "lora", str(path), [str(folder / lora.file)],
-                                   info["size_bytes"] + lora_info["size_bytes"], bits))
+            cands.append(_paired(f"{quant or _quant_name(inspect_gguf(path)['file_type'])}+lora", path,
+                                 folder / lora.file))
+    for role, o in outputs.items():  # a LoRA refitted against the base file at its quant (edgelora.refit)
+        if role.kind == REFIT and (not quants or role.quant in wanted):
+            cands.append(_paired(f"{role.quant}+refit", folder / outputs[Role(BASE, role.quant)].file, folder / o.file))
     adapter = manifest.adapter
     torch_ok = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
     if hf and not torch_ok:
@@ -153,6 +151,16 @@ def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optiona
     if adapter and (hf or (hf is None and torch_ok)):
         cands.append(Candidate("hf", "hf", manifest.base["path"], [adapter["path"]]))
     return cands
+
+
+def _paired(label: str, base: Path, lora: Path) -> Candidate:
+    """The base + LoRA GGUF route: its size is both files', its bits per weight both files' tensors
+    over the base's parameters."""
+    from ..gguf_info import inspect_gguf
+
+    info, lora_info = inspect_gguf(base), inspect_gguf(lora)
+    bits = (info["tensor_bytes"] + lora_info["tensor_bytes"]) * 8 / info["n_params"]
+    return Candidate(label, "lora", str(base), [str(lora)], info["size_bytes"] + lora_info["size_bytes"], bits)
 
 
 def _quant_name(file_type: Optional[str]) -> str:

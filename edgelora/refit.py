@@ -1,0 +1,171 @@
+"""Refit a run's LoRA against the exact weights of the quantised base it will run on (issue #31).
+
+A run's adapter was trained against its base in torch (NF4 for QLoRA); the LoRA route then ships
+it beside a llama.cpp-quantised base whose weights it never saw, and what the quantiser took away
+nothing gives back. A refit continues training the adapter against the shipped file itself:
+
+    dequantise  every weight of the quantised base GGUF, read back with ggml's own to_float
+                (edgelora.ggml_quant.dequantize) and put back in HF's layout (Q/K rows un-permuted):
+                a float32 HF folder holding, bit for bit, the values llama.cpp reads
+    train       the run's adapter, from its trained weights, on the run's own training data,
+                config, template and loss, against that frozen base (edgelora.trainer's setup /
+                loop / finish: progress, checkpoints, resume after Ctrl-C)
+
+What ships is that quantised base GGUF and the refitted adapter as a LoRA GGUF (edgelora.exporter
+writes both and checks llama.cpp runs the pair as torch runs the refit model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import EdgeloraError
+
+log = logging.getLogger("edgelora")
+
+SHARE = 4  # a refit takes the run's own steps / SHARE by default
+MIN_STEPS = 4
+SHARD_BYTES = 1 << 30  # float32 bytes per safetensors file of the dequantised base
+_COPIED = ("config.json", "generation_config.json")  # from the base's HF folder; the tokenizer from the run's adapter
+
+
+@dataclass
+class RefitRun:
+    """What a refit reads: the run's config (data, adapter settings) and how many steps it takes."""
+
+    run_dir: Path
+    config: object  # edgelora.config.TrainConfig, as the run was trained
+    steps: int
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+
+def check(run_dir: Path, steps: Optional[int]) -> RefitRun:
+    """What a refit of the run in `run_dir` needs, checked before any work: its config and data
+    still readable, an adapter llama.cpp can take as a LoRA (not DoRA). `steps`: None for the
+    default, the run's own steps / SHARE (at least MIN_STEPS)."""
+    from .config import load_config
+    from .handoff import RunSummary
+
+    cfg = load_config(str(run_dir / "config.yaml"), {})
+    if cfg.dora:
+        raise EdgeloraError(f"--refit: {run_dir} trained a DoRA adapter, which llama.cpp cannot run as a LoRA; "
+                            "refit needs a LoRA or rsLoRA run")
+    for what, path in (("training data", cfg.data), ("eval data", cfg.eval_data)):
+        if path and not Path(path).is_file():
+            raise EdgeloraError(f"--refit: the run's {what} {path} is not found (a refit trains on it again; "
+                                "run export from the folder the run was trained in)")
+    if steps is not None and steps < 1:
+        raise EdgeloraError(f"--refit-steps must be at least 1, not {steps}")
+    trained = RunSummary.read(run_dir).steps
+    return RefitRun(run_dir, cfg, steps or max(MIN_STEPS, math.ceil(trained / SHARE)))
+
+
+def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
+    """An HF folder at `out` of the model in `hf_dir` whose weights (every tensor of two or more
+    dimensions the GGUF holds) are those of the GGUF `quantised` as ggml reads them, float32;
+    norms and biases (kept float32 in a GGUF) and the config come from `hf_dir`, the tokenizer
+    (with the chat template training used) from `tokenizer_dir`. Written a shard at a time."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .converters.hf_to_gguf import HFModel
+    from .files import atomic_path
+    from .ggml_quant import dequantize
+    from .gguf_info import read_gguf
+
+    if (out / ".complete").is_file():
+        return out
+    model = HFModel(hf_dir)
+    held = {t.name: t for t in read_gguf(quantised).tensors}
+    names = [n for n in model.index.names() if not (model.tied and n == "lm_head.weight")]
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        weight_map, shard, size, files = {}, {}, 0, []
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                files.append(f"model-{len(files) + 1:05d}.safetensors")
+                save_file(shard, tmp / files[-1], metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, files[-1]))
+                shard, size = {}, 0
+
+        for name in names:
+            shape = model.index.shape(name)
+            gguf_name = model.gguf_names.get(name)
+            if gguf_name is not None and len(shape) >= 2:
+                t = held.get(gguf_name)
+                if t is None:
+                    raise EdgeloraError(f"{quantised}: no tensor {gguf_name} (another model than {hf_dir}?)")
+                rows = math.prod(shape[:-1])
+                w = dequantize(t.data, t.tensor_type.name, (rows, shape[-1]))
+                tensor = model.from_gguf_layout(name, torch.from_numpy(w).reshape(shape))
+            else:
+                tensor = model.index.load(name).float()
+            shard[name] = tensor.contiguous()
+            size += tensor.numel() * 4
+            if size >= SHARD_BYTES:
+                flush()
+        flush()
+        total = sum(math.prod(model.index.shape(n)) for n in names) * 4
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1) + "\n")
+        config = json.loads((hf_dir / "config.json").read_text())
+        config["torch_dtype"] = config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in _COPIED[1:]:
+            if (hf_dir / name).is_file():
+                shutil.copy(hf_dir / name, tmp / name)
+        for f in tokenizer_dir.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens")):
+                shutil.copy(f, tmp / f.name)
+        (tmp / "edgelora_source.json").write_text(json.dumps({"dequantised_from": str(quantised)}) + "\n")
+        (tmp / ".complete").write_text("")
+    return out
+
+
+def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None) -> dict:
+    """Continue training `run`'s adapter against the weights of the GGUF `quantised` (a quant of
+    the base in `hf_dir`), in `work` (the dequantised base in work/base, the refit as a run in
+    work/run: an interrupted refit resumes there). Returns what it measured: steps, seconds, the
+    training loss over the first and last steps, the eval loss before and after (where the run
+    holds out an eval set); the refitted adapter is work/run/adapter. `on_step` as for
+    trainer.loop: returning True stops as Ctrl-C does (KeyboardInterrupt, after a checkpoint)."""
+    import torch
+
+    from .handoff import RunSummary
+    from .trainer import TrainingInterrupted, checkpoints, finish, loop, setup
+
+    base = dequantised_folder(quantised, hf_dir, run.adapter_dir, work / "base")
+    out = work / "run"
+    if not (out / "adapter" / "adapter_config.json").is_file():
+        cfg = dataclasses.replace(run.config, base=str(base), out=str(out), method="lora", max_steps=run.steps,
+                                  save_every=max(1, run.steps // 4), eval_every=run.steps, json_schema=False,
+                                  warmup_steps=0)
+        start, resume = time.time(), bool(checkpoints(out))
+        log.info("refitting %s against %s: %d steps%s", run.adapter_dir, quantised.name, run.steps,
+                 " (resuming)" if resume else "")
+        s = setup(cfg, force=not resume, resume=resume, dtype=torch.float32, start_adapter=run.adapter_dir)
+        try:
+            step, last_loss, metrics = loop(s, on_step)
+        except TrainingInterrupted:
+            raise KeyboardInterrupt from None  # the checkpoint is written: the same export again resumes
+        finish(s, step, last_loss, metrics, time.time() - start)
+    summary = RunSummary.read(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    first = max(1, len(losses) // 4)
+    return {"steps": summary.steps, "seconds": round(summary.wall_time_s, 1), "loss_first": round(sum(losses[:first]) / first, 5),
+            "loss_last": round(sum(losses[-first:]) / first, 5),
+            **({"eval_loss_before": evals[0], "eval_loss_after": evals[-1]} if len(evals) > 1 else {})}
