@@ -29,7 +29,7 @@ from . import quant_presets
 from . import refit as R
 from . import verify as V
 from .errors import EdgeloraError
-from .handoff import BASE, LORA, MERGED, REFIT, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
+from .handoff import BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
@@ -147,6 +147,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     for q in refit:  # the base at q (a GGUF base too is quantised again: the refit needs the exact file)
         plan.outputs[Role(BASE, q)] = out_dir / f"{resolved.name}-base-{q}.gguf"
         plan.outputs[Role(REFIT, q)] = out_dir / f"{name}-refit-{q}-lora-f16.gguf"
+        plan.outputs[Role(REFIT_MERGED, q)] = out_dir / f"{name}-refit-{q}.gguf"  # one file, for Ollama / LM Studio
     return plan
 
 
@@ -164,14 +165,14 @@ def _refit_types(refit: Sequence[str], run_dir: Optional[str], budgeted: bool) -
     return list(dict.fromkeys(refit))
 
 
-def _types_of(path: Path) -> dict:
-    """A quantisation preset giving each weight the type it has in the GGUF at `path`."""
+def _types_of(path: Path, name: str) -> dict:
+    """A quantisation preset called `name` giving each weight the type it has in the GGUF at `path`."""
     from .budget import FILE_TYPE
     from .gguf_info import read_gguf
 
     types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) >= 2}
     main = max(set(types.values()), key=list(types.values()).count)
-    return {"name": AUTO, "llama_ftype": FILE_TYPE.get(main, "MOSTLY_Q8_0"),
+    return {"name": name, "llama_ftype": FILE_TYPE.get(main, "MOSTLY_Q8_0"),
             "overrides": {re.escape(name): qtype for name, qtype in types.items()}}
 
 
@@ -212,7 +213,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
         budgeted = target_size is not None or target_bpw is not None
         plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name, refit)
-        refits = [q for q in plan.quants + list(refit) if Role(REFIT, q) in plan.outputs]
+        refits = [role.quant for role in plan.outputs if role.kind == REFIT]
         refit_run = R.check(plan.adapter_dir.parent, refit_steps) if refits else None
         if verify and verify_examples < 1:
             raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
@@ -240,7 +241,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             "refit": refits, "refit_steps": refit_run.steps if refit_run else None,
             "edgelora": package_versions().get("edgelora")}, plan.outputs, force)
         output_folder(plan.out_dir)
-        wants_imatrix = imatrix == "auto" and plan.quants != ["f16"]  # an f16 file is not quantised
+        wants_imatrix = imatrix == "auto" and plan.quants + refits != ["f16"]  # an f16 file is not quantised
         calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
             wants_imatrix or budgeted or verify) else None
         if budgeted and calibration is None:
@@ -311,7 +312,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
                         log.info("quantising %s -> %s (the types of %s)", f16.name, path.name,
                                  plan.outputs[Role(MERGED, AUTO)].name)
                         with stage("quantise"):
-                            results[role] = quantize(f16, path, _types_of(plan.outputs[Role(MERGED, AUTO)]),
+                            results[role] = quantize(f16, path, _types_of(plan.outputs[Role(MERGED, AUTO)], AUTO),
                                                      imatrix=importance)
                         checks[role] = None
                     elif q == AUTO:
@@ -335,12 +336,13 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         if any(role.kind == BASE for role in plan.outputs):
             ladder(None, BASE)
         for q in refits:
-            role = Role(REFIT, q)
-            if done := progress.get(role):
-                checks[role] = done["check"]
-            else:
-                checks[role] = _refitted(plan, refit_run, q, cards[MERGED], reference if verifying else None)
+            role, merged = Role(REFIT, q), Role(REFIT_MERGED, q)
+            if progress.get(role) is None or progress.get(merged) is None:
+                checks[role], results[merged] = _refitted(plan, refit_run, q, cards[MERGED], importance,
+                                                          reference if verifying else None)
+                progress.finished(merged, plan.outputs[merged], result=results[merged])
                 progress.finished(role, plan.outputs[role], check=checks[role])
+            checks[role], results[merged] = progress.get(role)["check"], progress.get(merged)["result"]
             if "verified" in checks[role]:
                 verified.append((plan.outputs[role].name, V.Check(**checks[role]["verified"])))
 
@@ -745,6 +747,7 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
         routes.append((lora.name, base_file, [(lora, 1.0)]))
     routes += [(path.name, plan.outputs[Role(BASE, role.quant)], [(path, 1.0)])  # checked against torch already
                for role, path in plan.outputs.items() if role.kind == REFIT]
+    routes += [(path.name, path, []) for role, path in plan.outputs.items() if role.kind == REFIT_MERGED]
     out = []
     for label, model, loras in routes:
         with load(model, loras=loras, device="cpu") as rt:
@@ -758,28 +761,48 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
     return out
 
 
-def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, reference) -> dict:
-    """The run's adapter refitted against the base file at `quant` and written as a LoRA GGUF; with
-    `reference` (the KLProbe of the merged f16 at the first examples' answers), the pair checked in
-    llama.cpp against the refit model in torch. Returns what the refit measured, and the check as
-    `verified`. Works in a hidden folder beside the outputs, where an interrupted refit resumes."""
+def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, importance: Optional[IM.IMatrix],
+              reference) -> tuple[dict, dict]:
+    """The run's adapter refitted against the base file at `quant`, written as a LoRA GGUF and, merged
+    into the refit's base and quantised again to the base file's types (with `importance`), as one
+    file. With `reference` (the KLProbe of the merged f16 at the first examples' answers), the pair
+    is checked in llama.cpp against the refit model in torch, and the merged file measured against
+    it too. Returns (what the refit measured, with the check as `verified` and the merged file's KL
+    as `merged`; quantize()'s summary of the merged file). Works in a hidden folder beside the
+    outputs, where an interrupted refit resumes."""
     import shutil
 
-    from .converters.hf_to_gguf import convert_lora
+    from .budget import kl_top1
+    from .converters.hf_to_gguf import convert, convert_lora
+    from .layerwise import answer_logprobs
+    from .quantize import quantize
 
     base_file, lora = plan.outputs[Role(BASE, quant)], plan.outputs[Role(REFIT, quant)]
-    work = plan.out_dir / f".{plan.name}-refit-{quant}.work"
+    # named by what it is made of, so a refit resumes only against the same base file and steps
+    work = plan.out_dir / f".{plan.name}-refit-{quant}-{file_sha256(base_file)[:12]}-{run.steps}.work"
+    for stale in plan.out_dir.glob(f".{plan.name}-refit-{quant}-*.work"):
+        if stale != work:
+            shutil.rmtree(stale, ignore_errors=True)
     with stage("refit"):
         info = R.refit(run, base_file, plan.hf_dir, work)
     log.info("refitted against %s in %d steps: training loss %.4f -> %.4f", base_file.name, info["steps"],
              info["loss_first"], info["loss_last"])
     with stage("lora_gguf"):
         convert_lora(plan.hf_dir, work / "run" / "adapter", lora, card=card)
+    merged, f16 = plan.outputs[Role(REFIT_MERGED, quant)], work / "merged-f16.gguf"
+    log.info("merging the refit into %s and quantising it again -> %s", base_file.name, merged.name)
+    with stage("convert"):
+        convert(work / "base", f16, adapter_dir=work / "run" / "adapter", outtype="f16", card=card)
+    with stage("quantise"):
+        result = quantize(f16, merged, _types_of(base_file, quant), imatrix=importance)
     if reference is not None:
         with stage("verify"):
-            info["verified"] = V.refit_check(reference, work, base_file, lora).as_dict()
+            [in_torch] = answer_logprobs(work / "base", work / "run" / "adapter", reference.rows)
+            info["verified"] = V.refit_check(reference, in_torch, base_file, lora).as_dict()
+            kl, top1 = kl_top1(in_torch, reference.logprobs(merged))
+            info["merged"] = {"kl_vs_refit": kl, "top1_vs_refit": top1}
     shutil.rmtree(work)
-    return info
+    return info, result
 
 
 def _laptop_pick(quants: list[str]) -> str:

@@ -11,7 +11,7 @@ Each is a dataclass here -- RunSummary; ExportManifest and its ExportedFile outp
 and its BenchRow rows -- so stages pass fields, not string keys. An export's files are known by
 their role: `Role("merged", "q4_k_m")` is written "merged:q4_k_m", `Role("lora")` "lora"
 (base:QUANT for the bare base beside a LoRA GGUF; refit:QUANT for a LoRA GGUF refitted against
-base:QUANT, edgelora.refit).
+base:QUANT, edgelora.refit, and refit-merged:QUANT for it merged and quantised as base:QUANT).
 """
 from __future__ import annotations
 
@@ -27,14 +27,15 @@ from .files import atomic_write_json, read_json
 SCHEMA_KEY = "edgelora_schema"
 LAYOUT = 1
 SUMMARY_FILE, MANIFEST_FILE, REPORT_FILE = "summary.json", "manifest.json", "report.json"
-MERGED, BASE, LORA, REFIT = "merged", "base", "lora", "refit"  # the kinds of exported file
+MERGED, BASE, LORA, REFIT, REFIT_MERGED = "merged", "base", "lora", "refit", "refit-merged"  # kinds of exported file
 
 
 @dataclass(frozen=True)
 class Role:
     """Which file of an export: the merged model or the bare base at a quant, or the LoRA GGUF."""
 
-    kind: str  # MERGED | BASE | LORA | REFIT (a LoRA GGUF refitted against the base at `quant`)
+    kind: str  # MERGED | BASE | LORA | REFIT (a LoRA GGUF refitted against the base at `quant`) | REFIT_MERGED
+    # (that LoRA merged into the base's weights and quantised again to the base file's types)
     quant: Optional[str] = None  # none for the LoRA GGUF (always f16)
 
     @classmethod
@@ -108,7 +109,7 @@ class ExportedFile:
     imatrix: bool = False  # quantised with the importance matrix (for some weights at least)
     imatrix_check: Optional[dict] = None  # KLs and answers kept with and without it, and which file was kept
     fallbacks: Optional[dict] = None  # weights whose rows a K-quant could not take: count, by_type
-    refit: Optional[dict] = None  # a refitted LoRA GGUF: its steps, seconds, losses (edgelora.refit.refit)
+    refit: Optional[dict] = None  # a refitted LoRA GGUF: its steps, seconds, losses (edgelora.refit.refit), checks
 
     def as_json(self) -> dict:
         return {**dataclasses.asdict(self), "role": str(self.role)}

@@ -180,15 +180,13 @@ def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: 
     return checks
 
 
-def refit_check(probe, refit_dir: Path, base_file: Path, lora: Path) -> Check:
+def refit_check(probe, in_torch: list, base_file: Path, lora: Path) -> Check:
     """`refit`: the base GGUF + refitted LoRA GGUF in llama.cpp against what they were fitted as, the
-    refit model in torch (`refit_dir`: edgelora.refit's work folder, its dequantised base and
-    adapter), at `probe`'s answer positions (budget.KLProbe), with the f16 thresholds: what runs
-    is what was trained, up to f16 rounding of the LoRA and llama.cpp's arithmetic."""
+    refit model in torch (`in_torch`: its log-probabilities at `probe`'s answer positions;
+    budget.KLProbe), with the f16 thresholds: what runs is what was trained, up to f16 rounding of
+    the LoRA and llama.cpp's arithmetic."""
     from .budget import kl_top1
-    from .layerwise import answer_logprobs
 
-    [in_torch] = answer_logprobs(refit_dir / "base", refit_dir / "run" / "adapter", probe.rows)
     kl, top1 = kl_top1(in_torch, probe.logprobs(base_file, loras=[(lora, 1.0)]))
     same = kl <= KL_SAME and top1 >= TOP1_SAME
     return Check("refit", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} of {base_file.name} + {lora.name} in "

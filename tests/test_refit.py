@@ -105,7 +105,7 @@ def test_llama_cpp_runs_the_shipped_pair_as_torch_runs_the_refit_model(run_dir, 
     out = tmp_path / "out"
     result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=4, out=str(out))
     files = {str(f.role): f for f in result.files}
-    assert set(files) == {"merged:q8_0", "base:q2_k", "refit:q2_k"}
+    assert set(files) == {"merged:q8_0", "base:q2_k", "refit:q2_k", "refit-merged:q2_k"}
     refit = files["refit:q2_k"].refit
     assert refit["steps"] == 4 and refit["verified"]["passed"], refit
     kl = float(refit["verified"]["figure"].split()[1].rstrip(","))
@@ -166,7 +166,7 @@ def test_a_refit_against_auto_trains_against_the_budgeted_files_types(run_dir, t
     result = export(str(run_dir), quants=["q8_0"], target_bpw=5.0, refit=["auto"], refit_steps=2, out=str(out),
                     verify=False)
     files = {str(f.role): f for f in result.files}
-    assert set(files) == {"merged:q8_0", "merged:auto", "base:auto", "refit:auto"}
+    assert set(files) == {"merged:q8_0", "merged:auto", "base:auto", "refit:auto", "refit-merged:auto"}
     types = {name: {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / files[name].file).tensors}
              for name in ("merged:auto", "base:auto")}
     assert types["merged:auto"] == types["base:auto"] and len(set(types["base:auto"].values())) > 1
@@ -176,3 +176,23 @@ def test_a_refit_against_auto_trains_against_the_budgeted_files_types(run_dir, t
 def test_refit_auto_needs_a_budget(run_dir, tmp_path):
     assert_one_line_error(run_cli("export", run_dir, "--refit", "auto", "--out", tmp_path / "out"),
                           "--refit auto needs a budget: --target-size SIZE or --target-bpw BITS")
+
+
+def test_the_refit_merged_and_quantised_again_keeps_the_bases_types(run_dir, tmp_path):
+    from edgelora.exporter import export
+
+    out = tmp_path / "out"
+    result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=2, out=str(out))
+    files = {str(f.role): f for f in result.files}
+    merged = files["refit-merged:q2_k"]
+    assert merged.file == "tiny-run-refit-q2_k.gguf"
+    types = {name: {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / files[name].file).tensors}
+             for name in ("base:q2_k", "refit-merged:q2_k")}
+    assert types["base:q2_k"] == types["refit-merged:q2_k"]
+    figures = files["refit:q2_k"].refit["merged"]
+    assert 0 <= figures["kl_vs_refit"] and 0 <= figures["top1_vs_refit"] <= 1
+    assert ("tiny-run-refit-q2_k.gguf", "stops") in {(c["file"], c["name"]) for c in result.checks}
+    from edgelora.bench.candidates import discover
+
+    labels = {c.label: c for c in discover([str(out)], hf=False)}
+    assert labels["q2_k+refit-merged"].route == "merged" and labels["q2_k+refit-merged"].model == str(out / merged.file)

@@ -12,7 +12,7 @@ import gguf
 
 from ..errors import EdgeloraError
 from ..gguf_header import gguf_metadata
-from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, REFIT, ExportManifest, Role
+from ..handoff import BASE, LORA, MANIFEST_FILE, MERGED, REFIT, REFIT_MERGED, ExportManifest, Role
 
 log = logging.getLogger("edgelora")
 
@@ -144,6 +144,9 @@ def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optiona
     for role, o in outputs.items():  # a LoRA refitted against the base file at its quant (edgelora.refit)
         if role.kind == REFIT and (not quants or role.quant in wanted):
             cands.append(_paired(f"{role.quant}+refit", folder / outputs[Role(BASE, role.quant)].file, folder / o.file))
+        elif role.kind == REFIT_MERGED and (not quants or role.quant in wanted):  # ... merged, quantised again
+            cands.append(Candidate(f"{role.quant}+refit-merged", "merged", str(folder / o.file),
+                                   size_bytes=o.size_bytes, bpw=o.bpw))
     adapter = manifest.adapter
     torch_ok = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
     if hf and not torch_ok:
