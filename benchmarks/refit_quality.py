@@ -9,7 +9,8 @@ For each bundled task -- extract (the demo task) and records (contact cards: lon
      types), and the adapter refitted against the q4_k_m, q2_k and auto base files (--refit;
      --refit-steps, default the export's: a quarter of the run's);
   3. one bench over every rung on the task's held-out eval set, the f16 the reference: merged
-     files, base + LoRA GGUF ("+lora"), base + refitted LoRA GGUF ("+refit").
+     files, base + LoRA GGUF ("+lora"), base + refitted LoRA GGUF ("+refit"), and the refit merged
+     into its base and quantised again to the base file's types ("+refit-merged").
 
 It prints per task and rung the size (with the LoRA file), bits/weight, KL vs f16, top-1, task
 score and its share of f16's, prompt and generation speed, and each refit's steps, seconds and
@@ -78,7 +79,8 @@ def table(task: str, res: dict) -> list[str]:
     for quant, info in res["refits"].items():
         lines.append(f"refit against {quant}: {info['steps']} steps, {info['seconds']:.0f} s (training {res['train_s']:.0f}"
                      f" s), training loss {info['loss_first']:.4f} -> {info['loss_last']:.4f}; "
-                     f"{info.get('verified', {}).get('figure', 'not verified')}")
+                     f"{info.get('verified', {}).get('figure', 'not verified')}; merged and quantised again: KL "
+                     f"{info.get('merged', {}).get('kl_vs_refit', float('nan')):.2g} from the refit model")
     lines.append(f"export ({res['effort']}): {res['export_s']:.0f} s: " + ", ".join(
         f"{k} {v:.0f}" for k, v in res["export_seconds"].items() if k != "total"))
     return lines + [""]

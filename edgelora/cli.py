@@ -174,7 +174,9 @@ def schema(data, data_format, no_enums):
 @click.option("--refit", "refit", multiple=True, metavar="QUANT",
               help="Also quantise the bare base to QUANT (q2_k, q4_k_m, q8_0) and continue training the run's "
                    "adapter against exactly those weights: ships NAME-refit-QUANT-lora-f16.gguf beside the base "
-                   "file, for llama.cpp / llama-server. Repeatable.")
+                   "file (llama.cpp / llama-server run the pair as trained) and NAME-refit-QUANT.gguf, the refit "
+                   "merged and quantised again (one file, for any app). auto (with --target-size): the types of "
+                   "NAME-auto.gguf. Repeatable.")
 @click.option("--refit-steps", type=click.IntRange(min=1), metavar="N",
               help="Training steps of each --refit. [default: a quarter of the run's steps, at least 4]")
 @click.option("--name", help="Names the files (NAME-q4_k_m.gguf) and the model in them (general.name, what "
