@@ -174,11 +174,14 @@ def schema(data, data_format, no_enums):
 @click.option("--refit", "refit", multiple=True, metavar="QUANT",
               help="Also quantise the bare base to QUANT (q2_k, q4_k_m, q8_0) and continue training the run's "
                    "adapter against exactly those weights: ships NAME-refit-QUANT-lora-f16.gguf beside the base "
-                   "file (llama.cpp / llama-server run the pair as trained) and NAME-refit-QUANT.gguf, the refit "
-                   "merged and quantised again (one file, for any app). auto (with --target-size): the types of "
-                   "NAME-auto.gguf. Repeatable.")
+                   "file (llama.cpp / llama-server run the pair as trained). auto (with --target-size): the types "
+                   "of NAME-auto.gguf. Repeatable.")
 @click.option("--refit-steps", type=click.IntRange(min=1), metavar="N",
               help="Training steps of each --refit. [default: a quarter of the run's steps, at least 4]")
+@click.option("--refit-merged", is_flag=True,
+              help="Also merge each --refit into its base and quantise it again to the same types "
+                   "(NAME-refit-QUANT.gguf, one file for any app); the second rounding loses most of what the "
+                   "refit won (see benchmarks/README.md).")
 @click.option("--name", help="Names the files (NAME-q4_k_m.gguf) and the model in them (general.name, what "
                              "LM Studio and Ollama list). [default: the run folder's name]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -188,7 +191,7 @@ def schema(data, data_format, no_enums):
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @friendly_errors
 def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imatrix_tokens, imatrix_decision_weight,
-           target_size, target_bpw, refit, refit_steps, name, verify, out, force):
+           target_size, target_bpw, refit, refit_steps, refit_merged, name, verify, out, force):
     """Write GGUF files for llama.cpp, Ollama and LM Studio: merged quants, optionally a LoRA GGUF."""
     from .exporter import export as run_export
     from .stages import summary as stage_summary
@@ -196,7 +199,8 @@ def export(run_dir, base, quants, lora_gguf, imatrix, effort, imatrix_data, imat
     result = run_export(run_dir, base=base, quants=list(quants), lora_gguf=lora_gguf, out=out, force=force,
                         imatrix=imatrix, effort=effort, imatrix_data=imatrix_data, imatrix_tokens=imatrix_tokens,
                         imatrix_decision_weight=imatrix_decision_weight, target_size=target_size,
-                        target_bpw=target_bpw, name=name, verify=verify, refit=refit, refit_steps=refit_steps)
+                        target_bpw=target_bpw, name=name, verify=verify, refit=refit, refit_steps=refit_steps,
+                        refit_merged=refit_merged)
     for f in result.files:
         click.echo(f"{result.out_dir / f.file}  {f.size_bytes / 2**20:8.1f} MiB  {f.bpw:6.2f} bpw  {f.role}")
         fell = f.fallbacks or {}

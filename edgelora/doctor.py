@@ -14,7 +14,9 @@ Always, from the file alone:
 With --data FILE.jsonl (chat examples; the first 8 are used): end_of_turn, bos and stops on them,
 and with --base (the HF model or edgelora run the file came from) template (its tokenizer's ids
 against the GGUF's, token for token) and logits (against the model in torch; a run: with its
-adapter, and `adapter`, that the file is the fine-tune and not the base).
+adapter, and `adapter`, that the file is the fine-tune and not the base; and `refit`, for a --lora
+that export --refit fitted to this very file: llama.cpp runs the pair as torch runs the refit
+model made from the two files).
 """
 from __future__ import annotations
 
@@ -111,7 +113,26 @@ def _on_data(rt, path: Path, info: dict, lora: Optional[Path], data: Path, base:
                         loras=[(lora, 1.0)] if lora else ())
     reference = V.trained_model(hf_dir, adapter, probe.rows, trained)
     bounds = {} if info["bpw"] >= 8 else {"kl_max": QUANTISED_KL, "top1_min": QUANTISED_TOP1}
-    return checks + [V.stop_check(rt, examples, trained, reference.stopped)] + V.logits_checks(probe, reference, **bounds)
+    checks += [V.stop_check(rt, examples, trained, reference.stopped)] + V.logits_checks(probe, reference, **bounds)
+    from .gguf_info import inspect_gguf
+
+    if lora is not None and adapter is not None and C.REFIT_QUANT in inspect_gguf(lora)["card"]:
+        checks.append(_refit(probe, path, lora, hf_dir, adapter))
+    return checks
+
+
+def _refit(probe, path: Path, lora: Path, hf_dir: Path, adapter: Path) -> V.Check:
+    """`refit`: a LoRA refitted against this quantised base (export --refit), run by llama.cpp, against
+    the refit model in torch made from the two files alone: this file's weights as ggml reads them
+    and the LoRA's A and B, with the run's adapter config (edgelora.refit)."""
+    from . import refit as R
+    from .layerwise import answer_logprobs
+
+    with tempfile.TemporaryDirectory() as scratch:
+        base = R.dequantised_folder(path, hf_dir, adapter, Path(scratch) / "base")
+        refitted = R.adapter_from_gguf(lora, hf_dir, adapter, Path(scratch) / "adapter")
+        [in_torch] = answer_logprobs(base, refitted, probe.rows)
+    return V.refit_check(probe, in_torch, path, lora)
 
 
 def _as_trained(rt, ex):

@@ -103,9 +103,10 @@ def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
 
 def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], lora_gguf: bool,
                 out: Optional[str], budgeted: bool = False, name: Optional[str] = None,
-                refit: Sequence[str] = ()) -> ExportPlan:
+                refit: Sequence[str] = (), refit_merged: bool = False) -> ExportPlan:
     """What to write where. `name` (default: the run folder's, or the base's) names the files and
-    the model in them (general.name). `refit`: the base quants to refit the adapter against."""
+    the model in them (general.name). `refit`: the base quants to refit the adapter against (and
+    with `refit_merged`, each refit merged and quantised again as one file)."""
     quants = parse_quants(quants, budgeted)
     refit = _refit_types(refit, run_dir, budgeted)
     if name is not None and not re.fullmatch(r"\w[\w.+-]{0,99}", name):
@@ -147,7 +148,8 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     for q in refit:  # the base at q (a GGUF base too is quantised again: the refit needs the exact file)
         plan.outputs[Role(BASE, q)] = out_dir / f"{resolved.name}-base-{q}.gguf"
         plan.outputs[Role(REFIT, q)] = out_dir / f"{name}-refit-{q}-lora-f16.gguf"
-        plan.outputs[Role(REFIT_MERGED, q)] = out_dir / f"{name}-refit-{q}.gguf"  # one file, for Ollama / LM Studio
+        if refit_merged:  # one file, for Ollama / LM Studio (it loses most of what the refit won: measured)
+            plan.outputs[Role(REFIT_MERGED, q)] = out_dir / f"{name}-refit-{q}.gguf"
     return plan
 
 
@@ -182,7 +184,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
            imatrix_decision_weight: float = IM.DECISION_WEIGHT, target_size: Optional[str | int] = None,
            target_bpw: Optional[float] = None,
            keep_better: bool = True, name: Optional[str] = None, verify: bool = True,
-           verify_examples: int = V.EXAMPLES, refit: Sequence[str] = (), refit_steps: Optional[int] = None) -> ExportResult:
+           verify_examples: int = V.EXAMPLES, refit: Sequence[str] = (), refit_steps: Optional[int] = None,
+           refit_merged: bool = False) -> ExportResult:
     """Export as the module docstring says; returns the files written and the manifest path.
 
     imatrix: "auto" (computed from the run's training data, or from `imatrix_data` for a plain
@@ -201,7 +204,8 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written.
     refit: presets (q2_k, ...) to quantise the bare base to and refit the run's adapter against
     (edgelora.refit), each written as the base file + a LoRA GGUF; `refit_steps` (default: a
-    quarter of the run's steps) each."""
+    quarter of the run's steps) each; `refit_merged`: each refit also merged into its base's
+    weights and quantised again to the base file's types, as one file."""
     from .converters.hf_to_gguf import convert, convert_lora
     from .gguf_info import inspect_gguf
 
@@ -212,8 +216,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         if target_bpw is not None and not 1.5 <= target_bpw <= 16:
             raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
         budgeted = target_size is not None or target_bpw is not None
-        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name, refit)
+        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name, refit, refit_merged)
         refits = [role.quant for role in plan.outputs if role.kind == REFIT]
+        if (refit_steps is not None or refit_merged) and not refits:
+            raise EdgeloraError("--refit-steps and --refit-merged go with --refit QUANT")
         refit_run = R.check(plan.adapter_dir.parent, refit_steps) if refits else None
         if verify and verify_examples < 1:
             raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
@@ -238,7 +244,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             "imatrix_data": file_sha256(Path(imatrix_data)) if imatrix_data and Path(imatrix_data).is_file() else None,
             "imatrix_tokens": imatrix_tokens, "decision_weight": imatrix_decision_weight, "target_size": target_size,
             "target_bpw": target_bpw, "keep_better": keep_better, "name": plan.name,
-            "refit": refits, "refit_steps": refit_run.steps if refit_run else None,
+            "refit": refits, "refit_steps": refit_run.steps if refit_run else None, "refit_merged": refit_merged,
             "edgelora": package_versions().get("edgelora")}, plan.outputs, force)
         output_folder(plan.out_dir)
         wants_imatrix = imatrix == "auto" and plan.quants + refits != ["f16"]  # an f16 file is not quantised
@@ -337,12 +343,16 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             ladder(None, BASE)
         for q in refits:
             role, merged = Role(REFIT, q), Role(REFIT_MERGED, q)
-            if progress.get(role) is None or progress.get(merged) is None:
-                checks[role], results[merged] = _refitted(plan, refit_run, q, cards[MERGED], importance,
-                                                          reference if verifying else None)
-                progress.finished(merged, plan.outputs[merged], result=results[merged])
+            made = [r for r in (role, merged) if r in plan.outputs]
+            if any(progress.get(r) is None for r in made):
+                checks[role], result = _refitted(plan, refit_run, q, cards[MERGED], importance,
+                                                 reference if verifying else None)
+                if merged in plan.outputs:
+                    progress.finished(merged, plan.outputs[merged], result=result)
                 progress.finished(role, plan.outputs[role], check=checks[role])
-            checks[role], results[merged] = progress.get(role)["check"], progress.get(merged)["result"]
+            checks[role] = progress.get(role)["check"]
+            if merged in plan.outputs:
+                results[merged] = progress.get(merged)["result"]
             if "verified" in checks[role]:
                 verified.append((plan.outputs[role].name, V.Check(**checks[role]["verified"])))
 
@@ -762,14 +772,14 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
 
 
 def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, importance: Optional[IM.IMatrix],
-              reference) -> tuple[dict, dict]:
-    """The run's adapter refitted against the base file at `quant`, written as a LoRA GGUF and, merged
-    into the refit's base and quantised again to the base file's types (with `importance`), as one
-    file. With `reference` (the KLProbe of the merged f16 at the first examples' answers), the pair
-    is checked in llama.cpp against the refit model in torch, and the merged file measured against
-    it too. Returns (what the refit measured, with the check as `verified` and the merged file's KL
-    as `merged`; quantize()'s summary of the merged file). Works in a hidden folder beside the
-    outputs, where an interrupted refit resumes."""
+              reference) -> tuple[dict, Optional[dict]]:
+    """The run's adapter refitted against the base file at `quant`, written as a LoRA GGUF and, where
+    the plan has a refit-merged file, merged into the refit's base and quantised again to the base
+    file's types (with `importance`). With `reference` (the KLProbe of the merged f16 at the first
+    examples' answers), the pair is checked in llama.cpp against the refit model in torch, and the
+    merged file measured against it too. Returns (what the refit measured, with the check as
+    `verified` and the merged file's KL as `merged`; quantize()'s summary of the merged file, or
+    None). Works in a hidden folder beside the outputs, where an interrupted refit resumes."""
     import shutil
 
     from .budget import kl_top1
@@ -787,20 +797,24 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
         info = R.refit(run, base_file, plan.hf_dir, work)
     log.info("refitted against %s in %d steps: training loss %.4f -> %.4f", base_file.name, info["steps"],
              info["loss_first"], info["loss_last"])
-    with stage("lora_gguf"):
-        convert_lora(plan.hf_dir, work / "run" / "adapter", lora, card=card)
-    merged, f16 = plan.outputs[Role(REFIT_MERGED, quant)], work / "merged-f16.gguf"
-    log.info("merging the refit into %s and quantising it again -> %s", base_file.name, merged.name)
-    with stage("convert"):
-        convert(work / "base", f16, adapter_dir=work / "run" / "adapter", outtype="f16", card=card)
-    with stage("quantise"):
-        result = quantize(f16, merged, _types_of(base_file, quant), imatrix=importance)
+    with stage("lora_gguf"):  # it belongs to that one file: its sha256 is the base the LoRA records
+        convert_lora(plan.hf_dir, work / "run" / "adapter", lora,
+                     card={**card, C.BASE_SHA256: file_sha256(base_file), C.REFIT_QUANT: quant})
+    merged, result = plan.outputs.get(Role(REFIT_MERGED, quant)), None
+    if merged is not None:
+        log.info("merging the refit into %s and quantising it again -> %s", base_file.name, merged.name)
+        with stage("convert"):
+            convert(work / "base", work / "merged-f16.gguf", adapter_dir=work / "run" / "adapter", outtype="f16",
+                    card=card)
+        with stage("quantise"):
+            result = quantize(work / "merged-f16.gguf", merged, _types_of(base_file, quant), imatrix=importance)
     if reference is not None:
         with stage("verify"):
             [in_torch] = answer_logprobs(work / "base", work / "run" / "adapter", reference.rows)
             info["verified"] = V.refit_check(reference, in_torch, base_file, lora).as_dict()
-            kl, top1 = kl_top1(in_torch, reference.logprobs(merged))
-            info["merged"] = {"kl_vs_refit": kl, "top1_vs_refit": top1}
+            if merged is not None:
+                kl, top1 = kl_top1(in_torch, reference.logprobs(merged))
+                info["merged"] = {"kl_vs_refit": kl, "top1_vs_refit": top1}
     shutil.rmtree(work)
     return info, result
 

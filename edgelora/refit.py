@@ -33,7 +33,6 @@ log = logging.getLogger("edgelora")
 SHARE = 4  # a refit takes the run's own steps / SHARE by default
 MIN_STEPS = 4
 SHARD_BYTES = 1 << 30  # float32 bytes per safetensors file of the dequantised base
-_COPIED = ("config.json", "generation_config.json")  # from the base's HF folder; the tokenizer from the run's adapter
 
 
 @dataclass
@@ -82,6 +81,7 @@ def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: 
     from .files import atomic_path
     from .ggml_quant import dequantize
     from .gguf_info import read_gguf
+    from .hf_model import load_tokenizer
 
     if (out / ".complete").is_file():
         return out
@@ -123,12 +123,9 @@ def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: 
         config = json.loads((hf_dir / "config.json").read_text())
         config["torch_dtype"] = config["dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in _COPIED[1:]:
-            if (hf_dir / name).is_file():
-                shutil.copy(hf_dir / name, tmp / name)
-        for f in tokenizer_dir.iterdir():
-            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges", "added_tokens")):
-                shutil.copy(f, tmp / f.name)
+        if (hf_dir / "generation_config.json").is_file():
+            shutil.copy(hf_dir / "generation_config.json", tmp)
+        load_tokenizer(tokenizer_dir).save_pretrained(tmp)
         (tmp / "edgelora_source.json").write_text(json.dumps({"dequantised_from": str(quantised)}) + "\n")
         (tmp / ".complete").write_text("")
     return out
@@ -169,3 +166,34 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
     return {"steps": summary.steps, "seconds": round(summary.wall_time_s, 1), "loss_first": round(sum(losses[:first]) / first, 5),
             "loss_last": round(sum(losses[-first:]) / first, 5),
             **({"eval_loss_before": evals[0], "eval_loss_after": evals[-1]} if len(evals) > 1 else {})}
+
+
+def adapter_from_gguf(lora: Path, hf_dir: Path, config_dir: Path, out: Path) -> Path:
+    """The LoRA GGUF `lora` (written by convert_lora for the model in `hf_dir`) as a PEFT adapter
+    folder at `out`: its A and B (B back in HF's row order), with the adapter config in `config_dir`
+    (the run's: rank, alpha, targets). What doctor compares a shipped refit with, from the files alone."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .converters.hf_to_gguf import HFModel
+    from .ggml_quant import dequantize
+    from .gguf_info import read_gguf
+
+    model = HFModel(hf_dir)
+    held = {t.name: t for t in read_gguf(lora).tensors}
+    weights = {}
+    for name, gguf_name in model.gguf_names.items():
+        if f"{gguf_name}.lora_a" not in held:
+            continue
+        module = "base_model.model." + name.removesuffix(".weight")
+        for part, key in (("a", "lora_A"), ("b", "lora_B")):
+            t = held[f"{gguf_name}.lora_{part}"]
+            shape = tuple(int(n) for n in reversed(t.shape))  # gguf-py's shape is ggml's, innermost first
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type.name, shape))
+            weights[f"{module}.{key}.weight"] = model.from_gguf_layout(name, w) if part == "b" else w
+    if not weights:
+        raise EdgeloraError(f"{lora}: no LoRA tensors for the model in {hf_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    shutil.copy(config_dir / "adapter_config.json", out)
+    return out

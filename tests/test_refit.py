@@ -105,7 +105,7 @@ def test_llama_cpp_runs_the_shipped_pair_as_torch_runs_the_refit_model(run_dir, 
     out = tmp_path / "out"
     result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=4, out=str(out))
     files = {str(f.role): f for f in result.files}
-    assert set(files) == {"merged:q8_0", "base:q2_k", "refit:q2_k", "refit-merged:q2_k"}
+    assert set(files) == {"merged:q8_0", "base:q2_k", "refit:q2_k"}  # the merged refit only when asked
     refit = files["refit:q2_k"].refit
     assert refit["steps"] == 4 and refit["verified"]["passed"], refit
     kl = float(refit["verified"]["figure"].split()[1].rstrip(","))
@@ -133,6 +133,8 @@ def test_llama_cpp_runs_the_shipped_pair_as_torch_runs_the_refit_model(run_dir, 
     (["--refit", "q9_9"], "--refit q9_9: not a quantised preset (choose from q2_k, q4_k_m, q8_0, auto)"),
     (["--refit", "f16"], "--refit f16: not a quantised preset"),
     (["--refit", "q2_k", "--refit-steps", "0"], "--refit-steps"),
+    (["--refit-steps", "3"], "--refit-steps and --refit-merged go with --refit QUANT"),
+    (["--refit-merged"], "--refit-steps and --refit-merged go with --refit QUANT"),
 ])
 def test_a_refit_it_cannot_do_is_refused_before_any_file(run_dir, tmp_path, args, message):
     out = tmp_path / "out"
@@ -166,7 +168,7 @@ def test_a_refit_against_auto_trains_against_the_budgeted_files_types(run_dir, t
     result = export(str(run_dir), quants=["q8_0"], target_bpw=5.0, refit=["auto"], refit_steps=2, out=str(out),
                     verify=False)
     files = {str(f.role): f for f in result.files}
-    assert set(files) == {"merged:q8_0", "merged:auto", "base:auto", "refit:auto", "refit-merged:auto"}
+    assert set(files) == {"merged:q8_0", "merged:auto", "base:auto", "refit:auto"}
     types = {name: {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / files[name].file).tensors}
              for name in ("merged:auto", "base:auto")}
     assert types["merged:auto"] == types["base:auto"] and len(set(types["base:auto"].values())) > 1
@@ -182,7 +184,7 @@ def test_the_refit_merged_and_quantised_again_keeps_the_bases_types(run_dir, tmp
     from edgelora.exporter import export
 
     out = tmp_path / "out"
-    result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=2, out=str(out))
+    result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=2, refit_merged=True, out=str(out))
     files = {str(f.role): f for f in result.files}
     merged = files["refit-merged:q2_k"]
     assert merged.file == "tiny-run-refit-q2_k.gguf"
@@ -196,3 +198,21 @@ def test_the_refit_merged_and_quantised_again_keeps_the_bases_types(run_dir, tmp
 
     labels = {c.label: c for c in discover([str(out)], hf=False)}
     assert labels["q2_k+refit-merged"].route == "merged" and labels["q2_k+refit-merged"].model == str(out / merged.file)
+
+
+def test_doctor_checks_a_shipped_refit_pair_from_the_files_alone(run_dir, chat_file, tmp_path):
+    """doctor BASE --lora REFIT --data --base RUN: the refit model rebuilt from the two files (the
+    LoRA's A and B read back from the GGUF), matched by llama.cpp; the LoRA names its one base."""
+    from test_doctor import doctor
+
+    from edgelora.exporter import export
+
+    out = tmp_path / "out"
+    result = export(str(run_dir), quants=["q8_0"], refit=["q2_k"], refit_steps=2, out=str(out), verify=False)
+    files = {str(f.role): out / f.file for f in result.files}
+    r, checks = doctor(files["base:q2_k"], "--lora", files["refit:q2_k"], "--data", chat_file, "--base", run_dir)
+    assert checks["refit"][0] and checks["lora_base"][0], r.output
+    kl = float(checks["refit"][1].split()[1].rstrip(","))
+    assert kl <= 1e-3, checks["refit"]
+    r, checks = doctor(files["merged:q8_0"], "--lora", files["refit:q2_k"])  # another base: refused by its sha256
+    assert not checks["lora_base"][0] and "the LoRA was made for the base with sha256" in checks["lora_base"][1]
