@@ -174,6 +174,16 @@ def targets(results: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+def report(results: dict, table, targets) -> int:
+    """Print each task's table, then each target as PASS / MISS; the exit status, 1 if one is missed."""
+    for task, res in results.items():
+        print("\n".join(table(task, res)))
+    checks = targets(results)
+    for name, ok, figure in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {name}: {figure}")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=ROOT / "bench-work", help="runs, exports and reports (reused)")
@@ -188,12 +198,7 @@ def main() -> int:
     results = {task: run_task(task, a.work, a.limit, a.target_size, a.threads, a.decision_weight, a.rebench)
                for task in a.tasks.split(",")}
     (a.work / f"quant_quality-a{a.decision_weight:g}.json").write_text(json.dumps(results, indent=1, default=str))
-    for task, res in results.items():
-        print("\n".join(table(task, res)))
-    checks = targets(results)
-    for name, ok, figure in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {name}: {figure}")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report(results, table, targets)
 
 
 if __name__ == "__main__":

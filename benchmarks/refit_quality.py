@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from quant_quality import DATA, ROOT, TRAIN
+from quant_quality import DATA, ROOT, TRAIN, report
 
 BASES = ["q4_k_m", "q2_k", "auto"]  # the bare base quants each route runs on (auto: the merged auto's types)
 
@@ -123,12 +123,7 @@ def main() -> int:
     results = {task: run_task(task, a.work, a.limit, a.refit_steps, a.effort, a.target_size, a.threads, a.rebench)
                for task in a.tasks.split(",")}
     (a.work / f"refit_quality-{a.effort}.json").write_text(json.dumps(results, indent=1, default=str))
-    for task, res in results.items():
-        print("\n".join(table(task, res)))
-    checks = targets(results)
-    for name, ok, figure in checks:
-        print(f"{'PASS' if ok else 'MISS'}  {name}: {figure}")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report(results, table, targets)
 
 
 if __name__ == "__main__":
