@@ -141,7 +141,7 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
     import torch
 
     from .handoff import RunSummary
-    from .trainer import TrainingInterrupted, checkpoints, finish, loop, setup
+    from .trainer import TrainingInterrupted, checkpoints, finish, loop, read_metrics, setup
 
     base = dequantised_folder(quantised, hf_dir, run.adapter_dir, work / "base")
     out = work / "run"
@@ -159,12 +159,12 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
             raise KeyboardInterrupt from None  # the checkpoint is written: the same export again resumes
         finish(s, step, last_loss, metrics, time.time() - start)
     summary = RunSummary.read(out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     first = max(1, len(losses) // 4)
-    return {"steps": summary.steps, "seconds": round(summary.wall_time_s, 1), "loss_first": round(sum(losses[:first]) / first, 5),
-            "loss_last": round(sum(losses[-first:]) / first, 5),
+    return {"steps": summary.steps, "seconds": round(summary.wall_time_s, 1),
+            "loss_first": round(sum(losses[:first]) / first, 5), "loss_last": round(sum(losses[-first:]) / first, 5),
             **({"eval_loss_before": evals[0], "eval_loss_after": evals[-1]} if len(evals) > 1 else {})}
 
 

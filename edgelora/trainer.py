@@ -698,7 +698,7 @@ def finish(s: Setup, step: int, last_loss: float, metrics: list, wall_s: float) 
         adapter_cfg["base_model_name_or_path"] = str(s.hf_dir)
         cfg_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         s.tok.save_pretrained(tmp)
-    summary = _summary(s, step, last_loss, _read_metrics(s.metrics_path), wall_s)
+    summary = _summary(s, step, last_loss, read_metrics(s.metrics_path), wall_s)
     summary.write(s.run_dir)
     shutil.rmtree(s.run_dir / "checkpoints", ignore_errors=True)
     if s.accelerator is not None:
@@ -800,7 +800,7 @@ def _log_metric(path: Path, rows: list, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     """The rows of metrics.jsonl; a line that does not parse (torn by a kill mid-write) is skipped
     with a warning naming it: the rows are a record, and training does not depend on them."""
     rows = []
@@ -821,5 +821,5 @@ def _read_metrics(path: Path) -> list[dict]:
 def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget metric rows written after the checkpoint (they will be redone)."""
     if path.is_file():
-        keep = [r for r in _read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+        keep = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
