@@ -345,11 +345,10 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             role, merged = Role(REFIT, q), Role(REFIT_MERGED, q)
             made = [r for r in (role, merged) if r in plan.outputs]
             if any(progress.get(r) is None for r in made):
-                checks[role], result = _refitted(plan, refit_run, q, cards[MERGED], importance,
-                                                 reference if verifying else None)
+                info, result = _refitted(plan, refit_run, q, cards[MERGED], importance, reference if verifying else None)
                 if merged in plan.outputs:
                     progress.finished(merged, plan.outputs[merged], result=result)
-                progress.finished(role, plan.outputs[role], check=checks[role])
+                progress.finished(role, plan.outputs[role], check=info)
             checks[role] = progress.get(role)["check"]
             if merged in plan.outputs:
                 results[merged] = progress.get(merged)["result"]
@@ -788,8 +787,9 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
     from .quantize import quantize
 
     base_file, lora = plan.outputs[Role(BASE, quant)], plan.outputs[Role(REFIT, quant)]
+    base_sha256 = file_sha256(base_file)
     # named by what it is made of, so a refit resumes only against the same base file and steps
-    work = plan.out_dir / f".{plan.name}-refit-{quant}-{file_sha256(base_file)[:12]}-{run.steps}.work"
+    work = plan.out_dir / f".{plan.name}-refit-{quant}-{base_sha256[:12]}-{run.steps}.work"
     for stale in plan.out_dir.glob(f".{plan.name}-refit-{quant}-*.work"):
         if stale != work:
             shutil.rmtree(stale, ignore_errors=True)
@@ -799,7 +799,7 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
              info["loss_first"], info["loss_last"])
     with stage("lora_gguf"):  # it belongs to that one file: its sha256 is the base the LoRA records
         convert_lora(plan.hf_dir, work / "run" / "adapter", lora,
-                     card={**card, C.BASE_SHA256: file_sha256(base_file), C.REFIT_QUANT: quant})
+                     card={**card, C.BASE_SHA256: base_sha256, C.REFIT_QUANT: quant})
     merged, result = plan.outputs.get(Role(REFIT_MERGED, quant)), None
     if merged is not None:
         log.info("merging the refit into %s and quantising it again -> %s", base_file.name, merged.name)

@@ -74,12 +74,10 @@ def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: 
     dimensions the GGUF holds) are those of the GGUF `quantised` as ggml reads them, float32;
     norms and biases (kept float32 in a GGUF) and the config come from `hf_dir`, the tokenizer
     (with the chat template training used) from `tokenizer_dir`. Written a shard at a time."""
-    import torch
     from safetensors.torch import save_file
 
     from .converters.hf_to_gguf import HFModel
     from .files import atomic_path
-    from .ggml_quant import dequantize
     from .gguf_info import read_gguf
     from .hf_model import load_tokenizer
 
@@ -107,9 +105,7 @@ def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: 
                 t = held.get(gguf_name)
                 if t is None:
                     raise EdgeloraError(f"{quantised}: no tensor {gguf_name} (another model than {hf_dir}?)")
-                rows = math.prod(shape[:-1])
-                w = dequantize(t.data, t.tensor_type.name, (rows, shape[-1]))
-                tensor = model.from_gguf_layout(name, torch.from_numpy(w).reshape(shape))
+                tensor = model.from_gguf_layout(name, _as_float(t).reshape(shape))
             else:
                 tensor = model.index.load(name).float()
             shard[name] = tensor.contiguous()
@@ -168,15 +164,24 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
             **({"eval_loss_before": evals[0], "eval_loss_after": evals[-1]} if len(evals) > 1 else {})}
 
 
+def _as_float(t):
+    """A GGUF tensor (gguf-py's ReaderTensor) as ggml reads it: a float32 torch tensor of its rows,
+    (rows, row length)."""
+    import torch
+
+    from .ggml_quant import dequantize
+
+    n = int(t.shape[0])  # gguf-py gives ggml's shape, innermost first
+    return torch.from_numpy(dequantize(t.data, t.tensor_type.name, (math.prod(int(d) for d in t.shape[1:]), n)))
+
+
 def adapter_from_gguf(lora: Path, hf_dir: Path, config_dir: Path, out: Path) -> Path:
     """The LoRA GGUF `lora` (written by convert_lora for the model in `hf_dir`) as a PEFT adapter
     folder at `out`: its A and B (B back in HF's row order), with the adapter config in `config_dir`
     (the run's: rank, alpha, targets). What doctor compares a shipped refit with, from the files alone."""
-    import torch
     from safetensors.torch import save_file
 
     from .converters.hf_to_gguf import HFModel
-    from .ggml_quant import dequantize
     from .gguf_info import read_gguf
 
     model = HFModel(hf_dir)
@@ -187,9 +192,7 @@ def adapter_from_gguf(lora: Path, hf_dir: Path, config_dir: Path, out: Path) -> 
             continue
         module = "base_model.model." + name.removesuffix(".weight")
         for part, key in (("a", "lora_A"), ("b", "lora_B")):
-            t = held[f"{gguf_name}.lora_{part}"]
-            shape = tuple(int(n) for n in reversed(t.shape))  # gguf-py's shape is ggml's, innermost first
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type.name, shape))
+            w = _as_float(held[f"{gguf_name}.lora_{part}"])
             weights[f"{module}.{key}.weight"] = model.from_gguf_layout(name, w) if part == "b" else w
     if not weights:
         raise EdgeloraError(f"{lora}: no LoRA tensors for the model in {hf_dir}")
