@@ -216,3 +216,12 @@ def test_doctor_checks_a_shipped_refit_pair_from_the_files_alone(run_dir, chat_f
     assert kl <= 1e-3, checks["refit"]
     r, checks = doctor(files["merged:q8_0"], "--lora", files["refit:q2_k"])  # another base: refused by its sha256
     assert not checks["lora_base"][0] and "the LoRA was made for the base with sha256" in checks["lora_base"][1]
+
+
+def test_export_prints_the_line_that_runs_a_refit(run_dir, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("export", run_dir, "--quant", "q8_0", "--refit", "q2_k", "--refit-steps", 2, "--no-verify", "--out", out)
+    assert r.exit_code == 0, r.output
+    base = next(out.glob("*-base-q2_k.gguf"))
+    assert f"refitted against q2_k (llama.cpp): llama-server -m {base} --lora {out}/tiny-run-refit-q2_k-lora-f16.gguf" \
+        in r.output
