@@ -40,7 +40,6 @@ FILE_TYPE = {"Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_M", "IQ4_NL": "MOSTLY_I
              "Q8_0": "MOSTLY_Q8_0"}
 SIZE_MARGIN = 64 << 10  # tensor alignment and metadata that differ from the f16 file's
 SETTLED_Z = 3.0  # KLProbe.compare stops reading once a difference is this many standard errors from zero
-GENERATION_CELLS = 8192  # KV cells for the reference's greedy answers, generated together (llamacpp.greedy_many)
 
 
 @dataclass
@@ -273,6 +272,8 @@ class KLProbe:
         """The reference's greedy answers, each cut where reading it whole ranks another token first
         (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
         reference keeps all of its own."""
+        from .runtime import greedy_answers
+
         prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
         answers = greedy_answers(self.f16, prompts, limits, self.loras, self.n_ctx)
         with self._load(self.f16, self.loras) as rt:
@@ -322,18 +323,6 @@ def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int]
         return None
     end = next((j for j in range(start, len(ids)) if labels[j] == -100), len(ids))
     return list(ids[:start]), answer_limit(end - start)
-
-
-def greedy_answers(path: Path, prompts: list[list[int]], limits: list[int], loras=(), n_ctx: int = 0) -> list[list[int]]:
-    """The GGUF at `path`'s greedy answers to `prompts` (token ids), at most `limits` tokens each,
-    generated together (llamacpp.greedy_many), each ending with an end-of-generation token if one came."""
-    from .llamacpp import greedy_many
-    from .runtime import CTX_STEP, PACKED_SEQUENCES, load
-
-    cells = min(sum(len(p) + limit for p, limit in zip(prompts, limits)), GENERATION_CELLS)
-    with load(path, loras=loras, n_ctx=max(-(-cells // CTX_STEP) * CTX_STEP, n_ctx),
-              sequences=min(len(prompts), PACKED_SEQUENCES)) as rt:
-        return greedy_many(rt.llm, prompts, limits)
 
 
 def _follows(rt, prompts: list[list[int]], answers: list[list[int]]) -> list[int]:

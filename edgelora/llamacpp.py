@@ -274,17 +274,22 @@ def logits_at(llm, sequences, rows=None) -> list:
     return [np.concatenate(parts) for parts in out]
 
 
-def greedy_many(llm, prompts, limits) -> list[list[int]]:
+def greedy_many(llm, prompts, limits, *, read=None, on_read=None) -> list[list[int]]:
     """`greedy` for many prompts at once: each its own sequence in the KV cache (a Llama loaded with
     load_llama(sequences=N)), their next tokens decoded together, one batch a step, so that a step
     reads the weights once for all of them (what makes CPU generation slow is reading them). As many
     prompts at a time as the Llama has sequences and its context cells hold (prompt + limit each).
-    Clears the KV cache."""
+    `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
+    next-token logits at the last prompt token and at each of them but the last going to
+    `on_read(index, logits)` in the prompts' order; those tokens then leave the cache and the
+    greedy answer goes on from the prompt alone, so the prompt is read once for both. Clears the
+    KV cache."""
     import llama_cpp
     import numpy as np
 
     _, ctx, vocab, batch = handles(llm)
     n_vocab, room, slots, cells = llm.n_vocab(), llm.n_batch, max(1, int(llm.context_params.n_seq_max)), llm.n_ctx()
+    read = read or [[] for _ in prompts]
     out: list[list[int]] = [[] for _ in prompts]
 
     def decode(entries) -> np.ndarray:  # entries: (sequence slot, token, position, wants logits)
@@ -296,31 +301,37 @@ def greedy_many(llm, prompts, limits) -> list[list[int]]:
         if llama_cpp.llama_decode(ctx, b) != 0:
             raise EdgeloraError(f"llama.cpp could not evaluate a batch of {len(entries)} tokens")
         n = sum(1 for e in entries if e[3])
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).argmax(-1) if n else None
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).copy()
 
     def answer(group: list[int]) -> None:
         llm.reset()
         llm._ctx.kv_cache_clear()
-        entries = [(slot, t, pos, pos == len(prompts[i]) - 1) for slot, i in enumerate(group)
-                   for pos, t in enumerate(prompts[i])]
-        firsts: list[int] = []
-        for start in range(0, len(entries), room):  # the prompts, a batch at a time; each one's last token read
-            top = decode(entries[start:start + room])
-            firsts += [] if top is None else top.tolist()
+        entries = [(slot, t, pos, len(prompts[i]) - 1 <= pos < len(prompts[i]) - 1 + max(1, len(read[i])))
+                   for slot, i in enumerate(group) for pos, t in enumerate([*prompts[i], *read[i]])]
+        rows: dict[int, list[np.ndarray]] = {slot: [] for slot in range(len(group))}
+        for start in range(0, len(entries), room):  # prompt and read tokens, a batch at a time
+            chunk = entries[start:start + room]
+            for slot, logits in zip([slot for slot, _, _, wants in chunk if wants], decode(chunk)):
+                rows[slot].append(logits)
+        for slot, i in enumerate(group):
+            if on_read is not None and read[i]:
+                on_read(i, np.stack(rows[slot]))
+            if read[i]:
+                llm._ctx.kv_cache_seq_rm(slot, len(prompts[i]), -1)
+        nexts = {slot: int(rows[slot][0].argmax()) for slot in rows}
         live = [(slot, i) for slot, i in enumerate(group) if limits[i] > 0]
-        nexts = dict(zip(range(len(group)), firsts))
         while live:
             for slot, i in live:
-                out[i].append(int(nexts[slot]))
+                out[i].append(nexts[slot])
             live = [(slot, i) for slot, i in live
                     if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
             if live:
                 top = decode([(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
-                nexts = {slot: t for (slot, _), t in zip(live, top.tolist())}
+                nexts = {slot: int(t) for (slot, _), t in zip(live, top.argmax(-1))}
 
     group, used = [], 0
     for i in range(len(prompts)):
-        need = len(prompts[i]) + limits[i]
+        need = len(prompts[i]) + max(limits[i], len(read[i]))
         if group and (len(group) == slots or used + need > cells):
             answer(group)
             group, used = [], 0

@@ -128,7 +128,7 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
     if not answered:
         answers = []
     elif f16 is not None:
-        from .budget import greedy_answers
+        from .runtime import greedy_answers
 
         answers = greedy_answers(f16, *map(list, zip(*answered)))
     else:

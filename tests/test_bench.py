@@ -121,6 +121,19 @@ def test_task_score_is_the_share_of_right_answers(ladder, eval_file):
         assert r.task_score == sum(a.strip() == e for a, e in zip(r.answers, expected)) / LIMIT
 
 
+def test_answers_are_what_chat_answers_one_at_a_time(ladder, exported, eval_file):
+    """The scored answers come from all the examples generated together (bench/gguf_row.py); each is
+    the answer chat() gives that example on its own, base + LoRA rows too."""
+    rows = read_eval(str(eval_file), LIMIT)
+    max_tokens = ladder.report.settings["max_tokens"]
+    for row in ladder.report.rows:
+        if row.route == "hf":
+            continue
+        rt = runtime.load(row.model, loras=[(p, 1.0) for p in row.loras])
+        alone = [rt.chat(r["messages"], max_tokens=max_tokens, temperature=0.0) for r in rows]
+        assert row.answers == alone, row.label
+
+
 def test_reports_are_written_and_reread(ladder):
     assert json.loads(ladder.files["json"].read_text()) == json.loads(json.dumps(ladder.report.as_json()))
     report = BenchReport.read(ladder.out_dir)

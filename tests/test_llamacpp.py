@@ -117,3 +117,26 @@ def test_greedy_many_answers_as_greedy_does_one_by_one(wider_gguf):
         assert abs(logits[a[split]] - logits[b[split]]) < 1e-2 and split > 20
     assert same >= 4
     assert len(together[-1]) == 0 and all(0 < len(a) <= n for a, n in zip(together[:-1], limits))
+
+
+def test_greedy_many_reads_a_continuation_first_and_answers_from_the_prompt(wider_gguf):
+    """With `read`, each prompt's continuation is scored on the way (the logits at the prompt's last
+    token and at each read token but the last, as reading prompt + continuation alone gives them,
+    handed over in the prompts' order) and then leaves the cache: the greedy answers are those
+    generated from the prompts alone."""
+    import numpy as np
+
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=64, sequences=3, verbose=False)
+    prompts = [[1, 5, 9, 13], [3, 4, 4, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
+    read = [[7, 7, 2], [], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4], [3], [2, 8]]
+    limits = [40, 40, 30, 5, 0]
+    plain = llamacpp.greedy_many(llm, prompts, limits)
+    seen = []
+    scored = llamacpp.greedy_many(llm, prompts, limits, read=read, on_read=lambda i, lg: seen.append((i, lg)))
+    assert scored == plain
+    assert [i for i, _ in seen] == [0, 2, 3, 4]  # the prompts' order; none for an empty continuation
+    for i, logits in seen:
+        alone = llamacpp.all_logits(llm, prompts[i] + read[i])
+        want = alone[len(prompts[i]) - 1:len(prompts[i]) + len(read[i]) - 1]
+        assert logits.shape == want.shape
+        np.testing.assert_allclose(logits, want, rtol=1e-3, atol=1e-3)

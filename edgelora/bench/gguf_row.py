@@ -1,4 +1,11 @@
-"""A GGUF's row, in llama.cpp: load it, generate the answers, score the answer positions."""
+"""A GGUF's row, in llama.cpp: load it, generate the answers, score the answer positions.
+
+Speeds are what one conversation at a time gets (a user's app): llama.cpp's counters over the
+SPEED_EXAMPLES answers through chat() after a first one. The answers that are scored, and the logits at the
+reference answers' positions, come from all the examples read together (runtime.greedy_answers):
+each prompt is read once, with its reference answer after it, and its greedy answer generated
+from the prompt alone, the examples' next tokens decoded in one batch a step. A row held to a
+JSON schema answers one example at a time through chat() (the grammar samples each token)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +17,15 @@ from ..machine import peak_rss_mb
 from .candidates import Candidate, Settings
 from .scoring import Compare, rate, task_result
 
+SPEED_EXAMPLES = 8
+
 
 def measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
-    from ..runtime import load
+    from ..runtime import answer_text, greedy_answers, load
 
+    loras = [(p, 1.0) for p in c.loras]
     t0 = time.perf_counter()
-    rt = load(c.model, loras=[(p, 1.0) for p in c.loras], device=s.device, threads=s.threads)
+    rt = load(c.model, loras=loras, device=s.device, threads=s.threads)
     load_s = time.perf_counter() - t0
     tokens = [rt.chat_tokens(r["messages"], r["answer"]) for r in rows]
     if c.reference:
@@ -23,21 +33,30 @@ def measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tic
     elif json.loads((scratch / "tokens.json").read_text()) != [list(map(list, t)) for t in tokens]:
         raise EdgeloraError(f"{c.model}: tokenises the eval set differently from the reference (another vocabulary?)")
 
+    one_at_a_time = rows if c.json_schema is not None else rows[:SPEED_EXAMPLES + 1]
     answers, totals = [], dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
-    for r in rows:
+    for i, r in enumerate(one_at_a_time):
         answers.append(rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0, json_schema=c.json_schema))
         t = rt.timings()
-        for key in totals:
-            totals[key] += t[key]
+        for key in totals:  # the first answer warms the caches (the file's pages, the allocator): not counted
+            totals[key] += t[key] if i or len(one_at_a_time) == 1 else 0
         tick()
-    peak = peak_rss_mb()  # before the scoring pass: its float64 scratch is bench's, not the model's
-    measured = dict(load_s=load_s, peak_rss_mb=peak, answers=answers, **task_result(s.score, s.pattern, answers, rows),
-                    prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
-                    gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
+    peak = peak_rss_mb()  # one conversation's context; the batched one below and bench's float64 scratch are bench's
+    speeds = dict(load_s=load_s, peak_rss_mb=peak, prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
+                  gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
     if c.json_schema is not None:  # a grammar changes what is generated, not the model: see _measure_all
-        return measured
+        return dict(**speeds, answers=answers, **task_result(s.score, s.pattern, answers, rows))
+
     cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
-    for prompt, answer in tokens:
-        cmp.add(rt.logits(prompt + answer)[len(prompt) - 1:-1], answer)
+    prompts = [p for p, _ in tokens]
+
+    def scored(i: int, logits) -> None:
+        cmp.add(logits, tokens[i][1])
         tick()
-    return {**measured, **cmp.result()}
+
+    generated = greedy_answers(c.model, prompts, [s.max_tokens] * len(rows), loras, read=[a for _, a in tokens],
+                               on_read=scored, device=s.device, threads=s.threads)
+    answers = [answer_text(rt, p, ids) for p, ids in zip(prompts, generated)]
+    for _ in range(len(rows) - len(one_at_a_time)):  # the answers: the bar counts 2 a row
+        tick()
+    return {**speeds, "answers": answers, **task_result(s.score, s.pattern, answers, rows), **cmp.result()}
