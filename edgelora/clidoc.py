@@ -1,12 +1,12 @@
-"""The README's CLI reference, generated from the commands' own --help (tests/test_readme.py
-checks that the README holds exactly this text, so the two cannot drift).
+"""docs/cli.md, the CLI reference, generated from the commands' own --help (tests/test_readme.py
+checks that docs/cli.md holds exactly this text, so the two cannot drift).
 
-    python -m edgelora.clidoc --write README.md    # regenerate the block in place
+    python -m edgelora.clidoc --write docs/cli.md    # regenerate the page
+    python -m edgelora.clidoc                         # print it
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -14,6 +14,10 @@ import click
 
 START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 WIDTH = 100
+HEADER = ("# CLI reference\n\n"
+          "Generated from each command's `--help` by `edgelora/clidoc.py`; do not edit by hand. "
+          "Regenerate with\n`python -m edgelora.clidoc --write docs/cli.md` "
+          "(`tests/test_readme.py` fails while this page is stale).\n")
 
 
 def _context(cmd: click.Command, name: str, parent: click.Context | None = None) -> click.Context:
@@ -33,22 +37,21 @@ def render() -> str:
     return "\n".join(parts + ["", END])
 
 
-def replace_block(text: str, block: str) -> str:
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"no {START} ... {END} block found")
-    return pattern.sub(lambda _: block, text)
+def page() -> str:
+    """The whole of docs/cli.md: a line saying it is generated and how to regenerate it, then the block."""
+    return HEADER + "\n" + render() + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", metavar="README", help="replace the block in this file (else print it)")
+    ap.add_argument("--write", metavar="FILE", help="write the page to FILE, docs/cli.md (else print it)")
     args = ap.parse_args(argv)
     if not args.write:
-        sys.stdout.write(render() + "\n")
+        sys.stdout.write(page())
         return
     path = Path(args.write)
-    path.write_text(replace_block(path.read_text(), render()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page())
 
 
 if __name__ == "__main__":
