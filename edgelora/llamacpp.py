@@ -274,7 +274,7 @@ def logits_at(llm, sequences, rows=None) -> list:
     return [np.concatenate(parts) for parts in out]
 
 
-def greedy_many(llm, prompts, limits, *, read=None, on_read=None) -> list[list[int]]:
+def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str | None = None) -> list[list[int]]:
     """`greedy` for many prompts at once: each its own sequence in the KV cache (a Llama loaded with
     load_llama(sequences=N)), their next tokens decoded together, one batch a step, so that a step
     reads the weights once for all of them (what makes CPU generation slow is reading them). As many
@@ -282,8 +282,9 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None) -> list[list[i
     `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
     next-token logits at the last prompt token and at each of them but the last going to
     `on_read(index, logits)` in the prompts' order; those tokens then leave the cache and the
-    greedy answer goes on from the prompt alone, so the prompt is read once for both. Clears the
-    KV cache."""
+    greedy answer goes on from the prompt alone, so the prompt is read once for both. `grammar`
+    (GBNF): each answer's top token among those llama.cpp's grammar sampler allows, as
+    temperature-0 generation held to it picks. Clears the KV cache."""
     import llama_cpp
     import numpy as np
 
@@ -318,16 +319,35 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None) -> list[list[i
                 on_read(i, np.stack(rows[slot]))
             if read[i]:
                 llm._ctx.kv_cache_seq_rm(slot, len(prompts[i]), -1)
-        nexts = {slot: int(rows[slot][0].argmax()) for slot in rows}
-        live = [(slot, i) for slot, i in enumerate(group) if limits[i] > 0]
-        while live:
-            for slot, i in live:
-                out[i].append(nexts[slot])
-            live = [(slot, i) for slot, i in live
-                    if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
-            if live:
-                top = decode([(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
-                nexts = {slot: int(t) for (slot, _), t in zip(live, top.argmax(-1))}
+        held = {slot: grammar_sampler(vocab, grammar) for slot in rows} if grammar is not None else {}
+        try:
+            nexts = {slot: pick(held.get(slot), rows[slot][0]) for slot in rows}
+            live = [(slot, i) for slot, i in enumerate(group) if limits[i] > 0]
+            while live:
+                for slot, i in live:
+                    out[i].append(nexts[slot])
+                live = [(slot, i) for slot, i in live
+                        if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
+                if live:
+                    top = decode([(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
+                    nexts = {slot: pick(held.get(slot), logits) for (slot, _), logits in zip(live, top)}
+        finally:
+            for sampler in held.values():
+                llama_cpp.llama_sampler_free(sampler)
+
+    candidates = (llama_cpp.llama_token_data * (n_vocab if grammar is not None else 1))()  # what a grammar filters
+    view = np.ctypeslib.as_array(candidates)
+
+    def pick(sampler, logits: np.ndarray) -> int:
+        """The top token of a logits row; with a grammar sampler, among those it allows (and it accepts it)."""
+        if sampler is None:
+            return int(logits.argmax())
+        view["id"], view["logit"], view["p"] = np.arange(n_vocab), logits, 0.0
+        array = llama_cpp.llama_token_data_array(data=candidates, size=n_vocab, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        token = int(view["id"][int(view["logit"].argmax())])
+        llama_cpp.llama_sampler_accept(sampler, token)
+        return token
 
     group, used = [], 0
     for i in range(len(prompts)):

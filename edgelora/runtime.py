@@ -150,18 +150,21 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
 
 
 def greedy_answers(model: str | Path, prompts: list[list[int]], limits: list[int], loras=(), n_ctx: int = 0, *,
-                   read: Sequence[Sequence[int]] | None = None, on_read=None, device: str = "auto",
-                   threads: int | None = None) -> list[list[int]]:
+                   read: Sequence[Sequence[int]] | None = None, on_read=None, json_schema: dict | None = None,
+                   device: str = "auto", threads: int | None = None) -> list[list[int]]:
     """The GGUF `model`'s greedy answers to `prompts` (token ids), at most `limits` tokens each,
     generated together (llamacpp.greedy_many: `read` and `on_read` score a given continuation of
-    each prompt on the way), each ending with an end-of-generation token if one came."""
+    each prompt on the way), held to `json_schema` if given, each ending with an end-of-generation
+    token if one came."""
+    from .schema import grammar_text
     from .llamacpp import greedy_many
 
     needs = [len(p) + max(limit, len(r)) for p, limit, r in zip(prompts, limits, read or [()] * len(prompts))]
     cells = max(min(sum(sorted(needs)[-GENERATION_SEQUENCES:]), GENERATION_CELLS), max(needs), n_ctx)
     with load(model, loras=loras, n_ctx=-(-cells // CTX_STEP) * CTX_STEP, device=device, threads=threads,
               sequences=min(len(prompts), GENERATION_SEQUENCES)) as rt:
-        return greedy_many(rt.llm, prompts, limits, read=read, on_read=on_read)
+        return greedy_many(rt.llm, prompts, limits, read=read, on_read=on_read,
+                           grammar=None if json_schema is None else grammar_text(json_schema, "JSON schema"))
 
 
 def answer_text(rt: "Runtime", prompt: list[int], answer: list[int]) -> str:

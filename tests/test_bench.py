@@ -134,6 +134,27 @@ def test_answers_are_what_chat_answers_one_at_a_time(ladder, exported, eval_file
         assert row.answers == alone, row.label
 
 
+def test_the_torch_rows_answers_are_the_same_generated_together(exported, eval_file, tmp_path, monkeypatch):
+    """The HF row times a few prompts one at a time and generates the rest together, left-padded:
+    the answers (and the scores) are those of every prompt generated alone."""
+    from edgelora.bench import gguf_row, torch_row
+    from edgelora.bench.candidates import Settings, discover
+
+    _, out_dir = exported
+    rows = read_eval(str(eval_file), None)
+    cands = discover([str(out_dir)], ["f16"], hf=True)
+    s = Settings(score="exact", max_tokens=48)
+    gguf_row.measure_gguf(cands[0], rows, s, tmp_path, lambda: None)  # the reference: tokens.json and its log-probabilities
+    hf = next(c for c in cands if c.route == "hf")
+    results = {}
+    for alone in (len(rows), 0):
+        monkeypatch.setattr(torch_row, "SPEED_EXAMPLES", alone)
+        monkeypatch.setattr(torch_row, "BATCH", 2)
+        results[alone] = torch_row.measure_hf(hf, rows, s, tmp_path, lambda: None)
+    assert results[0]["answers"] == results[len(rows)]["answers"] and len(results[0]["answers"]) == len(rows)
+    assert results[0]["kl"] == results[len(rows)]["kl"] and results[0]["gen_tok_s"] > 0
+
+
 def test_reports_are_written_and_reread(ladder):
     assert json.loads(ladder.files["json"].read_text()) == json.loads(json.dumps(ladder.report.as_json()))
     report = BenchReport.read(ladder.out_dir)
@@ -265,6 +286,8 @@ def test_grammar_rows_hold_every_answer_to_the_schema(exported, tmp_path):
         assert got[label].grammar and got[label].json_valid == 1.0
         for text in got[label].answers:
             jsonschema.validate(json.loads(text), CLOSED)
+        rt = runtime.load(got[label].model)  # generated together, as chat() held to the schema gives them
+        assert got[label].answers == [rt.chat(r["messages"][:1], max_tokens=40, json_schema=CLOSED) for r in rows]
     assert got["f16"].json_valid == 0.0  # the random model writes no JSON of its own
     for name in ("f16", "q8_0"):  # the same file: the grammar only shapes what is generated, its logits are the row's
         assert [getattr(got[name + "+grammar"], k) for k in ("kl", "top1", "perplexity")] == [

@@ -90,7 +90,7 @@ def _measure_all(cands: list[Candidate], rows: list[dict], s: Settings, out_dir:
     try:
         with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
             for c in cands:
-                task = bar.add_task(c.label, total=(1 if c.json_schema else 2) * len(rows))
+                task = bar.add_task(c.label, total=2 * len(rows))
                 result = run_isolated(c, rows, s, scratch, lambda: bar.advance(task))
                 if c.json_schema is not None:  # the same weights as the row before it: the same logits
                     result = {**{k: results[-1][k] for k in ("perplexity", "kl", "top1")}, **result}

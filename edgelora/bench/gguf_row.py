@@ -1,11 +1,12 @@
 """A GGUF's row, in llama.cpp: load it, generate the answers, score the answer positions.
 
-Speeds are what one conversation at a time gets (a user's app): llama.cpp's counters over the
-SPEED_EXAMPLES answers through chat() after a first one. The answers that are scored, and the logits at the
-reference answers' positions, come from all the examples read together (runtime.greedy_answers):
-each prompt is read once, with its reference answer after it, and its greedy answer generated
-from the prompt alone, the examples' next tokens decoded in one batch a step. A row held to a
-JSON schema answers one example at a time through chat() (the grammar samples each token)."""
+Speeds are what one conversation at a time gets (a user's app): llama.cpp's counters over
+SPEED_EXAMPLES answers through chat(), after a first one that warms the caches. The answers that
+are scored, and the logits at the reference answers' positions, come from all the examples read
+together (runtime.greedy_answers): each prompt read once, with its reference answer after it, and
+its greedy answer generated from the prompt alone (held to the row's JSON schema, if any), the
+examples' next tokens decoded in one batch a step. They are chat()'s answers but where batched
+arithmetic breaks a near-tie the other way (rare: tests/test_bench.py)."""
 from __future__ import annotations
 
 import json
@@ -33,30 +34,31 @@ def measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tic
     elif json.loads((scratch / "tokens.json").read_text()) != [list(map(list, t)) for t in tokens]:
         raise EdgeloraError(f"{c.model}: tokenises the eval set differently from the reference (another vocabulary?)")
 
-    one_at_a_time = rows if c.json_schema is not None else rows[:SPEED_EXAMPLES + 1]
-    answers, totals = [], dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
+    one_at_a_time = rows[:SPEED_EXAMPLES + 1]
+    totals = dict.fromkeys(("prompt_tokens", "prompt_s", "gen_tokens", "gen_s"), 0)
     for i, r in enumerate(one_at_a_time):
-        answers.append(rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0, json_schema=c.json_schema))
+        rt.chat(r["messages"], max_tokens=s.max_tokens, temperature=0.0, json_schema=c.json_schema)
         t = rt.timings()
         for key in totals:  # the first answer warms the caches (the file's pages, the allocator): not counted
             totals[key] += t[key] if i or len(one_at_a_time) == 1 else 0
         tick()
-    peak = peak_rss_mb()  # one conversation's context; the batched one below and bench's float64 scratch are bench's
-    speeds = dict(load_s=load_s, peak_rss_mb=peak, prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
-                  gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
-    if c.json_schema is not None:  # a grammar changes what is generated, not the model: see _measure_all
-        return dict(**speeds, answers=answers, **task_result(s.score, s.pattern, answers, rows))
-
-    cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
+    measured = dict(load_s=load_s, peak_rss_mb=peak_rss_mb(),  # one conversation's context, not the batched one below
+                    prompt_tok_s=rate(totals["prompt_tokens"], totals["prompt_s"]),
+                    gen_tok_s=rate(totals["gen_tokens"], totals["gen_s"]), device=rt.device)
     prompts = [p for p, _ in tokens]
+    cmp = None
+    if c.json_schema is None:  # a grammar changes what is generated, not the model: see _measure_all
+        cmp = Compare(scratch, c.reference, sum(len(a) for _, a in tokens), rt.llm.n_vocab())
 
     def scored(i: int, logits) -> None:
         cmp.add(logits, tokens[i][1])
         tick()
 
-    generated = greedy_answers(c.model, prompts, [s.max_tokens] * len(rows), loras, read=[a for _, a in tokens],
-                               on_read=scored, device=s.device, threads=s.threads)
+    generated = greedy_answers(c.model, prompts, [s.max_tokens] * len(rows), loras, json_schema=c.json_schema,
+                               read=None if cmp is None else [a for _, a in tokens], on_read=scored,
+                               device=s.device, threads=s.threads)
     answers = [answer_text(rt, p, ids) for p, ids in zip(prompts, generated)]
-    for _ in range(len(rows) - len(one_at_a_time)):  # the answers: the bar counts 2 a row
+    for _ in range(len(rows) - len(one_at_a_time) + (len(rows) if cmp is None else 0)):  # the bar counts 2 a row
         tick()
-    return {**speeds, "answers": answers, **task_result(s.score, s.pattern, answers, rows), **cmp.result()}
+    return {**measured, "answers": answers, **task_result(s.score, s.pattern, answers, rows),
+            **({} if cmp is None else cmp.result())}

@@ -11,7 +11,10 @@ from pathlib import Path
 
 from ..machine import peak_rss_mb
 from .candidates import Candidate, Settings
+from .gguf_row import SPEED_EXAMPLES
 from .scoring import Compare, rate, task_result
+
+BATCH = 16  # prompts generated together after the ones timed
 
 
 def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
@@ -35,17 +38,30 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     tok = load_tokenizer(c.loras[0])
     tokens = json.loads((scratch / "tokens.json").read_text())
     stops = sorted({a[-1] for _, a in tokens} | {tok.eos_token_id})  # the end-of-turn tokens the answers close with
-    answers, gen_tokens, gen_s = [], 0, 0.0
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:  # greedy, left-padded together, each cut at its stop
+        width = max(map(len, prompts))
+        ids = torch.tensor([[stops[0]] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=s.max_tokens, do_sample=False,
+                             eos_token_id=stops, pad_token_id=stops[0])[:, width:]
+        return [row[:next((j + 1 for j, t in enumerate(row) if t in stops), len(row))] for row in out.tolist()]
+
+    prompts = [prompt for prompt, _ in tokens]
+    alone = prompts[:SPEED_EXAMPLES + 1]  # one at a time for the speed, the first not counted (see gguf_row)
+    generated, gen_tokens, gen_s = [], 0, 0.0
     with torch.no_grad():
-        for prompt, _ in tokens:
-            ids = torch.tensor([prompt], device=device)
+        for i, prompt in enumerate(alone):
             t = time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=s.max_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):]
-            gen_s += time.perf_counter() - t
-            gen_tokens += len(out)
-            answers.append(tok.decode(out, skip_special_tokens=True))
+            generated += generate([prompt])
+            if i or len(alone) == 1:
+                gen_s, gen_tokens = gen_s + time.perf_counter() - t, gen_tokens + len(generated[-1])
             tick()
+        for start in range(len(alone), len(prompts), BATCH):
+            generated += generate(prompts[start:start + BATCH])
+            for _ in prompts[start:start + BATCH]:
+                tick()
+        answers = [tok.decode(ids, skip_special_tokens=True) for ids in generated]
         peak = peak_rss_mb()
         cmp = Compare(scratch, False, sum(len(a) for _, a in tokens), model.config.vocab_size)
         n_prompt, prompt_s = 0, 0.0
