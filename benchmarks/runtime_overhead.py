@@ -49,7 +49,9 @@ def perf(llm) -> dict:
     """llama.cpp's counters for `llm`'s context since the last reset (what Runtime.timings() reads)."""
     import llama_cpp.llama_cpp as C
 
-    t = C.llama_perf_context(llm._ctx.ctx)
+    from edgelora.llamacpp import handles
+
+    t = C.llama_perf_context(handles(llm)[1])
     return {"gen_tokens": t.n_eval, "gen_tok_s": t.n_eval / t.t_eval_ms * 1e3 if t.t_eval_ms else 0.0}
 
 
@@ -66,7 +68,9 @@ def edgelora_call(rt, mode: str, a) -> tuple[str, dict]:
 def raw_call(llm, mode: str, a) -> tuple[str, dict]:
     import llama_cpp.llama_cpp as C
 
-    C.llama_perf_context_reset(llm._ctx.ctx)  # so the counters cover this call only, as Runtime does
+    from edgelora.llamacpp import handles
+
+    C.llama_perf_context_reset(handles(llm)[1])  # so the counters cover this call only, as Runtime does
     stream = mode.endswith("+stream")
     kw = dict(max_tokens=a.tokens, temperature=0.0, top_p=0.95, seed=a.seed, stream=stream)
     if mode.startswith("chat"):

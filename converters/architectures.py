@@ -42,6 +42,12 @@ class Arch:
     partial_rotary: bool = False
     # Whether the config may have sliding-window layers (add_metadata then writes or refuses them).
     sliding_window: bool = False
+    # The MLP is down(act(gate(x)) * up(x)) with separate gate and up (edgelora.lean recomputes the
+    # product); phi3's fused gate_up is not.
+    gated_mlp: bool = True
+    # The logits are the LM head of the last hidden state (soft-capped at most): training may run the
+    # head at the target positions alone (edgelora.trainer.summed_loss).
+    head_at_targets: bool = True
     hparams: dict[str, tuple[str, ...]] = field(default_factory=lambda: COMMON_HPARAMS)
     # Config values the HF config class supplies when config.json leaves them out.
     defaults: dict = field(default_factory=dict)
@@ -166,7 +172,8 @@ ARCHITECTURES: dict[str, Arch] = {
                         sliding_window=True, defaults=GEMMA3_DEFAULTS, add_metadata=gemma3_metadata,
                         adjust=gemma3_adjust),
     # qkv_proj and gate_up_proj stay fused: llama.cpp's phi3 reads them so (attn_qkv, ffn_up of 2 x n_ff)
-    "phi3": Arch(gguf.MODEL_ARCH.PHI3, partial_rotary=True, sliding_window=True, add_metadata=phi3_metadata),
+    "phi3": Arch(gguf.MODEL_ARCH.PHI3, partial_rotary=True, sliding_window=True, gated_mlp=False,
+                 add_metadata=phi3_metadata),
     "smollm3": Arch(gguf.MODEL_ARCH.SMOLLM3, permute_qk=True, add_metadata=smollm3_metadata),
 }
 

@@ -22,16 +22,11 @@ K = gguf.Keys.General
 BASE_SHA256 = "edgelora.base_model.sha256"  # GGUF has no key for it; llama.cpp ignores unknown keys
 REFIT_QUANT = "edgelora.refit.quant"  # a LoRA refitted against the quantised base file whose sha256 it records
 CARRIED = (K.BASENAME, K.SIZE_LABEL, K.ORGANIZATION, K.LICENSE)  # from the base to its fine-tune
-NOT_CARD = {K.ARCHITECTURE, K.TYPE, K.FILE_TYPE, K.QUANTIZATION_VERSION, K.ALIGNMENT}
 
 
 def base_model_key(field: str) -> str:
     """general.base_model.0.name etc. for the one base a fine-tune has."""
     return getattr(K, f"BASE_MODEL_{field.upper()}").format(id=0)
-
-
-def is_card_key(key: str) -> bool:
-    return (key.startswith("general.") and key not in NOT_CARD) or key.startswith("edgelora.")
 
 
 def base_card(base_kind: str, base_path: Path, hf_dir: Path) -> dict:

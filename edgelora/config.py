@@ -128,7 +128,7 @@ def default_text(f: dataclasses.Field) -> Optional[str]:
 
 
 def _is_size(text: str) -> bool:
-    from .budget import parse_size
+    from .sizes import parse_size
 
     try:
         return parse_size(text, "max_memory") > 0

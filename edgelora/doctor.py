@@ -88,7 +88,7 @@ def diagnose(path: Path, *, lora: Optional[Path] = None, data: Optional[Path] = 
 def _on_data(rt, path: Path, info: dict, lora: Optional[Path], data: Path, base: Optional[Path]) -> list[V.Check]:
     """end_of_turn, bos, stops on the first examples of `data`; template and logits with `base`."""
     from . import data as D
-    from .budget import KLProbe
+    from .klprobe import KLProbe
 
     examples = [ex for ex in D.read_jsonl(data)[0] if ex.messages][:V.EXAMPLES]
     if not examples:
@@ -141,7 +141,7 @@ def _as_trained(rt, ex):
 
     last = D.last_answer(ex.messages)
     prompt, answer = rt.chat_tokens(ex.messages[:last], ex.messages[last]["content"])
-    return D.Tokenized(prompt + answer, [-100] * len(prompt) + answer)
+    return D.Tokenized(prompt + answer, [D.IGNORE] * len(prompt) + answer)
 
 
 def _base_model(base: Path) -> tuple[Path, Optional[Path]]:

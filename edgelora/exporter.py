@@ -33,7 +33,7 @@ from .handoff import BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, Expo
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
-from .budget import SETTLED_Z
+from .klprobe import SETTLED_Z
 from .schema import SCHEMA_FILE
 from .resume import ExportProgress
 from .stages import StageClock, stage
@@ -83,6 +83,7 @@ class ExportResult:
 
 
 AUTO = "auto"  # per-tensor types chosen to a size budget (edgelora.budget)
+LAPTOP_QUANT = "q4_k_m"  # exported when no --quant is given, and the file the Modelfile points at when there
 
 
 def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
@@ -90,7 +91,7 @@ def parse_quants(quants: list[str], budgeted: bool = False) -> list[str]:
     `auto`, the budgeted file, last. A budget (--target-size / --target-bpw) adds `auto`."""
     known = quant_presets.names()
     wanted: list[str] = []
-    for q in [*(quants or ["q4_k_m"]), *([AUTO] if budgeted else [])]:
+    for q in [*(quants or [LAPTOP_QUANT]), *([AUTO] if budgeted else [])]:
         for item in (known if q.lower() == "all" else [q.lower()]):
             if item not in known + [AUTO]:
                 raise EdgeloraError(f"unknown quant '{item}' (known: {', '.join(known)}, all, auto)")
@@ -216,7 +217,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
         if target_bpw is not None and not 1.5 <= target_bpw <= 16:
             raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
         budgeted = target_size is not None or target_bpw is not None
-        plan = plan_export(run_dir, base, quants or ["q4_k_m"], lora_gguf, out, budgeted, name, refit, refit_merged)
+        plan = plan_export(run_dir, base, quants or [LAPTOP_QUANT], lora_gguf, out, budgeted, name, refit, refit_merged)
         refits = [role.quant for role in plan.outputs if role.kind == REFIT]
         if (refit_steps is not None or refit_merged) and not refits:
             raise EdgeloraError("--refit-steps and --refit-merged go with --refit QUANT")
@@ -233,7 +234,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
             raise EdgeloraError(f"--imatrix-decision-weight must be a finite number, at least 0, not "
                                 f"{imatrix_decision_weight}")
         if isinstance(target_size, str):
-            from .budget import parse_size
+            from .sizes import parse_size
 
             parse_size(target_size)  # refused now, not after the other files are written
         importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
@@ -481,7 +482,7 @@ def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool
 def _probe(f16: Path, calibration: Calibration):
     """A KL probe against `f16` on held-out training examples: the end of the order the imatrix took
     its tokens from, so the least likely to have been calibrated on."""
-    from .budget import KLProbe
+    from .klprobe import KLProbe
 
     order = IM.calibration_order(len(calibration.sequences))
     return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:32], f16.parent)
@@ -600,6 +601,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     with `search`, quantised to those types as _quantize_checked searches for a fixed quant (the
     types, so the size, are the same whichever file is kept)."""
     from . import budget as B
+    from .sizes import parse_size
     from .gguf_info import read_gguf
 
     reader = read_gguf(f16)
@@ -608,7 +610,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     if target_bpw is not None:
         target = int(overhead + target_bpw * sum(int(t.n_elements) for t in weights) / 8)
     else:
-        target = B.parse_size(target_size) if isinstance(target_size, str) else int(target_size)
+        target = parse_size(target_size) if isinstance(target_size, str) else int(target_size)
     del reader, weights
     if importance is None:
         log.warning("choosing per-tensor types without an importance matrix: every input column counts the same")
@@ -731,7 +733,7 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
 
 def _against_torch(plan: ExportPlan, f16: Path, calibration: Calibration):
     """(KLProbe of the merged f16 at the first examples' answers, verify.Trained, the logits checks)."""
-    from .budget import KLProbe
+    from .klprobe import KLProbe
 
     reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
                         max_positions=V.POSITIONS)
@@ -781,7 +783,7 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
     None). Works in a hidden folder beside the outputs, where an interrupted refit resumes."""
     import shutil
 
-    from .budget import kl_top1
+    from .logprobs import kl_top1
     from .converters.hf_to_gguf import convert, convert_lora
     from .layerwise import answer_logprobs
     from .quantize import quantize
@@ -820,7 +822,7 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
 
 
 def _laptop_pick(quants: list[str]) -> str:
-    return "q4_k_m" if "q4_k_m" in quants else quants[0]
+    return LAPTOP_QUANT if LAPTOP_QUANT in quants else quants[0]
 
 
 def _relative(path: Path, start: Path) -> str:

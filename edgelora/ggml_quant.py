@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from .errors import EdgeloraError
+from .llamacpp import NEEDS_PIN
 
 # The types ggml_quantize_chunk (ggml/src/ggml.c) quantises; any other makes it abort the process.
 QUANTIZABLE = ("F32", "F16", "BF16", "Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "NVFP4",
@@ -19,11 +20,10 @@ QUANTIZABLE = ("F32", "F16", "BF16", "Q1_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8
                "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS")
 _CHUNK = 1 << 22  # elements quantised at a time by quantization_error: bounds its memory
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
-_PIN = "edgelora needs llama-cpp-python==0.3.36"
 
 
 class _Traits(ctypes.Structure):
-    """struct ggml_type_traits, ggml/include/ggml.h of llama-cpp-python 0.3.36 (vendor/llama.cpp)."""
+    """struct ggml_type_traits, ggml/include/ggml.h of the pinned llama-cpp-python (vendor/llama.cpp)."""
     _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
                 ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
                 ("is_quantized", ctypes.c_bool), ("to_float", _TO_FLOAT), ("from_float_ref", ctypes.c_void_p)]
@@ -33,10 +33,9 @@ class _Traits(ctypes.Structure):
 def _ggml():
     """libggml-base's quantisation API, bound once per process, its struct layout checked first:
     a mismatch would otherwise read garbage or crash instead of failing."""
-    import llama_cpp.llama_cpp as C
-    from llama_cpp._ctypes_extensions import load_shared_library
+    from .llamacpp import shared_library
 
-    lib = load_shared_library("ggml-base", C._base_path)
+    lib = shared_library("ggml-base")
     i64, sz, ptr = ctypes.c_int64, ctypes.c_size_t, ctypes.c_void_p
     for name, restype, argtypes in (
             ("ggml_quantize_chunk", sz, [ctypes.c_int, ptr, ptr, i64, i64, i64, ptr]),
@@ -46,7 +45,7 @@ def _ggml():
             ("ggml_get_type_traits", ctypes.POINTER(_Traits), [ctypes.c_int])):
         fn = getattr(lib, name, None)
         if fn is None:
-            raise EdgeloraError(f"the installed llama-cpp-python's ggml has no {name}; {_PIN}")
+            raise EdgeloraError(f"the installed llama-cpp-python's ggml has no {name}; {NEEDS_PIN}")
         fn.restype, fn.argtypes = restype, argtypes
     for qt, want in ((gguf.GGMLQuantizationType.Q8_0, (b"q8_0", 32, 34)),
                      (gguf.GGMLQuantizationType.Q4_K, (b"q4_K", 256, 144))):
@@ -54,7 +53,7 @@ def _ggml():
         got = (t.type_name, t.blck_size, t.type_size)
         if got != want or not t.is_quantized or not t.to_float or lib.ggml_blck_size(qt) != want[1]:
             raise EdgeloraError(f"the installed llama-cpp-python's ggml type traits changed "
-                                f"({want[0].decode()} reads as {got}); {_PIN}")
+                                f"({want[0].decode()} reads as {got}); {NEEDS_PIN}")
     return lib
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from gguf import GGUFValueType as T
+
 from .errors import EdgeloraError
 
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALAR = {T.UINT8: "B", T.INT8: "b", T.UINT16: "H", T.INT16: "h", T.UINT32: "I", T.INT32: "i", T.FLOAT32: "f",
+           T.BOOL: "?", T.UINT64: "Q", T.INT64: "q", T.FLOAT64: "d"}  # struct codes
 
 
 def gguf_metadata(path: str | Path, what: str = "model") -> dict:
@@ -38,9 +41,9 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
         return n
 
     def value(vtype):
-        if vtype == 8:  # string
+        if vtype == T.STRING:
             return f.read(length(read("Q")[0])).decode("utf-8", "replace")
-        if vtype == 9:  # array
+        if vtype == T.ARRAY:
             itype, n = read("IQ")
             if itype in _SCALAR:
                 item = struct.calcsize(_SCALAR[itype])
@@ -58,6 +61,6 @@ def gguf_metadata(path: str | Path, what: str = "model") -> dict:
             version, _, n_kv = read("IQQ")
             if version not in (2, 3):
                 raise EdgeloraError(f"{what} {p}: GGUF version {version} is not supported (2 or 3)")
-            return {value(8): value(read("I")[0]) for _ in range(length(n_kv, 12))}  # key length + type
+            return {value(T.STRING): value(read("I")[0]) for _ in range(length(n_kv, 12))}  # key length + type
         except (struct.error, KeyError):  # short reads, unknown value types
             raise EdgeloraError(f"{what} {p}: truncated or corrupt GGUF header") from None

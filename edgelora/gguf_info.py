@@ -6,7 +6,6 @@ from pathlib import Path
 
 import gguf
 
-from .card import is_card_key
 from .errors import EdgeloraError
 
 # Architecture hyper-parameters worth showing: report key -> GGUF key suffix after "{arch}.".
@@ -18,6 +17,14 @@ _HPARAMS = {
     "head_count": "attention.head_count",
     "head_count_kv": "attention.head_count_kv",
 }
+
+_NOT_CARD = {gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.TYPE, gguf.Keys.General.FILE_TYPE,
+             gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.ALIGNMENT}
+
+
+def is_card_key(key: str) -> bool:
+    """A key of the model card (edgelora.card writes them): who the model is, not how to run it."""
+    return (key.startswith("general.") and key not in _NOT_CARD) or key.startswith("edgelora.")
 
 
 def tensor_class(name: str) -> str:

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .data import IGNORE
 from .errors import EdgeloraError
 from .files import atomic_path
 
@@ -112,6 +113,8 @@ def read(path: Path | str) -> IMatrix:
 
 
 def _read_gguf(path: Path) -> IMatrix:
+    import gguf
+
     from .gguf_info import read_gguf
 
     reader = read_gguf(path)
@@ -120,9 +123,9 @@ def _read_gguf(path: Path) -> IMatrix:
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
-    if value("general.type", None) != "imatrix":
-        raise EdgeloraError(f"imatrix {path}: a GGUF, but not an importance matrix (general.type is "
-                            f"{value('general.type', None)!r})")
+    kind = value(gguf.Keys.General.TYPE, None)
+    if kind != "imatrix":
+        raise EdgeloraError(f"imatrix {path}: a GGUF, but not an importance matrix (general.type is {kind!r})")
     tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
     sums, counts = {}, {}
     for name, data in tensors.items():
@@ -215,13 +218,15 @@ def _check_struct_layout() -> None:
     to pass it if the installed version's mirror is not the layout this code was written for."""
     import llama_cpp
 
+    from .llamacpp import NEEDS_PIN, PINNED
+
     data = getattr(llama_cpp, "llama_model_imatrix_data", None)
     params = dict(getattr(llama_cpp.llama_model_quantize_params, "_fields_", []))
     want = [("name", ctypes.c_char_p), ("data", ctypes.POINTER(ctypes.c_float)), ("size", ctypes.c_size_t)]
     if data is None or list(data._fields_) != want or params.get("imatrix") is not ctypes.POINTER(data):
         raise EdgeloraError("the installed llama-cpp-python passes importance matrices differently from "
-                            f"the 0.3.36 this was written for (it is {llama_cpp.__version__}); "
-                            "export with --imatrix none, or install llama-cpp-python==0.3.36")
+                            f"the {PINNED} this was written for (it is {llama_cpp.__version__}); "
+                            f"export with --imatrix none; {NEEDS_PIN}")
 
 
 # ---------------------------------------------------------------- computing one (torch)
@@ -289,7 +294,7 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
                     ids[row, :n] = torch.tensor(token_ids[i])
                     attention[row, :n] = 1
                     if weighted:
-                        deciding[row, :n - 1] = torch.tensor(labels[i][1:n]) != -100
+                        deciding[row, :n - 1] = torch.tensor(labels[i][1:n]) != IGNORE
                 weight = None
                 if deciding.any():
                     weight = torch.ones((len(batch), width), dtype=torch.float64)
@@ -324,13 +329,13 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     added again times a*H (so those rows weigh 1 + a*H, the others 1). Every row's output is asked
     for, so that llama.cpp's last layer sees every token (it skips the rows whose output nobody
     reads). Sequences are read several to a batch where llama.cpp runs on a GPU (batched_logits)."""
-    from .bench import log_softmax
+    from .logprobs import log_softmax
     from .llamacpp import WeightInputs, batched_logits
     from .runtime import CTX_STEP, PACKED_CTX, load, reading_sequences
 
     weighted = labels is not None and decision_weight > 0
     # per sequence, per position: whether the next token is an answer's (the rows decision weighting weighs)
-    deciding_at = [np.append(np.asarray(labels[i][1:len(ids)]) != -100, False) if weighted else None
+    deciding_at = [np.append(np.asarray(labels[i][1:len(ids)]) != IGNORE, False) if weighted else None
                    for i, ids in enumerate(token_ids)]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}

@@ -149,12 +149,11 @@ def _norm_recipe(norm, args, out):
         recomputable(out, norm.forward, args[0])
 
 
-GATED_MLP = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3")  # mlp: down(act(gate(x)) * up(x))
-
-
 def lean(model) -> None:
     """Swap the LoRA dropout + lora_A of every plain LoRA layer (not DoRA) for DropoutLinear and
-    the MLP product of GATED_MLP families for _GatedProduct, in place."""
+    the MLP product of gated-MLP families (architectures.Arch.gated_mlp) for _GatedProduct, in place."""
+    from .converters.architectures import ARCHITECTURES
+
     for module in list(model.modules()):
         dropouts, loras = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
         if dropouts is None or loras is None:
@@ -166,7 +165,8 @@ def lean(model) -> None:
                 dropouts[name] = torch.nn.Identity()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.get_decoder().layers:
-        if base.config.model_type in GATED_MLP:
+        arch = ARCHITECTURES.get(base.config.model_type)
+        if arch is not None and arch.gated_mlp:
             layer.mlp.forward = types.MethodType(_gated_mlp_forward, layer.mlp)
             layer.mlp._product = types.MethodType(_gated_product, layer.mlp)
         for name, module in layer.named_children():

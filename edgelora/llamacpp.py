@@ -20,6 +20,11 @@ from pathlib import Path
 
 from .errors import EdgeloraError
 
+# The llama-cpp-python whose private handles, ggml structs and quantiser parameters edgelora reads
+# (pyproject.toml pins it too).
+PINNED = "0.3.36"
+NEEDS_PIN = f"edgelora needs llama-cpp-python=={PINNED}"
+
 
 @lru_cache(maxsize=1)
 def cpu_advertises_amx() -> bool:
@@ -140,6 +145,12 @@ def log_errors(lines: list[tuple[int, str]]) -> list[str]:
     return [text.strip().split(": ", 1)[-1] for level, text in lines if level == GGML_LOG_ERROR and text.strip()]
 
 
+def log_reason(lines: list[tuple[int, str]], last: bool = False) -> str:
+    """Why llama.cpp says a call failed: the first error line of its log (`last`: the last one)."""
+    errors = log_errors(lines)
+    return errors[-1 if last else 0] if errors else "llama.cpp gave no reason (its log: verbose=True, edgelora -v)"
+
+
 _grammar_guard_installed = False
 
 
@@ -189,7 +200,7 @@ def handles(llm) -> tuple:
         import llama_cpp
 
         raise EdgeloraError(f"llama-cpp-python {llama_cpp.__version__} keeps a model's handles elsewhere ({e}); "
-                            "edgelora needs llama-cpp-python==0.3.36") from None
+                            f"{NEEDS_PIN}") from None
 
 
 def token_text(llm, token: int) -> str:
@@ -386,12 +397,17 @@ _GGML_TYPE_F32 = 0
 
 
 @lru_cache(maxsize=1)
-def ggml_library():
-    """libggml-base as llama_cpp loaded it, with the few functions edgelora calls bound."""
+def shared_library(name: str) -> ctypes.CDLL:
+    """A ggml library ("ggml", "ggml-base") of llama-cpp-python's, the one libllama already loaded."""
     import llama_cpp.llama_cpp as C
     from llama_cpp._ctypes_extensions import load_shared_library
 
-    base = load_shared_library("ggml-base", C._base_path)
+    return load_shared_library(name, C._base_path)
+
+
+def ggml_library():
+    """libggml-base as llama_cpp loaded it, with the few functions edgelora calls bound."""
+    base = shared_library("ggml-base")
     for name, restype, argtypes in (
             ("ggml_get_name", ctypes.c_char_p, [ctypes.c_void_p]),
             ("ggml_nelements", ctypes.c_int64, [ctypes.c_void_p]),
@@ -473,8 +489,7 @@ class WeightInputs:
             import llama_cpp
 
             raise EdgeloraError(f"llama-cpp-python {llama_cpp.__version__}'s ggml lays out its tensors differently "
-                                "from the one edgelora reads (0.3.36): export with --imatrix none, or install "
-                                "llama-cpp-python==0.3.36")
+                                f"from the one edgelora reads ({PINNED}): export with --imatrix none; {NEEDS_PIN}")
         self._checked = True
 
     def raise_error(self) -> None:

@@ -20,7 +20,7 @@ from .imatrix import check as check_imatrix
 from .gguf_info import inspect_gguf, read_gguf
 from . import files
 from .files import atomic_path
-from .llamacpp import captured_log, log_errors
+from .llamacpp import captured_log, log_reason
 
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _SUMMARY = ("path", "file_type", "size_bytes", "n_params", "bpw", "tensor_types", "class_types")
@@ -71,7 +71,8 @@ def _llama_quantize(src: Path, out: Optional[Path], preset: dict, overrides: dic
         params.imatrix = ctypes.cast(importance, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with captured_log(verbose) as log:
         if llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(out or os.devnull), ctypes.byref(params)):
-            reason = "No space left on device" if files.disk_full(dst.parent) else _reason(log)  # llama.cpp gives no errno
+            reason = ("No space left on device" if files.disk_full(dst.parent)  # llama.cpp gives no errno
+                      else log_reason(log, last=True).split("failed to quantize: ")[-1])
             raise EdgeloraError(f"{dst}: llama.cpp could not quantise {src.name} to {preset['name']}: {reason}")
     return log
 
@@ -207,8 +208,3 @@ class TensorSwap:
                     out.write(src.read(size))
 
 
-def _reason(log: list[tuple[int, str]]) -> str:
-    errors = log_errors(log)
-    if not errors:
-        return "no reason given (run with verbose=True for llama.cpp's log)"
-    return errors[-1].split("failed to quantize: ")[-1]

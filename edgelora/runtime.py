@@ -24,9 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import gguf
+
 from .errors import EdgeloraError
 from .gguf_header import gguf_metadata
-from .llamacpp import WeightInputs, all_logits, captured_log, handles, load_llama, log_errors, token_text
+from .llamacpp import WeightInputs, all_logits, captured_log, handles, load_llama, log_reason, token_text
 from .machine import DEVICES
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ _GPU_BUILDS = {"cuda": ("CUDA", "-DGGML_CUDA=on"), "metal": ("Metal", "-DGGML_ME
 # ggml backend registry names -> our device names (Metal's registry is "MTL" in newer ggml).
 _REGISTRY_DEVICE = {"CUDA": "cuda", "Metal": "metal", "MTL": "metal"}
 _GGML_GPU, _GGML_IGPU = 1, 2  # enum ggml_backend_dev_type: CPU, GPU, IGPU, ACCEL
-CHAT_TEMPLATE = "tokenizer.chat_template"
+CHAT_TEMPLATE = gguf.Keys.Tokenizer.CHAT_TEMPLATE
 CTX_STEP = 256  # llama.cpp rounds a context up to a multiple of this; Llama's own buffers must agree
 # Reading many short sequences (llamacpp.batched_logits): a batch's most sequences where llama.cpp runs
 # on a GPU, and the least context to pack them into (Llama's default batch of 512 tokens). On the CPU
@@ -60,11 +62,9 @@ def gpu_backends() -> tuple[str, ...]:
     Read from ggml's device registry, the list llama.cpp itself offloads to: a CUDA build on a
     machine without an NVIDIA GPU lists none, a CPU-only build never does.
     """
-    import llama_cpp.llama_cpp as C
-    from llama_cpp._ctypes_extensions import load_shared_library
+    from .llamacpp import shared_library
 
-    ggml = load_shared_library("ggml", C._base_path)  # the libraries libllama already loaded
-    base = load_shared_library("ggml-base", C._base_path)
+    ggml, base = shared_library("ggml"), shared_library("ggml-base")
 
     def bind(lib, name, restype, *argtypes):
         fn = getattr(lib, name)
@@ -123,7 +123,7 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
     """
     path = Path(model).expanduser()
     meta = gguf_metadata(path)
-    if meta.get("general.type") == "adapter":
+    if meta.get(gguf.Keys.General.TYPE) == "adapter":
         raise EdgeloraError(f"model {path} is a LoRA adapter: load its base model and pass this file as a LoRA")
     lora_paths = [(lora_file(p), float(scale)) for p, scale in loras]
     lora_templates = [lora_template(p) for p, _ in lora_paths]
@@ -141,7 +141,7 @@ def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), d
                              op_offload=device != "cpu",  # cpu: no GPU even for large prompt batches
                              observe=observe, sequences=sequences)
         except ValueError:
-            raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({_reason(log)})") from None
+            raise EdgeloraError(f"model {path}: llama.cpp cannot load it ({log_reason(log)})") from None
     rt = Runtime(llm, device, n_gpu_layers, seed)
     if lora_paths:
         set_loras(llm, [(init_lora(llm, p, path, verbose), scale) for p, scale in lora_paths])
@@ -185,7 +185,7 @@ def lora_template(path: Path) -> str | None:
 def lora_file(path: str | Path) -> Path:
     """`path` if it is a LoRA adapter GGUF; else a one-line EdgeloraError naming it."""
     path = Path(path).expanduser()
-    if gguf_metadata(path, "LoRA").get("general.type") != "adapter":
+    if gguf_metadata(path, "LoRA").get(gguf.Keys.General.TYPE) != "adapter":
         raise EdgeloraError(f"LoRA {path} is a GGUF model, not a LoRA adapter")
     return path
 
@@ -200,7 +200,7 @@ def init_lora(llm, path: Path, model: Path, verbose: bool = False):
     with captured_log(verbose) as log:
         handle = C.llama_adapter_lora_init(handles(llm)[0], str(path).encode())
     if not handle:
-        raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {_reason(log)}")
+        raise EdgeloraError(f"LoRA {path} does not fit model {model.name}: {log_reason(log)}")
     return handle
 
 
@@ -213,11 +213,6 @@ def set_loras(llm, adapters: Sequence[tuple[object, float]]) -> None:
     scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
     if C.llama_set_adapters_lora(handles(llm)[1], array, n, scales) != 0:
         raise EdgeloraError("llama.cpp could not attach the LoRA adapters")
-
-
-def _reason(log: list[tuple[int, str]]) -> str:
-    errors = log_errors(log)
-    return errors[0] if errors else "llama.cpp's log says more with verbose=True (edgelora -v)"
 
 
 # ---------------------------------------------------------------- generation

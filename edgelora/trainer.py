@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from . import data as D
 from . import schema as S
 from .config import TrainConfig, save_config, target_names
+from .converters.architectures import ARCHITECTURES
 from .errors import EdgeloraError
 from .files import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
 from .lean import lean
@@ -100,7 +101,7 @@ def choose_checkpointing(cfg: TrainConfig, config, tokens: int, longest: int, de
     would take more than half of --max-memory or of the memory free now (it costs ~30% compute)."""
     if cfg.grad_checkpointing is not None:
         return cfg.grad_checkpointing, "as asked"
-    from .budget import parse_size
+    from .sizes import parse_size
 
     need = activation_bytes(config, tokens, longest, dtype)
     room = parse_size(cfg.max_memory, "max_memory") if cfg.max_memory else free_memory(device)
@@ -176,8 +177,6 @@ def collate(items: list[D.Tokenized], pad_id: int, device: str):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-# logits = lm_head(h) [soft-capped]
-HEAD_ONLY_AT_TARGETS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "smollm3")
 HEAD_CHUNK = 1024  # target positions whose logits exist at once
 
 
@@ -185,13 +184,14 @@ def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target tokens, and how many there were.
 
     With completion-only labels most positions are prompt, so for the architectures whose logits
-    are the LM head of the last hidden state (HEAD_ONLY_AT_TARGETS) the head and the loss run only
+    are the LM head of the last hidden state (Arch.head_at_targets) the head and the loss run only
     at the positions that predict a target, HEAD_CHUNK at a time, each chunk recomputed in the
     backward pass rather than kept: the batch x length x vocabulary logits never exist."""
     targets = labels[:, 1:]
     keep = targets != D.IGNORE
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if base.config.model_type not in HEAD_ONLY_AT_TARGETS:
+    arch = ARCHITECTURES.get(base.config.model_type)
+    if arch is None or not arch.head_at_targets:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         return F.cross_entropy(logits[keep], targets[keep], reduction="sum"), int(keep.sum())
     hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][keep]

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .data import answer_limit, last_answer
+from .data import IGNORE, answer_limit, last_answer
 from .errors import EdgeloraError
 from .llamacpp import handles
 
@@ -91,7 +91,7 @@ def token_checks(rt, examples: Sequence, trained: Sequence, stops: Optional[list
         end = trained_end(t, piece)
         if end is not None:
             ends.add(end)
-            answer = [want[i] for i, label in enumerate(t.labels) if label != -100]
+            answer = [want[i] for i, label in enumerate(t.labels) if label != IGNORE]
             for token in answer[:answer.index(end)]:
                 inside.setdefault(token, ex.source)
     return [template, _end_of_turn(sorted(ends), inside, piece, handles(rt.llm)[2], stops), doubled]
@@ -122,7 +122,7 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
     tuned, *base = answer_logprobs(hf_dir, adapter_dir, rows, adapter=(True, False) if adapter_dir else (True,))
     tok = load_tokenizer(adapter_dir or hf_dir)
     ends = sorted({e for t in trained if (e := trained_end(t, lambda i: tok.decode([i]))) is not None})
-    starts = [(t, next((i for i, x in enumerate(t.labels) if x != -100), 0)) for t in trained]
+    starts = [(t, next((i for i, x in enumerate(t.labels) if x != IGNORE), 0)) for t in trained]
     answered = [(t.input_ids[:start], answer_limit(t.n_targets))  # chat only
                 for t, start in starts if start > 0 and ends]
     if not answered:
@@ -159,12 +159,12 @@ def _torch_answers(hf_dir: Path, adapter_dir: Optional[Path], answered: list, en
 def trained_end(t, piece) -> Optional[int]:
     """The token a trained example (data.Tokenized)'s answer ends with: its last labelled token that
     is not the newline after it (`piece`: token id -> text)."""
-    labelled = [i for i, label in enumerate(t.labels) if label != -100 and piece(t.input_ids[i]).strip()]
+    labelled = [i for i, label in enumerate(t.labels) if label != IGNORE and piece(t.input_ids[i]).strip()]
     return t.input_ids[labelled[-1]] if labelled else None
 
 
 def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: float = TOP1_SAME) -> list[Check]:
-    """`logits` and `adapter`: `probe` (budget.KLProbe on the f16 GGUF over the examples' answer
+    """`logits` and `adapter`: `probe` (klprobe.KLProbe on the f16 GGUF over the examples' answer
     positions) against the model in torch, with the adapter and (for `adapter`) without it."""
     kl, top1 = probe.against(reference.tuned)
     same = kl <= kl_max and top1 >= top1_min
@@ -183,9 +183,9 @@ def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: 
 def refit_check(probe, in_torch: list, base_file: Path, lora: Path) -> Check:
     """`refit`: the base GGUF + refitted LoRA GGUF in llama.cpp against what they were fitted as, the
     refit model in torch (`in_torch`: its log-probabilities at `probe`'s answer positions;
-    budget.KLProbe), with the f16 thresholds: what runs is what was trained, up to f16 rounding of
+    klprobe.KLProbe), with the f16 thresholds: what runs is what was trained, up to f16 rounding of
     the LoRA and llama.cpp's arithmetic."""
-    from .budget import kl_top1
+    from .logprobs import kl_top1
 
     kl, top1 = kl_top1(in_torch, probe.logprobs(base_file, loras=[(lora, 1.0)]))
     same = kl <= KL_SAME and top1 >= TOP1_SAME

@@ -7,19 +7,7 @@ import pytest
 from edgelora import budget as B
 from edgelora.errors import EdgeloraError
 from edgelora.gguf_info import inspect_gguf
-from test_imatrix import kept_of
-from tiny import assert_one_line_error, run_cli
-
-
-@pytest.mark.parametrize("text, size", [("70MB", 70_000_000), ("64MiB", 64 << 20), ("1.5 GB", 1_500_000_000),
-                                        ("123456", 123456), ("512kib", 512 << 10), ("2M", 2_000_000)])
-def test_sizes(text, size):
-    assert B.parse_size(text) == size
-
-
-def test_a_bad_size_is_one_line():
-    with pytest.raises(EdgeloraError, match="--target-size 'big': give a size such as 70MB"):
-        B.parse_size("big")
+from tiny import assert_one_line_error, kept_of, run_cli
 
 
 def test_the_hull_keeps_options_worth_taking():
@@ -133,62 +121,3 @@ def test_target_bpw_and_bad_requests(tiny_export, tmp_path):
     assert not (tmp_path / "y" / "tiny-run-auto.gguf").exists()
     assert_one_line_error(run_cli("export", run, "--target-size", "1MB", "--target-bpw", 4, "--out", tmp_path / "z"),
                           "not both")
-
-
-def test_a_probe_counts_the_held_out_prompts_a_file_answers_as_the_f16_does(tiny_export, run_dir, tmp_path):
-    """answers_kept against llama-cpp-python's own temperature-0 sampling, prompt by prompt: the f16
-    keeps all of its own answers; the base without the adapter, only those it happens to share."""
-    import llama_cpp
-
-    from edgelora import exporter as E
-    from edgelora.llamacpp import handles
-    from edgelora.runtime import load
-
-    plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
-    calibration = E._calibration(plan, None, 0)
-    f16, base = tiny_export["merged:f16"], tiny_export["base:f16"]
-    probe = E._probe(f16, calibration)
-    assert len(probe.prompts) == min(32, len(calibration.sequences))  # chat: every sequence has a prompt
-
-    def answers(path):
-        rt = load(path, n_ctx=probe.n_ctx)
-        out = []
-        for prompt, limit in probe.prompts:
-            answer = []
-            for token in rt.llm.generate(prompt, temp=0.0, reset=True):
-                answer.append(token)
-                if llama_cpp.llama_vocab_is_eog(handles(rt.llm)[2], token) or len(answer) == limit:
-                    break
-            out.append(answer)
-        return out
-
-    reference = answers(f16)
-    assert probe.answers_kept(f16) == len(probe.prompts)
-    for path in (tiny_export["merged:q8_0"], base):
-        shared = sum(a == b for a, b in zip(answers(path), reference))
-        assert probe.answers_kept(path) == shared
-    assert shared < len(probe.prompts)  # the adapter changed the answers
-
-
-def test_compare_settles_a_clear_difference_early_and_reads_all_for_the_exact_one(tiny_export, run_dir, tmp_path):
-    """KLProbe.compare: with z = inf every sequence is read and the difference is measure's, exactly;
-    a file far closer to the f16 than the base (q8_0 vs the base without the adapter) is settled on
-    the first quarter of the sequences, with the same sign."""
-    import math
-
-    import numpy as np
-
-    from edgelora import exporter as E
-
-    plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
-    f16, q8, base = tiny_export["merged:f16"], tiny_export["merged:q8_0"], tiny_export["base:f16"]
-    probe = E._probe(f16, E._calibration(plan, None, 0))
-    far = probe.kl_rows(base)
-    assert np.concatenate(far).mean() == pytest.approx(probe.measure(base), rel=1e-9)
-    total = sum(len(rows) for _, rows in probe.rows)
-    exact, read = probe.compare(q8, far, z=math.inf)
-    assert read == total and exact == pytest.approx(probe.measure(q8) - probe.measure(base), rel=1e-6, abs=1e-9)
-    early, read = probe.compare(q8, far)
-    assert exact < 0 and early < 0 and read < total / 2
-    same, read = probe.compare(base, far)  # no difference at all: never settled, everything read
-    assert same == 0 and read == total

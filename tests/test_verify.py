@@ -185,7 +185,7 @@ def test_an_adapter_that_changes_nothing(run_dir, tmp_path):
 def test_a_lora_on_another_base_of_the_same_shape(tiny_export, tiny_tokenizer, first, tmp_path):
     from tiny import build_model
 
-    from edgelora.budget import KLProbe
+    from edgelora.klprobe import KLProbe
 
     other = build_model(tmp_path / "other", "llama", tiny_tokenizer, seed=7)  # same config, other weights
     other_gguf = E.export(None, base=str(other), quants=["f16"], out=str(tmp_path / "o"), imatrix="none").files[0]

@@ -28,7 +28,7 @@ from ..files import output_folder, refuse_overwrite
 from ..handoff import REPORT_FILE, BenchReport
 from .candidates import Candidate, Settings, discover, honest_notes  # noqa: F401 - the package's API
 from .isolation import run_isolated
-from .scoring import (SCORES, final_answer, json_fields, log_softmax, make_scorer, pick_score,  # noqa: F401
+from .scoring import (SCORES, final_answer, json_fields, make_scorer, pick_score,  # noqa: F401
                       read_eval, task_result)
 
 

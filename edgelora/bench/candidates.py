@@ -65,7 +65,7 @@ def _from_file(path: Path) -> Candidate:
 
     if path.is_dir():
         raise EdgeloraError(f"{path}: give one export folder, or GGUF files")
-    kind = gguf_metadata(path).get("general.type")
+    kind = gguf_metadata(path).get(gguf.Keys.General.TYPE)
     if kind == "adapter":
         raise EdgeloraError(f"{path} is a LoRA adapter: bench its export folder, which pairs it with its base")
     if kind not in (None, "model"):
@@ -101,7 +101,7 @@ def honest_notes(info: dict, imatrix: Optional[bool] = None) -> list[str]:
 def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) -> list[Candidate]:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
-        kinds = {p: gguf_metadata(p).get("general.type") for p in sorted(folder.glob("*.gguf"))}
+        kinds = {p: gguf_metadata(p).get(gguf.Keys.General.TYPE) for p in sorted(folder.glob("*.gguf"))}
         models = [p for p, kind in kinds.items() if kind in (None, "model")]
         if not models:
             raise EdgeloraError(f"{folder}: no {MANIFEST_FILE} and no GGUF model files")

@@ -9,6 +9,7 @@ from typing import Callable, Iterator, Optional
 
 from ..data import REASONING, last_answer, read_jsonl
 from ..errors import EdgeloraError
+from ..logprobs import log_softmax
 
 
 SCORES = ("auto", "exact", "contains", "regex", "json")
@@ -162,14 +163,6 @@ class Compare:
             self.ref.flush()
             return dict(perplexity=perplexity, kl=0.0, top1=1.0)
         return dict(perplexity=perplexity, kl=self.kl_sum / self.row, top1=self.agree / self.row)
-
-
-def log_softmax(logits):
-    import numpy as np
-
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def capped_exp(x: float) -> float:
