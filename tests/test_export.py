@@ -10,18 +10,9 @@ from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.bases import file_sha256
 from edgelora.handoff import MERGED, Role
-from tiny import build_model
+from tiny import build_model, llama_logits
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
-
-
-def llama_logits(path, lora=None):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
-                verbose=False, seed=0)
-    llm.eval(TOKENS)
-    return np.array(llm.scores[:len(TOKENS)], dtype=np.float32)
 
 
 def peft_logits(base, adapter):
@@ -76,13 +67,13 @@ def test_merged_f16_matches_peft(run_dir, tiny_export):
     base = json.loads((run_dir / "summary.json").read_text())["base_hf_dir"]
     ref = peft_logits(base, run_dir / "adapter")
     assert np.abs(ref - peft_logits(base, None)).max() > 1e-2  # the adapter really changes the model
-    close(llama_logits(run_dir / "export" / "tiny-run-f16.gguf"), ref, 1e-2)
+    close(llama_logits(run_dir / "export" / "tiny-run-f16.gguf", TOKENS), ref, 1e-2)
 
 
 def test_base_plus_lora_gguf_matches_merged(run_dir, tiny_export):
     out = run_dir / "export"
-    merged = llama_logits(out / "tiny-run-f16.gguf")
-    close(llama_logits(out / f"{_base_name(run_dir)}-base-f16.gguf", lora=out / "tiny-run-lora-f16.gguf"), merged, 1e-2)
+    merged = llama_logits(out / "tiny-run-f16.gguf", TOKENS)
+    close(llama_logits(out / f"{_base_name(run_dir)}-base-f16.gguf", TOKENS, lora=out / "tiny-run-lora-f16.gguf"), merged, 1e-2)
 
 
 def test_files_say_who_they_are(run_dir, tiny_export, tmp_path):
@@ -139,7 +130,7 @@ def test_plain_conversion_of_a_base(tiny_qwen2, tmp_path):
     res = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "o"))
     (f,) = res.files
     assert f.role == Role(MERGED, "f16") and (tmp_path / "o" / f.file).is_file()
-    close(llama_logits(tmp_path / "o" / f.file), peft_logits(tiny_qwen2, None), 1e-2)
+    close(llama_logits(tmp_path / "o" / f.file, TOKENS), peft_logits(tiny_qwen2, None), 1e-2)
     from edgelora.gguf_info import inspect_gguf
 
     named = export(base=str(tiny_qwen2), quants=["f16"], out=str(tmp_path / "n"), name="q-named")

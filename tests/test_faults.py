@@ -291,6 +291,7 @@ def test_a_template_less_base_exports_files_that_chat(tmp_path, chat_file):
     Modelfiles, and the chat path of run and bench for both routes."""
     import gguf
     from edgelora import runtime
+    from edgelora.errors import EdgeloraError
     from edgelora.exporter import export
     from edgelora.trainer import train
 
@@ -320,7 +321,7 @@ def test_a_template_less_base_exports_files_that_chat(tmp_path, chat_file):
     routed = runtime.load(files["base:f16"], loras=[(files["lora"], 1.0)])
     assert merged.chat_tokens(question) == routed.chat_tokens(question)
     assert merged.chat(question, max_tokens=8) == routed.chat(question, max_tokens=8)
-    with pytest.raises(Exception, match="no chat template"):
+    with pytest.raises(EdgeloraError, match="no chat template"):
         runtime.load(files["base:f16"]).chat(question)
     r = run_cli("run", files["base:f16"], "--lora", files["lora"], "-p", "What is 3 plus 3?", "--max-tokens", 8)
     assert r.exit_code == 0, r.output

@@ -13,7 +13,7 @@ import torch
 from edgelora import imatrix as IM
 from edgelora.errors import EdgeloraError
 from edgelora.quantize import TensorSwap, quantize
-from tiny import assert_one_line_error, run_cli
+from tiny import assert_one_line_error, kept_of, run_cli
 
 SEQUENCES = [[1, 5, 9, 13, 2, 7], [3, 4, 4, 8], [6, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
 
@@ -312,19 +312,6 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     guided = (tmp_path / "given" / "tiny-run-q4_k_m.gguf").read_bytes()
     kept = (out / "tiny-run-q4_k_m.gguf").read_bytes()
     assert guided != plain and (kept == guided) == (best == "with_imatrix")
-
-
-def kept_of(check: dict) -> str:
-    """Which of the files an export made with and without the importance matrix its check says it
-    kept ("with_imatrix", "without", "chosen"), after checking the rule: the most held-out prompts
-    answered greedily as the f16 does, then the lowest KL."""
-    made = {k: (check[f"answers_{k}"], check[f"kl_{k}"]) for k in ("with_imatrix", "without", "chosen")
-            if check[f"kl_{k}"] is not None}
-    assert all(0 <= answers <= check["answers_of"] and kl >= 0 for answers, kl in made.values())
-    most = max(answers for answers, _ in made.values())
-    assert check["answers_kept"] == most
-    assert check["kl_kept"] == min(kl for answers, kl in made.values() if answers == most)
-    return next(k for k, v in made.items() if v == (check["answers_kept"], check["kl_kept"]))
 
 
 def test_export_with_a_mismatched_imatrix_file_is_one_line(tiny_export, computed, tmp_path):

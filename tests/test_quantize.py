@@ -19,26 +19,13 @@ from edgelora.converters.hf_to_gguf import convert, convert_lora
 from edgelora.errors import EdgeloraError
 from edgelora.gguf_info import format_inspect, inspect_gguf
 from edgelora.quantize import main_type, quantize
-from tiny import build_model, needs_smollm2
+from tiny import build_model, llama_logits, needs_smollm2
 
 PRESETS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 # Types llama.cpp's mix gives 2-D weights whose rows fit the blocks (q4_k_m: some attn_v /
 # ffn_down and the output at Q6_K; q2_k: attn_v, attn_output, ffn_down at Q3_K, output at Q6_K).
 MIX = {"f16": {"F16"}, "q8_0": {"Q8_0"}, "q4_k_m": {"Q4_K", "Q6_K"}, "q2_k": {"Q2_K", "Q3_K", "Q6_K"}}
 TEXT = b"The quick brown fox jumps over the lazy dog. What is the capital of France? Paris is."
-
-
-def llama_logits(path: Path) -> np.ndarray:
-    """llama.cpp's logits for every position of TEXT."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, seed=0)
-    try:
-        tokens = llm.tokenize(TEXT, add_bos=False)
-        llm.eval(tokens)
-        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
 
 
 def mean_kl(ref: np.ndarray, other: np.ndarray) -> float:
@@ -93,7 +80,7 @@ def odd_f16(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_file_loads_in_llama_cpp_with_the_expected_types(quantised, preset):
     path, result = quantised[preset]
-    logits = llama_logits(path)
+    logits = llama_logits(path, text=TEXT)
     assert logits.shape[1] == 505 and np.isfinite(logits).all()
     info = inspect_gguf(path)
     assert info["file_type"] == result["file_type"] == quant_presets.load(preset)["llama_ftype"]
@@ -116,8 +103,8 @@ def test_bits_per_weight_within_the_preset_range(quantised, preset):
 def test_sizes_and_quality_follow_the_bits(quantised):
     sizes = [quantised[p][1]["size_bytes"] for p in PRESETS]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), sizes
-    ref = llama_logits(quantised["f16"][0])
-    kl = {p: mean_kl(ref, llama_logits(quantised[p][0])) for p in ("q8_0", "q4_k_m", "q2_k")}
+    ref = llama_logits(quantised["f16"][0], text=TEXT)
+    kl = {p: mean_kl(ref, llama_logits(quantised[p][0], text=TEXT)) for p in ("q8_0", "q4_k_m", "q2_k")}
     assert kl["q8_0"] < 0.01 and kl["q8_0"] < kl["q4_k_m"] < kl["q2_k"], kl
 
 
@@ -138,7 +125,7 @@ def test_fallbacks_are_reported_and_counted_in_bpw(odd_f16):
     assert sum(fb["by_type"].values()) == fb["count"] == len(weights)
     assert set(fb["by_type"]) <= {"Q5_0", "Q8_0"} and "Q4_K" not in info["tensor_types"], fb
     assert result["bpw"] == pytest.approx(bpw_from_types(info)) and result["bpw"] > 5.5
-    assert np.isfinite(llama_logits(result["path"])).all()
+    assert np.isfinite(llama_logits(result["path"], text=TEXT)).all()
     q8 = quantize(odd_f16, odd_f16.parent / "odd-q8_0.gguf", "q8_0")  # 192 is a multiple of 32
     assert q8["fallbacks"]["count"] == 0 and set(q8["tensor_types"]) == {"Q8_0", "F32"}
 
@@ -166,7 +153,7 @@ def test_q2_k_takes_its_own_fallback_where_rows_do_not_fit(odd_f16, tmp_path):
                    for t in gguf.GGUFReader(path).tensors if t.tensor_type.name in ("Q4_0", "IQ4_NL"))
 
     assert error(tmp_path / "ours.gguf") < 0.9 * error(tmp_path / "theirs.gguf")
-    assert np.isfinite(llama_logits(ours["path"])).all()
+    assert np.isfinite(llama_logits(ours["path"], text=TEXT)).all()
 
 
 @pytest.mark.parametrize("ftype, main", [("MOSTLY_Q4_K_M", "Q4_K"), ("MOSTLY_Q5_K_S", "Q5_K"), ("MOSTLY_Q8_0", "Q8_0"),

@@ -260,3 +260,33 @@ REASONING_TEMPLATE = THINKING_TEMPLATE.replace(
 CLOSED = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"},
                                            "kind": {"type": "string", "enum": ["cat", "dog"]}},
           "required": ["ok", "n", "kind"], "additionalProperties": False}  # a finite language: always ends
+
+
+def llama_logits(path, tokens=None, *, text: bytes | None = None, lora=None):
+    """llama.cpp's logits (float64, a row per position) for `tokens`, or for `text` as the file
+    tokenises it, read by llama-cpp-python's own Llama (with a LoRA GGUF if given): the
+    independent reading the tests hold edgelora's files to."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=64, logits_all=True,
+                verbose=False, seed=0)
+    try:
+        tokens = llm.tokenize(text, add_bos=False) if tokens is None else tokens
+        llm.eval(tokens)
+        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
+def kept_of(check: dict) -> str:
+    """Which of the files an export made with and without the importance matrix its check says it
+    kept ("with_imatrix", "without", "chosen"), after checking the rule: the most held-out prompts
+    answered greedily as the f16 does, then the lowest KL."""
+    made = {k: (check[f"answers_{k}"], check[f"kl_{k}"]) for k in ("with_imatrix", "without", "chosen")
+            if check[f"kl_{k}"] is not None}
+    assert all(0 <= answers <= check["answers_of"] and kl >= 0 for answers, kl in made.values())
+    most = max(answers for answers, _ in made.values())
+    assert check["answers_kept"] == most
+    assert check["kl_kept"] == min(kl for answers, kl in made.values() if answers == most)
+    return next(k for k, v in made.items() if v == (check["answers_kept"], check["kl_kept"]))
