@@ -21,7 +21,7 @@ import gguf
 K = gguf.Keys.General
 BASE_SHA256 = "edgelora.base_model.sha256"  # GGUF has no key for it; llama.cpp ignores unknown keys
 REFIT_QUANT = "edgelora.refit.quant"  # a LoRA refitted against the quantised base file whose sha256 it records
-CARRIED = (K.BASENAME, K.SIZE_LABEL, K.ORGANIZATION, K.LICENSE)  # from the base to its fine-tune
+CARRIED = (K.BASENAME, K.SIZE_LABEL, K.ORGANIZATION, K.LICENSE, K.LANGUAGES)  # from the base to its fine-tune
 
 
 def base_model_key(field: str) -> str:

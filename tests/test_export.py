@@ -102,6 +102,8 @@ def test_files_say_who_they_are(run_dir, tiny_export, tmp_path):
     base_gguf = out / f"{base}-base-f16.gguf"
     from_gguf = C.model_card(C.base_card("gguf", base_gguf, Path(".")), "abc", "My Tune", "d.jsonl")
     assert from_gguf["general.finetune"] == "my-tune" and from_gguf["general.size_label"] == want["general.size_label"]
+    tuned = C.model_card({"general.name": "Base", "general.languages": ["en", "fr"], "general.tags": ["x"]}, "abc", "t")
+    assert tuned["general.languages"] == ["en", "fr"] and "general.tags" not in tuned  # what apps list it under
     r = run_cli("export", run_dir, "--quant", "f16", "--name", "shop-bot", "--out", tmp_path / "named",
                 "--imatrix", "none")
     assert r.exit_code == 0, r.output
