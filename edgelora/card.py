@@ -3,7 +3,7 @@ basename, finetune, size_label, license, base_model.*, dataset.*), which LM Stud
 list and `edgelora inspect` shows.
 
     fine-tune of a GGUF base:  name = the run's name (or --name), basename / size_label / license /
-                               organization carried over from the base's own card, finetune = the
+                               organization / languages carried over from the base's own card, finetune = the
                                name, base_model.0.* = the base's name and organization, and
                                edgelora.base_model.sha256 = the base file's sha256 (as in manifest.json),
                                dataset.0.name = the training data file.
