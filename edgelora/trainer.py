@@ -609,78 +609,113 @@ def _tokenizer(hf_dir: Path, base: BaseModel, shape: str, train_ex: list):
     return tok
 
 
+class Reporter:
+    """What a run reports as it goes (mlx-lm's training callback): the eval loss before the first
+    step and every eval_every steps, a metrics.jsonl row per step (main process), the progress bar."""
+
+    def __init__(self, s: Setup):
+        from tqdm.auto import tqdm
+
+        self.s, self.metrics = s, []
+        self.evaluating = bool(s.eval_set) and (s.main or s.sharded)  # a sharded model evaluates on every process
+        self.bar = tqdm(total=s.total_steps, initial=s.start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not s.main)
+
+    def start(self) -> None:
+        if self.evaluating and self.s.start_step == 0:
+            self._log({"step": 0, "eval_loss": round(self._eval_loss(), 5)})
+
+    def step(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        s = self.s
+        tps = tokens / max(seconds, 1e-9)
+        row = {"step": step, "loss": round(loss, 5), "lr": s.scheduler.get_last_lr()[0], "tokens": tokens,
+               "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(s.device), 1)}
+        if self.evaluating and (step % s.cfg.eval_every == 0 or step == s.total_steps):
+            row["eval_loss"] = round(self._eval_loss(), 5)
+        self._log(row)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}",
+                             **({"eval": f"{row['eval_loss']:.4f}"} if "eval_loss" in row else {}))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _eval_loss(self) -> float:
+        s = self.s
+        return evaluate(s.scorer, s.eval_set, s.cfg.batch_size, s.tok.pad_token_id, s.device)
+
+    def _log(self, row: dict) -> None:
+        if self.s.main:
+            _log_metric(self.s.metrics_path, self.metrics, row)
+
+
 def loop(s: Setup, on_step: Optional[Callable[[int, float], Optional[bool]]] = None) -> tuple[int, float, list]:
     """The optimizer steps from s.start_step to s.total_steps: (the last step, its loss, the
     metrics rows logged). Ctrl-C or `on_step` returning True writes a checkpoint and raises
     TrainingInterrupted."""
-    from tqdm.auto import tqdm
-
-    cfg, train_set, device, accelerator = s.cfg, s.train_set, s.device, s.accelerator
-    step, world, pad_id = s.start_step, s.world, s.tok.pad_token_id
+    cfg, train_set, step = s.cfg, s.train_set, s.start_step
     # a global micro-batch is batch_size x world examples; each process takes its own slice of it
-    batches = micro_batches(len(train_set), cfg.batch_size * world, cfg.seed, start=step * cfg.grad_accum,
+    batches = micro_batches(len(train_set), cfg.batch_size * s.world, cfg.seed, start=step * cfg.grad_accum,
                             lengths=[len(t.input_ids) for t in train_set])
-    mine = slice(s.rank * cfg.batch_size, (s.rank + 1) * cfg.batch_size)
-    metrics, last_loss = [], float("nan")
-    evaluating = bool(s.eval_set) and (s.main or s.sharded)
-    if evaluating and step == 0:
-        first_eval = evaluate(s.scorer, s.eval_set, cfg.batch_size, pad_id, device)
-        if s.main:
-            _log_metric(s.metrics_path, metrics, {"step": 0, "eval_loss": round(first_eval, 5)})
-    if device == "cuda":
+    report, last_loss = Reporter(s), float("nan")
+    report.start()
+    if s.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     s.model.train()
-    bar = tqdm(total=s.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not s.main)
     with _CtrlC() as ctrl_c:
-        while step < s.total_steps:
-            t0 = time.time()
-            chunks = [[train_set[i] for i in next(batches)] for _ in range(cfg.grad_accum)]  # every process's
-            n_targets = sum(t.n_targets for c in chunks for t in c)
-            n_tokens = sum(len(t.input_ids) for c in chunks for t in c)
-            step_loss = 0.0
-            for k, chunk in enumerate(chunks):
-                last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
-                share = chunk[mine] or chunk[:1]  # an epoch's last batch may leave a process nothing: it
-                weight = world / n_targets if chunk[mine] else 0.0  # still joins the gradient sync, weighing 0
-                with _sync_if(last, s.loss_of, accelerator, s.sharded):
-                    loss, _ = s.loss_of(*collate(share, pad_id, device))
-                    (loss * weight).backward()  # DDP averages over the processes: world / n_targets undoes it
-                step_loss += loss.item() if chunk[mine] else 0.0
-            if accelerator is not None:
-                step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "sum").item()
-            torch.nn.utils.clip_grad_norm_(s.params, 1.0)
-            s.optimizer.step()
-            s.scheduler.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = step_loss / n_targets
-            tps = n_tokens / max(time.time() - t0, 1e-9)
-            if not math.isfinite(last_loss):
-                raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
-            row = {"step": step, "loss": round(last_loss, 5), "lr": s.scheduler.get_last_lr()[0], "tokens": n_tokens,
-                   "tokens_per_s": round(tps, 1), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-            if evaluating and (step % cfg.eval_every == 0 or step == s.total_steps):
-                row["eval_loss"] = round(evaluate(s.scorer, s.eval_set, cfg.batch_size, pad_id, device), 5)
-            if s.main:
-                _log_metric(s.metrics_path, metrics, row)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{tps:.0f}",
-                            **({"eval": f"{row['eval_loss']:.4f}"} if "eval_loss" in row else {}))
-            bar.update(1)
-            stop = bool(on_step and on_step(step, last_loss)) or ctrl_c.hit
-            if accelerator is not None:  # one process stopping stops them all
-                stop = bool(accelerator.reduce(torch.tensor(int(stop), device=device), "sum").item())
-            if stop or (step % cfg.save_every == 0 and step < s.total_steps):
-                ckpt = checkpoint_dir(s.run_dir, step)
-                state = trainable_state(s.model, s.optimizer, s.sharded)
-                if s.main:
-                    save_checkpoint(s.run_dir, step, s.model, state, s.scheduler, cfg.keep_checkpoints, world)
-                if accelerator is not None:
-                    accelerator.wait_for_everyone()
+        try:
+            while step < s.total_steps:
+                t0 = time.time()
+                chunks = [[train_set[i] for i in next(batches)] for _ in range(cfg.grad_accum)]  # every process's
+                last_loss = _optimizer_step(s, chunks)
+                step += 1
+                if not math.isfinite(last_loss):
+                    raise EdgeloraError(f"loss became {last_loss} at step {step}; lower --lr")
+                report.step(step, last_loss, sum(len(t.input_ids) for c in chunks for t in c), time.time() - t0)
+                stop = bool(on_step and on_step(step, last_loss)) or ctrl_c.hit
+                if s.accelerator is not None:  # one process stopping stops them all
+                    stop = bool(s.accelerator.reduce(torch.tensor(int(stop), device=s.device), "sum").item())
+                if stop or (step % cfg.save_every == 0 and step < s.total_steps):
+                    _save(s, step)
                 if stop:
-                    bar.close()
-                    raise TrainingInterrupted(step, ckpt)
-    bar.close()
-    return step, last_loss, metrics
+                    raise TrainingInterrupted(step, checkpoint_dir(s.run_dir, step))
+        finally:
+            report.close()
+    return step, last_loss, report.metrics
+
+
+def _optimizer_step(s: Setup, chunks: list[list[D.Tokenized]]) -> float:
+    """One optimizer step over `chunks` (grad_accum micro-batches of every process's examples, this
+    process taking its slice of each): the gradient of the mean loss per target token over all of
+    them, clipped, applied. Returns that mean loss."""
+    world, pad_id = s.world, s.tok.pad_token_id
+    mine = slice(s.rank * s.cfg.batch_size, (s.rank + 1) * s.cfg.batch_size)
+    n_targets = sum(t.n_targets for c in chunks for t in c)
+    summed = 0.0
+    for k, chunk in enumerate(chunks):
+        last = k == len(chunks) - 1  # processes sync gradients once per step, after the last
+        share = chunk[mine] or chunk[:1]  # an epoch's last batch may leave a process nothing: it
+        weight = world / n_targets if chunk[mine] else 0.0  # still joins the gradient sync, weighing 0
+        with _sync_if(last, s.loss_of, s.accelerator, s.sharded):
+            loss, _ = s.loss_of(*collate(share, pad_id, s.device))
+            (loss * weight).backward()  # DDP averages over the processes: world / n_targets undoes it
+        summed += loss.item() if chunk[mine] else 0.0
+    if s.accelerator is not None:
+        summed = s.accelerator.reduce(torch.tensor(summed, device=s.device), "sum").item()
+    torch.nn.utils.clip_grad_norm_(s.params, 1.0)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return summed / n_targets
+
+
+def _save(s: Setup, step: int) -> None:
+    """A checkpoint at `step` (written by the main process; the others wait for it)."""
+    state = trainable_state(s.model, s.optimizer, s.sharded)
+    if s.main:
+        save_checkpoint(s.run_dir, step, s.model, state, s.scheduler, s.cfg.keep_checkpoints, s.world)
+    if s.accelerator is not None:
+        s.accelerator.wait_for_everyone()
 
 
 def finish(s: Setup, step: int, last_loss: float, metrics: list, wall_s: float) -> TrainResult:
