@@ -147,13 +147,13 @@ def _as_trained(rt, ex):
 def _base_model(base: Path) -> tuple[Path, Optional[Path]]:
     """(HF folder, adapter folder or None) of --base: an HF model folder or an edgelora run."""
     from .bases import base_hash, materialise, resolve_base
-    from .handoff import RunSummary
+    from .handoff import RunSummary, finished_run
 
-    if (base / "adapter" / "adapter_config.json").is_file():
+    if finished_run(base):
         resolved = resolve_base(RunSummary.read(base).base)
         return materialise(resolved, base_hash(resolved)), base / "adapter"
     if not (base / "config.json").is_file():
-        raise EdgeloraError(f"--base {base}: neither an HF model folder (config.json) nor an edgelora run (adapter/)")
+        raise EdgeloraError(f"--base {base}: neither an HF model folder (config.json) nor a finished edgelora run (adapter/, summary.json)")
     return base, None
 
 

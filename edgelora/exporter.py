@@ -29,7 +29,8 @@ from . import quant_presets
 from . import refit as R
 from . import verify as V
 from .errors import EdgeloraError
-from .handoff import BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role, RunSummary
+from .handoff import (BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role,
+                      RunSummary, finished_run)
 from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
@@ -115,7 +116,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     adapter_dir, dataset = None, None
     if run_dir:
         run = Path(run_dir)
-        if not (run / "adapter" / "adapter_config.json").is_file() or not (run / SUMMARY_FILE).is_file():
+        if not finished_run(run):
             raise EdgeloraError(f"{run}: not a finished edgelora run (no adapter/ or {SUMMARY_FILE})")
         summary = RunSummary.read(run)
         adapter_dir = run / "adapter"

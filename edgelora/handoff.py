@@ -47,6 +47,11 @@ class Role:
         return f"{self.kind}:{self.quant}" if self.quant else self.kind
 
 
+def finished_run(folder: Path | str) -> bool:
+    """Whether `folder` is a finished edgelora run: its adapter (PEFT's files) and its summary.json."""
+    return (Path(folder) / "adapter" / "adapter_config.json").is_file() and (Path(folder) / SUMMARY_FILE).is_file()
+
+
 @dataclass
 class RunSummary:
     """summary.json: what was trained, on what, and how it went."""

@@ -136,12 +136,12 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
     trainer.loop: returning True stops as Ctrl-C does (KeyboardInterrupt, after a checkpoint)."""
     import torch
 
-    from .handoff import RunSummary
+    from .handoff import RunSummary, finished_run
     from .trainer import TrainingInterrupted, checkpoints, finish, loop, read_metrics, setup
 
     base = dequantised_folder(quantised, hf_dir, run.adapter_dir, work / "base")
     out = work / "run"
-    if not (out / "adapter" / "adapter_config.json").is_file():
+    if not finished_run(out):
         cfg = dataclasses.replace(run.config, base=str(base), out=str(out), method="lora", max_steps=run.steps,
                                   save_every=max(1, run.steps // 4), eval_every=run.steps, json_schema=False,
                                   warmup_steps=0)

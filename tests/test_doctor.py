@@ -137,7 +137,7 @@ def test_bad_input_is_one_line(tiny_export, chat_file, tmp_path):
     assert_one_line_error(run_cli("doctor", tiny_export["merged:f16"], "--base", tmp_path),
                           "--base compares on examples: give --data FILE.jsonl too")
     assert_one_line_error(run_cli("doctor", tiny_export["merged:f16"], "--data", chat_file, "--base", tmp_path),
-                          "neither an HF model folder (config.json) nor an edgelora run (adapter/)")
+                          "neither an HF model folder (config.json) nor a finished edgelora run (adapter/, summary.json)")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf")
     assert_one_line_error(run_cli("doctor", junk), "junk.gguf: not a GGUF file, or truncated")
