@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
@@ -29,15 +29,19 @@ from . import quant_presets
 from . import refit as R
 from . import verify as V
 from .errors import EdgeloraError
+from .ollama import lora_command
 from .handoff import (BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role,
                       RunSummary, finished_run)
-from .files import atomic_write_json, atomic_write_text, output_folder, read_json, temp_name
+from .files import atomic_write_json, output_folder, read_json, temp_name
 from .machine import package_versions
 from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .klprobe import SETTLED_Z
 from .schema import SCHEMA_FILE
 from .resume import ExportProgress
 from .stages import StageClock, stage
+
+if TYPE_CHECKING:
+    from .klprobe import KLProbe
 
 log = logging.getLogger("edgelora")
 
@@ -208,193 +212,260 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     (edgelora.refit), each written as the base file + a LoRA GGUF; `refit_steps` (default: a
     quarter of the run's steps) each; `refit_merged`: each refit also merged into its base's
     weights and quantised again to the base file's types, as one file."""
-    from .converters.hf_to_gguf import convert, convert_lora
-    from .gguf_info import inspect_gguf
-
     clock = StageClock()
     with clock.running():
-        if target_size is not None and target_bpw is not None:
-            raise EdgeloraError("give --target-size or --target-bpw, not both")
-        if target_bpw is not None and not 1.5 <= target_bpw <= 16:
-            raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
-        budgeted = target_size is not None or target_bpw is not None
-        plan = plan_export(run_dir, base, quants or [LAPTOP_QUANT], lora_gguf, out, budgeted, name, refit, refit_merged)
-        refits = [role.quant for role in plan.outputs if role.kind == REFIT]
-        if (refit_steps is not None or refit_merged) and not refits:
-            raise EdgeloraError("--refit-steps and --refit-merged go with --refit QUANT")
-        refit_run = R.check(plan.adapter_dir.parent, refit_steps) if refits else None
-        if verify and verify_examples < 1:
-            raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
-        if effort not in EFFORTS:
-            raise EdgeloraError(f"--effort {effort}: must be one of {', '.join(EFFORTS)}")
-        how = EFFORTS[effort]
-        imatrix_tokens = how.imatrix_tokens if imatrix_tokens is None else imatrix_tokens
-        if imatrix_tokens < 1:
-            raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
-        if not (math.isfinite(imatrix_decision_weight) and imatrix_decision_weight >= 0):
-            raise EdgeloraError(f"--imatrix-decision-weight must be a finite number, at least 0, not "
-                                f"{imatrix_decision_weight}")
-        if isinstance(target_size, str):
-            from .sizes import parse_size
+        run = _setup(run_dir, base, quants, lora_gguf, out, force, imatrix, effort, imatrix_data, imatrix_tokens,
+                     imatrix_decision_weight, target_size, target_bpw, keep_better, name, verify, verify_examples,
+                     refit, refit_steps, refit_merged)
+        _ladder(run, run.plan.adapter_dir, MERGED)
+        _lora_gguf(run)
+        if any(role.kind == BASE for role in run.plan.outputs):
+            _ladder(run, None, BASE)
+        _refits(run)
+        return _finish(run, clock)
 
-            parse_size(target_size)  # refused now, not after the other files are written
-        importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
-        adapter_sha256 = file_sha256(plan.adapter_dir / "adapter_model.safetensors") if plan.adapter_dir else None
-        progress = ExportProgress.start(plan.out_dir, {  # what decides the outputs: a rerun with these resumes
-            "base": plan.base_sha256, "adapter": adapter_sha256, "quants": plan.quants, "lora_gguf": plan.lora_gguf,
-            "imatrix": importance_info["sha256"] if importance_info else imatrix, "effort": effort,
-            "imatrix_data": file_sha256(Path(imatrix_data)) if imatrix_data and Path(imatrix_data).is_file() else None,
-            "imatrix_tokens": imatrix_tokens, "decision_weight": imatrix_decision_weight, "target_size": target_size,
-            "target_bpw": target_bpw, "keep_better": keep_better, "name": plan.name,
-            "refit": refits, "refit_steps": refit_run.steps if refit_run else None, "refit_merged": refit_merged,
-            "edgelora": package_versions().get("edgelora")}, plan.outputs, force)
-        output_folder(plan.out_dir)
-        wants_imatrix = imatrix == "auto" and plan.quants + refits != ["f16"]  # an f16 file is not quantised
-        calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
-            wants_imatrix or budgeted or verify) else None
-        if budgeted and calibration is None:
-            raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
-        base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
-        cards = {BASE: C.model_card(base_card, plan.base_sha256),  # kind of file -> the model card it carries
-                 MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
-        if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
-            cards[MERGED][C.K.NAME] = name
-        results: dict[Role, dict] = {}  # quantize()'s summary
-        budgets: dict[Role, dict] = {}  # what the budgeted file's choice measured
-        checks: dict[Role, dict] = {}  # KL with and without the imatrix, and which file was kept
-        verified: list[tuple[str, V.Check]] = []  # (file, check) for the manifest; failures raise once it is written
-        verifying = verify and calibration is not None and bool(calibration.first)
-        reference = None  # the merged f16's log-probabilities at the first examples' answers (a KLProbe)
-        in_torch = None  # what the model does in torch on them (verify.Trained)
 
-        def ladder(adapter: Optional[Path], kind: str) -> None:
-            """The f16 GGUF (merged when an adapter is given), then each quant made from it; each
-            output recorded in `progress` once finished, and one finished before kept."""
-            wanted = {role.quant: path for role, path in plan.outputs.items() if role.kind == kind}
-            f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
-            if progress.get(Role(kind, "f16")) is None:
-                log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
-                with stage("convert"), _progress(f16.name) as bar:
-                    convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=bar, card=cards[kind])
-                if "f16" in wanted:
-                    progress.finished(Role(kind, "f16"), f16)
-            try:
-                if kind == MERGED and wants_imatrix and calibration is not None:
-                    nonlocal importance, importance_info
-                    if measured := progress.get("imatrix"):
-                        importance_info = measured["info"]
-                        importance = IM.read(plan.out_dir / importance_info["file"])
-                    else:
-                        with stage("imatrix"):
-                            importance, importance_info = _computed_imatrix(plan, f16, calibration, imatrix_tokens,
-                                                                            imatrix_decision_weight)
-                        path = IM.write(importance, plan.out_dir / importance_info["file"], _arch(plan.hf_dir))
-                        importance_info["sha256"] = file_sha256(path)
-                        progress.finished("imatrix", path, info=importance_info)
-                elif kind == MERGED and wants_imatrix:
-                    log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): "
-                             "quantising without one")
-                if kind == MERGED and verifying:
-                    nonlocal reference, in_torch
-                    with stage("torch"):
-                        reference, in_torch, parity = _against_torch(plan, f16, calibration)
-                    verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
-                                    for c in parity)
-                todo = [q for q in wanted if q != "f16" and progress.get(Role(kind, q)) is None]
-                search = kind == MERGED and how.search and importance is not None and wants_imatrix
-                measures = kind == MERGED and calibration is not None and (search or AUTO in todo) and bool(todo)
-                probe = None
-                if measures:
-                    with stage("probe"):
-                        probe = _probe(f16, calibration)
-                for q, path in wanted.items():
-                    role = Role(kind, q)
-                    if q == "f16":
-                        continue
-                    if done := progress.get(role):
-                        results[role], checks[role], budgets[role] = done["result"], done["check"], done["budget"]
-                        continue
-                    if q == AUTO and kind == BASE:  # the bare base a refit trains against: the merged auto's types
-                        from .quantize import quantize
+@dataclass
+class ExportRun:
+    """One export as its steps see it: what was asked (checked), and what each step adds."""
 
-                        log.info("quantising %s -> %s (the types of %s)", f16.name, path.name,
-                                 plan.outputs[Role(MERGED, AUTO)].name)
-                        with stage("quantise"):
-                            results[role] = quantize(f16, path, _types_of(plan.outputs[Role(MERGED, AUTO)], AUTO),
-                                                     imatrix=importance)
-                        checks[role] = None
-                    elif q == AUTO:
-                        results[role], budgets[role], checks[role] = _budgeted(
-                            f16, path, importance, probe, target_size, target_bpw, search and keep_better, how.settle_z)
-                    else:
-                        log.info("quantising %s -> %s", f16.name, path.name)
-                        results[role], checks[role] = _quantize_checked(
-                            f16, path, q, importance, probe if search else None, keep_better, how.settle_z)
-                    progress.finished(role, path, result=results[role], check=checks[role], budget=budgets.get(role))
-            finally:
-                if "f16" not in wanted:
-                    f16.unlink(missing_ok=True)
+    plan: ExportPlan
+    how: Effort
+    settings: dict  # what decides the outputs (resume.ExportProgress: a rerun with the same resumes)
+    progress: ExportProgress
+    calibration: Optional[Calibration]
+    cards: dict[str, dict]  # kind of file -> the model card it carries
+    wants_imatrix: bool  # computed from the calibration examples (--imatrix auto)
+    verifying: bool
+    refit_run: Optional[R.RefitRun]
+    importance: Optional[IM.IMatrix] = None
+    importance_info: Optional[dict] = None  # its manifest entry
+    results: dict[Role, dict] = field(default_factory=dict)  # quantize()'s summary
+    budgets: dict[Role, dict] = field(default_factory=dict)  # what the budgeted file's choice measured
+    checks: dict[Role, dict] = field(default_factory=dict)  # KL with and without the imatrix, which file was kept
+    verified: list[tuple[str, V.Check]] = field(default_factory=list)  # failures raise once the manifest is written
+    reference: Optional["KLProbe"] = None  # the merged f16's log-probabilities at the first examples' answers
+    in_torch: Optional[V.Trained] = None  # what the model does in torch on them
 
-        ladder(plan.adapter_dir, MERGED)
-        if plan.lora_gguf and progress.get(Role(LORA)) is None:
-            log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
-            with stage("lora_gguf"):
-                convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=cards[MERGED])
-            progress.finished(Role(LORA), plan.outputs[Role(LORA)])
-        if any(role.kind == BASE for role in plan.outputs):
-            ladder(None, BASE)
-        for q in refits:
-            role, merged = Role(REFIT, q), Role(REFIT_MERGED, q)
-            made = [r for r in (role, merged) if r in plan.outputs]
-            if any(progress.get(r) is None for r in made):
-                info, result = _refitted(plan, refit_run, q, cards[MERGED], importance, reference if verifying else None)
-                if merged in plan.outputs:
-                    progress.finished(merged, plan.outputs[merged], result=result)
-                progress.finished(role, plan.outputs[role], check=info)
-            checks[role] = progress.get(role)["check"]
+    @property
+    def refits(self) -> list[str]:
+        return [role.quant for role in self.plan.outputs if role.kind == REFIT]
+
+
+def _setup(run_dir, base, quants, lora_gguf, out, force, imatrix, effort, imatrix_data, imatrix_tokens,
+           decision_weight, target_size, target_bpw, keep_better, name, verify, verify_examples, refit, refit_steps,
+           refit_merged) -> ExportRun:
+    """Every option checked and every input read before any output is written; the plan, the
+    resume record, the calibration examples and the model cards."""
+    if target_size is not None and target_bpw is not None:
+        raise EdgeloraError("give --target-size or --target-bpw, not both")
+    if target_bpw is not None and not 1.5 <= target_bpw <= 16:
+        raise EdgeloraError(f"--target-bpw {target_bpw}: must be between 1.5 and 16")
+    budgeted = target_size is not None or target_bpw is not None
+    plan = plan_export(run_dir, base, quants or [LAPTOP_QUANT], lora_gguf, out, budgeted, name, refit, refit_merged)
+    refits = [role.quant for role in plan.outputs if role.kind == REFIT]
+    if (refit_steps is not None or refit_merged) and not refits:
+        raise EdgeloraError("--refit-steps and --refit-merged go with --refit QUANT")
+    refit_run = R.check(plan.adapter_dir.parent, refit_steps) if refits else None
+    if verify and verify_examples < 1:
+        raise EdgeloraError(f"verify_examples must be at least 1, not {verify_examples}")
+    if effort not in EFFORTS:
+        raise EdgeloraError(f"--effort {effort}: must be one of {', '.join(EFFORTS)}")
+    how = EFFORTS[effort]
+    imatrix_tokens = how.imatrix_tokens if imatrix_tokens is None else imatrix_tokens
+    if imatrix_tokens < 1:
+        raise EdgeloraError(f"--imatrix-tokens must be at least 1, not {imatrix_tokens}")
+    if not (math.isfinite(decision_weight) and decision_weight >= 0):
+        raise EdgeloraError(f"--imatrix-decision-weight must be a finite number, at least 0, not {decision_weight}")
+    if isinstance(target_size, str):
+        from .sizes import parse_size
+
+        parse_size(target_size)  # refused now, not after the other files are written
+    importance, importance_info = _imatrix_file(plan, imatrix)  # a FILE, read and checked before any work
+    settings = {
+        "base": plan.base_sha256, "adapter": _adapter_sha256(plan), "quants": plan.quants, "lora_gguf": plan.lora_gguf,
+        "imatrix": importance_info["sha256"] if importance_info else imatrix, "effort": effort,
+        "imatrix_data": file_sha256(Path(imatrix_data)) if imatrix_data and Path(imatrix_data).is_file() else None,
+        "imatrix_tokens": imatrix_tokens, "decision_weight": decision_weight, "target_size": target_size,
+        "target_bpw": target_bpw, "keep_better": keep_better, "name": plan.name,
+        "refit": refits, "refit_steps": refit_run.steps if refit_run else None, "refit_merged": refit_merged,
+        "edgelora": package_versions().get("edgelora")}
+    progress = ExportProgress.start(plan.out_dir, settings, plan.outputs, force)
+    output_folder(plan.out_dir)
+    wants_imatrix = imatrix == "auto" and plan.quants + refits != ["f16"]  # an f16 file is not quantised
+    calibration = _calibration(plan, imatrix_data, verify_examples, needed=wants_imatrix or budgeted) if (
+        wants_imatrix or budgeted or verify) else None
+    if budgeted and calibration is None:
+        raise EdgeloraError("--target-size / --target-bpw need calibration data: a RUN_DIR, or --imatrix-data FILE.jsonl")
+    base_card = C.base_card(plan.base.kind, plan.base.path, plan.hf_dir)
+    cards = {BASE: C.model_card(base_card, plan.base_sha256),
+             MERGED: C.model_card(base_card, plan.base_sha256, plan.name if plan.adapter_dir else None, plan.dataset)}
+    if name and not plan.adapter_dir:  # a plain conversion keeps the base's card, under the name asked for
+        cards[MERGED][C.K.NAME] = name
+    return ExportRun(plan, how, {**settings, "verify": verify}, progress, calibration, cards, wants_imatrix,
+                     verify and calibration is not None and bool(calibration.first), refit_run, importance,
+                     importance_info)
+
+
+def _adapter_sha256(plan: ExportPlan) -> Optional[str]:
+    return file_sha256(plan.adapter_dir / "adapter_model.safetensors") if plan.adapter_dir else None
+
+
+def _ladder(run: ExportRun, adapter: Optional[Path], kind: str) -> None:
+    """The f16 GGUF (merged when an adapter is given), then each quant made from it; each output
+    recorded in run.progress once finished, and one finished before kept. The merged f16 also
+    gives the importance matrix, the reference in torch and the KL probe the quants are searched with."""
+    from .converters.hf_to_gguf import convert
+
+    plan, progress = run.plan, run.progress
+    wanted = {role.quant: path for role, path in plan.outputs.items() if role.kind == kind}
+    f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
+    if progress.get(Role(kind, "f16")) is None:
+        log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
+        with stage("convert"), _progress(f16.name) as bar:
+            convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=bar, card=run.cards[kind])
+        if "f16" in wanted:
+            progress.finished(Role(kind, "f16"), f16)
+    try:
+        if kind == MERGED:
+            _importance(run, f16)
+        if kind == MERGED and run.verifying:
+            with stage("torch"):
+                run.reference, run.in_torch, parity = _against_torch(plan, f16, run.calibration)
+            run.verified.extend((f"{plan.name}-f16.gguf" + ("" if "f16" in wanted else " (not kept)"), c)
+                                for c in parity)
+        todo = [q for q in wanted if q != "f16" and progress.get(Role(kind, q)) is None]
+        search = kind == MERGED and run.how.search and run.importance is not None and run.wants_imatrix
+        probe = None
+        if kind == MERGED and run.calibration is not None and (search or AUTO in todo) and todo:
+            with stage("probe"):
+                probe = _probe(f16, run.calibration)
+        for q, path in wanted.items():
+            if q != "f16":
+                _quant(run, Role(kind, q), f16, path, probe if search else None, probe)
+    finally:
+        if "f16" not in wanted:
+            f16.unlink(missing_ok=True)
+
+
+def _importance(run: ExportRun, f16: Path) -> None:
+    """run.importance for --imatrix auto: measured on the merged `f16` (or read back, resuming)."""
+    plan, progress = run.plan, run.progress
+    if not run.wants_imatrix:
+        return
+    if run.calibration is None:
+        log.info("no calibration data for an importance matrix (--imatrix-data FILE.jsonl): quantising without one")
+        return
+    if measured := progress.get("imatrix"):
+        run.importance_info = measured["info"]
+        run.importance = IM.read(plan.out_dir / run.importance_info["file"])
+        return
+    with stage("imatrix"):
+        run.importance, run.importance_info = _computed_imatrix(
+            plan, f16, run.calibration, run.settings["imatrix_tokens"], run.settings["decision_weight"])
+    path = IM.write(run.importance, plan.out_dir / run.importance_info["file"], _arch(plan.hf_dir))
+    run.importance_info["sha256"] = file_sha256(path)
+    progress.finished("imatrix", path, info=run.importance_info)
+
+
+def _quant(run: ExportRun, role: Role, f16: Path, path: Path, search_probe, probe) -> None:
+    """One quantised file from `f16` (searched with `search_probe` where the effort searches;
+    `auto` measured with `probe`), recorded in run.progress; one finished before is kept."""
+    if done := run.progress.get(role):
+        run.results[role], run.checks[role], run.budgets[role] = done["result"], done["check"], done["budget"]
+        return
+    if role.quant == AUTO and role.kind == BASE:  # the bare base a refit trains against: the merged auto's types
+        from .quantize import quantize
+
+        merged_auto = run.plan.outputs[Role(MERGED, AUTO)]
+        log.info("quantising %s -> %s (the types of %s)", f16.name, path.name, merged_auto.name)
+        with stage("quantise"):
+            run.results[role] = quantize(f16, path, _types_of(merged_auto, AUTO), imatrix=run.importance)
+        run.checks[role] = None
+    elif role.quant == AUTO:
+        run.results[role], run.budgets[role], run.checks[role] = _budgeted(
+            f16, path, run.importance, probe, run.settings["target_size"], run.settings["target_bpw"],
+            search_probe is not None and run.settings["keep_better"], run.how.settle_z)
+    else:
+        log.info("quantising %s -> %s", f16.name, path.name)
+        run.results[role], run.checks[role] = _quantize_checked(
+            f16, path, role.quant, run.importance, search_probe, run.settings["keep_better"], run.how.settle_z)
+    run.progress.finished(role, path, result=run.results[role], check=run.checks[role], budget=run.budgets.get(role))
+
+
+def _lora_gguf(run: ExportRun) -> None:
+    from .converters.hf_to_gguf import convert_lora
+
+    plan = run.plan
+    if plan.lora_gguf and run.progress.get(Role(LORA)) is None:
+        log.info("writing LoRA GGUF %s", plan.outputs[Role(LORA)].name)
+        with stage("lora_gguf"):
+            convert_lora(plan.hf_dir, plan.adapter_dir, plan.outputs[Role(LORA)], card=run.cards[MERGED])
+        run.progress.finished(Role(LORA), plan.outputs[Role(LORA)])
+
+
+def _refits(run: ExportRun) -> None:
+    """Each --refit: the adapter refitted against its quantised base (edgelora.refit)."""
+    plan, progress = run.plan, run.progress
+    for q in run.refits:
+        role, merged = Role(REFIT, q), Role(REFIT_MERGED, q)
+        made = [r for r in (role, merged) if r in plan.outputs]
+        if any(progress.get(r) is None for r in made):
+            info, result = _refitted(plan, run.refit_run, q, run.cards[MERGED], run.importance,
+                                     run.reference if run.verifying else None)
             if merged in plan.outputs:
-                results[merged] = progress.get(merged)["result"]
-            if "verified" in checks[role]:
-                verified.append((plan.outputs[role].name, V.Check(**checks[role]["verified"])))
+                progress.finished(merged, plan.outputs[merged], result=result)
+            progress.finished(role, plan.outputs[role], check=info)
+        run.checks[role] = progress.get(role)["check"]
+        if merged in plan.outputs:
+            run.results[merged] = progress.get(merged)["result"]
+        if "verified" in run.checks[role]:
+            run.verified.append((plan.outputs[role].name, V.Check(**run.checks[role]["verified"])))
 
-        files = []
-        for role, path in plan.outputs.items():
-            info = inspect_gguf(path)
-            quantised = results.get(role)
-            files.append(ExportedFile(
-                role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
-                info.get("file_type"), info["tensor_types"], info["class_types"],
-                imatrix=bool(quantised and importance is not None and (checks.get(role) or {}).get("imatrix_kept", True)),
-                imatrix_check=checks.get(role) if role.kind != REFIT else None,
-                refit=checks.get(role) if role.kind == REFIT else None,
-                fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
-        schema_info = _copy_schema(plan)
-        base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
-        stops = _write_modelfiles(plan, base_file, schema_info is not None)
-        if verifying:
-            with stage("verify"):
-                verified += _verify(plan, calibration, base_file, stops, reference, in_torch)
-        elif verify:
-            log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
-        verification = [{"file": file, **c.as_dict()} for file, c in verified]
-        seconds = clock.as_dict()
-        manifest = ExportManifest(
-            name=plan.name,
-            base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
-            adapter=None if plan.adapter_dir is None else {
-                "path": str(plan.adapter_dir), "sha256": adapter_sha256},
-            outputs=files, card=cards[MERGED], effort=effort, checks=verification if verify else None, imatrix=importance_info,
-            json_schema=schema_info, budget=budgets.get(Role(MERGED, AUTO)),
-            seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
-        ).write(plan.out_dir)
-        progress.close()
-        for file, c in verified:
-            V.failed([c], plan.out_dir / file)
-        lora = plan.outputs.get(Role(LORA))
-        return ExportResult(plan.out_dir, files, manifest, verification, seconds,
-                            lora_command(str(base_file), str(lora)) if lora and base_file else None,
-                            {r: lora_command(str(plan.outputs[Role(BASE, r.quant)]), str(p))
-                             for r, p in plan.outputs.items() if r.kind == REFIT})
+
+def _finish(run: ExportRun, clock: StageClock) -> ExportResult:
+    """Modelfiles, the verification of every file, manifest.json; then a failed check is raised."""
+    from .gguf_info import inspect_gguf
+
+    plan = run.plan
+    files = []
+    for role, path in plan.outputs.items():
+        info = inspect_gguf(path)
+        quantised = run.results.get(role)
+        check = run.checks.get(role)
+        files.append(ExportedFile(
+            role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
+            info.get("file_type"), info["tensor_types"], info["class_types"],
+            imatrix=bool(quantised and run.importance is not None and (check or {}).get("imatrix_kept", True)),
+            imatrix_check=check if role.kind != REFIT else None, refit=check if role.kind == REFIT else None,
+            fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
+    schema_info = _copy_schema(plan)
+    base_file = plan.base.path if plan.base.kind == "gguf" else plan.outputs.get(Role(BASE, plan.quants[0]))
+    stops = _write_modelfiles(plan, base_file, schema_info is not None)
+    verify = run.settings["verify"]
+    if run.verifying:
+        with stage("verify"):
+            run.verified += _verify(plan, run.calibration, base_file, stops, run.reference, run.in_torch)
+    elif verify:
+        log.info("no examples to verify the files on (a plain --base conversion without --imatrix-data)")
+    verification = [{"file": file, **c.as_dict()} for file, c in run.verified]
+    seconds = clock.as_dict()
+    manifest = ExportManifest(
+        name=plan.name,
+        base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
+        adapter=None if plan.adapter_dir is None else {"path": str(plan.adapter_dir), "sha256": run.settings["adapter"]},
+        outputs=files, card=run.cards[MERGED], effort=run.settings["effort"], checks=verification if verify else None,
+        imatrix=run.importance_info, json_schema=schema_info, budget=run.budgets.get(Role(MERGED, AUTO)),
+        seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
+    ).write(plan.out_dir)
+    run.progress.close()
+    for file, c in run.verified:
+        V.failed([c], plan.out_dir / file)
+    lora = plan.outputs.get(Role(LORA))
+    return ExportResult(plan.out_dir, files, manifest, verification, seconds,
+                        lora_command(str(base_file), str(lora)) if lora and base_file else None,
+                        {r: lora_command(str(plan.outputs[Role(BASE, r.quant)]), str(p))
+                         for r, p in plan.outputs.items() if r.kind == REFIT})
 
 
 # ---------------------------------------------------------------- importance matrix
@@ -668,68 +739,12 @@ def _trained_template(plan: ExportPlan) -> Optional[str]:
     return (chat_template(plan.adapter_dir) if plan.adapter_dir else None) or chat_template(plan.hf_dir)
 
 
-def _template_parts(source: Optional[str]) -> tuple[Optional[str], Optional[str], list[str]]:
-    """(Ollama TEMPLATE, default SYSTEM, stop strings) for a ChatML-style template (<|im_start|>
-    role, content, then whatever closes its turns: <|im_end|>, or a base's EOS; the answer may
-    open with more, such as a no-think template's empty <think> block); None otherwise."""
-    from .templates import render
-
-    if not source or "<|im_start|>" not in source:
-        return None, None, []
-    rendered = render(source, "the run's chat template", messages=[{"role": "user", "content": "\x00"}],
-                      add_generation_prompt=True)
-    close = re.search(r"<\|im_start\|>user\n\x00(.+?)\n<\|im_start\|>assistant\n(.*)$", rendered, re.S)
-    if close is None:
-        return None, None, []
-    end, opening = close.group(1), close.group(2)
-    m = re.match(rf"<\|im_start\|>system\n(.*?){re.escape(end)}", rendered, re.S)
-    template = (f'{{{{- if .System }}}}<|im_start|>system\n{{{{ .System }}}}{end}\n{{{{ end }}}}'
-                f'{{{{- range .Messages }}}}<|im_start|>{{{{ .Role }}}}\n{{{{ .Content }}}}{end}\n{{{{ end }}}}'
-                '<|im_start|>assistant\n' + opening)
-    return template, (m.group(1) if m else None), [end, "<|im_start|>"]
-
-
-def modelfile_text(model: str, template: Optional[str], system: Optional[str], stops: list[str],
-                   adapter: Optional[str] = None, schema: bool = False) -> str:
-    lines = []
-    if adapter:  # ollama/ollama#14969
-        lines += ["# Ollama 0.34.1 and later refuse ADAPTER: with those, build ./Modelfile (the merged file) instead.",
-                  f"# This route runs in llama.cpp: {lora_command(model, adapter)}"]
-    lines.append(f"FROM {model}")
-    if adapter:
-        lines.append(f"ADAPTER {adapter}")
-    if template:
-        lines.append(f'TEMPLATE """{template}"""')
-    else:
-        lines.append("# no TEMPLATE: Ollama uses the chat template stored in the GGUF")
-    if system:
-        lines.append(f'SYSTEM """{system}"""')
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    lines.append("PARAMETER temperature 0.2")
-    if schema:
-        lines += [f"# answers follow {SCHEMA_FILE}: Ollama holds a model to it when a request gives it as \"format\",",
-                  f'#   curl localhost:11434/api/chat -d "{{\\"model\\": \\"NAME\\", \\"format\\": $(cat {SCHEMA_FILE}), '
-                  '\\"messages\\": [...]}"']
-    return "\n".join(lines) + "\n"
-
-
-def lora_command(base: str, lora: str) -> str:
-    """The llama.cpp command that serves the base GGUF with the LoRA GGUF applied."""
-    return f"llama-server -m {base} --lora {lora}"
-
-
 def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool) -> Optional[list[str]]:
-    """Modelfile (and Modelfile.lora); returns their stop strings, or None where they give no
-    TEMPLATE of their own (Ollama then takes the template and stops from the GGUF)."""
-    template, system, stops = _template_parts(_trained_template(plan))
-    main = plan.outputs[Role(MERGED, _laptop_pick(plan.quants))]
-    atomic_write_text(plan.out_dir / "Modelfile", modelfile_text(f"./{main.name}", template, system, stops,
-                                                                 schema=schema))
-    if plan.lora_gguf and base_file is not None:
-        atomic_write_text(plan.out_dir / "Modelfile.lora", modelfile_text(
-            _relative(base_file, plan.out_dir), template, system, stops, adapter=f"./{plan.outputs[Role(LORA)].name}",
-            schema=schema))
-    return stops if template else None
+    """ollama.write_modelfiles for the laptop quant (and the LoRA route), with the run's chat template."""
+    from .ollama import write_modelfiles
+
+    return write_modelfiles(plan.out_dir, plan.outputs[Role(MERGED, _laptop_pick(plan.quants))], _trained_template(plan),
+                            base_file, plan.outputs.get(Role(LORA)) if plan.lora_gguf else None, schema)
 
 
 def _against_torch(plan: ExportPlan, f16: Path, calibration: Calibration):
@@ -824,13 +839,6 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
 
 def _laptop_pick(quants: list[str]) -> str:
     return LAPTOP_QUANT if LAPTOP_QUANT in quants else quants[0]
-
-
-def _relative(path: Path, start: Path) -> str:
-    try:
-        return "./" + str(path.resolve().relative_to(start.resolve()))
-    except ValueError:
-        return str(path.resolve())
 
 
 # ---------------------------------------------------------------- helpers
