@@ -11,16 +11,13 @@ renamed; existing outputs are kept unless force=True.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-import numpy as np
 
 from . import card as C
 from . import data as D
@@ -38,7 +35,8 @@ from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .klprobe import SETTLED_Z
 from .schema import SCHEMA_FILE
 from .resume import ExportProgress
-from .stages import StageClock, stage
+from .search import quantize_searched
+from .stages import StageClock, progress_bar, stage
 
 if TYPE_CHECKING:
     from .klprobe import KLProbe
@@ -322,7 +320,7 @@ def _ladder(run: ExportRun, adapter: Optional[Path], kind: str) -> None:
     f16 = wanted.get("f16") or plan.out_dir / f"{temp_name(Path(f'{plan.name}-{kind}-f16'))}gguf.tmp"
     if progress.get(Role(kind, "f16")) is None:
         log.info("converting %s -> %s", plan.base.spec + (" + adapter" if adapter else ""), f16.name)
-        with stage("convert"), _progress(f16.name) as bar:
+        with stage("convert"), progress_bar(f16.name) as bar:
             convert(plan.hf_dir, f16, adapter_dir=adapter, outtype="f16", progress=bar, card=run.cards[kind])
         if "f16" in wanted:
             progress.finished(Role(kind, "f16"), f16)
@@ -388,7 +386,7 @@ def _quant(run: ExportRun, role: Role, f16: Path, path: Path, search_probe, prob
             search_probe is not None and run.settings["keep_better"], run.how.settle_z)
     else:
         log.info("quantising %s -> %s", f16.name, path.name)
-        run.results[role], run.checks[role] = _quantize_checked(
+        run.results[role], run.checks[role] = quantize_searched(
             f16, path, role.quant, run.importance, search_probe, run.settings["keep_better"], run.how.settle_z)
     run.progress.finished(role, path, result=run.results[role], check=run.checks[role], budget=run.budgets.get(role))
 
@@ -510,7 +508,7 @@ def _computed_imatrix(plan: ExportPlan, f16: Path, calibration: Calibration, bud
     n_tokens = sum(len(ids) for ids, _ in chosen)
     log.info("importance matrix: %d tokens of %s (%d sequences); a token before an answer token weighs "
              "1 + %g x the model's entropy there", n_tokens, calibration.source, len(chosen), decision_weight)
-    with _progress("imatrix", unit="tok") as progress:
+    with progress_bar("imatrix", unit="tok") as progress:
         imatrix = IM.compute_gguf(f16, [ids for ids, _ in chosen], datasets=[calibration.source],
                                   chunk_size=max(len(ids) for ids, _ in chosen), labels=[lab for _, lab in chosen],
                                   decision_weight=decision_weight, progress=progress)
@@ -560,117 +558,10 @@ def _probe(f16: Path, calibration: Calibration):
     return KLProbe(f16, [calibration.sequences[i] for i in reversed(order)][:32], f16.parent)
 
 
-def _quantize_checked(f16: Path, dst: Path, quant: str | dict, importance: Optional[IM.IMatrix], probe,
-                      keep_better: bool = True, settle_z: float = SETTLED_Z) -> tuple[dict, Optional[dict]]:
-    """`quant` with the importance matrix where it helps, measured: where the probe can measure, the
-    file is also made without the matrix and, if the two differ, with it for one group of weights at
-    a time (a class of weight in a third of the layers: attn_q in blk.0-9, ...), then with it for
-    exactly the groups that lowered the KL from the f16 on held-out training examples on their own.
-    Of those files the one that answers most of the held-out prompts greedily as the f16 does is
-    kept, the lowest KL among equals; without `keep_better`, the best of those made with the
-    matrix. All figures go in the manifest. llama.cpp quantises twice; the per-group files are
-    those two files' tensors recombined. A group's file is read against the file without the
-    matrix a quarter of the held-out sequences at a time, and only until the sign of the difference
-    is `settle_z` standard errors from zero (KLProbe.compare; inf: every sequence): its kl_by_group
-    is then the estimate that decided it, and positions_by_group says how many positions it was read at.
-
-    Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
-    calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
-    (attn_output, ffn_up in most layers; attn_q and attn_v in the last third) while lowering it for
-    others. Why answers first: a file can be closer to the f16 on average and still flip the few
-    uncertain tokens a task's fields hang on (the extract task's q2_k: KL 0.027 with the matrix,
-    0.040 without, yet a tenth of its fields lost; benchmarks/quant_quality.py)."""
-    import filecmp
-
-    from .quantize import TensorSwap, quantize
-
-    if importance is None or probe is None:
-        with stage("quantise"):
-            return quantize(f16, dst, quant, imatrix=importance), None
-    made: dict[str, tuple[float, Optional[int]]] = {}  # label -> (KL, answers kept)
-    paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
-
-    def measure(label: str) -> list:
-        with stage("measure"):
-            rows = probe.kl_rows(paths[label])
-        with stage("answers"):
-            made[label] = (float(np.concatenate(rows).mean()), probe.answers_kept(paths[label]))
-        return rows
-
-    groups = _weight_groups(importance.sums)
-    try:
-        with stage("quantise"):
-            result = quantize(f16, paths["all"], quant, imatrix=importance)
-            quantize(f16, paths["none"], quant)
-        by_group, read, helped = {}, {}, []
-        if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
-            measure("all")
-            made["none"] = made["all"]
-        else:
-            without = measure("none")
-            measure("all")
-            swap = TensorSwap(paths["none"], paths["all"])
-            with stage("trials"), _progress(f"{dst.stem}: the matrix by group", unit="group") as progress:
-                for done, (group, names) in enumerate(groups.items(), 1):
-                    swap.write(names, paths["trial"])
-                    difference, read[group] = probe.compare(paths["trial"], without, z=settle_z)
-                    by_group[group] = made["none"][0] + difference
-                    progress(done, len(groups))
-            helped = [g for g in groups if by_group[g] < made["none"][0]]
-            if helped and len(helped) < len(groups):
-                with stage("trials"):
-                    swap.write([n for g in helped for n in groups[g]], paths["chosen"])
-                measure("chosen")
-        candidates = [k for k in ("all", "chosen", "none") if k in made and (keep_better or k != "none")]
-        kept = max(candidates, key=lambda k: (made[k][1] or 0, -made[k][0]))
-        os.replace(paths[kept], dst)
-        used = {"all": list(groups), "chosen": helped}.get(kept, [])
-        log.info("%s: %s; keeping the file %s", dst.name, "; ".join(
-            f"{label} KL {kl:.3g}" + ("" if answers is None else f", {answers} of {len(probe.prompts)} answers as f16")
-            for label, (kl, answers) in made.items()), "with it for those" if kept == "chosen" else
-            f"{'with' if used else 'without'} it")
-        result = {**result, "path": str(dst)}
-        figures = {f"{what}_{suffix}": made[label][i] if label in made else None
-                   for label, suffix in (("all", "with_imatrix"), ("none", "without"), ("chosen", "chosen"))
-                   for i, what in enumerate(("kl", "answers"))}
-        return result, {**figures, "kl_by_group": by_group, "positions_by_group": read,
-                        "positions": sum(len(rows) for _, rows in probe.rows),
-                        "kl_kept": made[kept][0], "answers_kept": made[kept][1],
-                        "answers_of": len(probe.prompts), "imatrix_kept": bool(used), "imatrix_groups": used,
-                        "sequences": len(probe.rows)}
-    finally:
-        for path in paths.values():
-            path.unlink(missing_ok=True)
-
-
-def _weight_groups(names, parts: int = 3) -> dict[str, list[str]]:
-    """{"attn_q blk.0-9": [its weights], ...}: each class of weight split into `parts` runs of
-    consecutive layers (fewer where there are fewer layers); a weight outside the blocks is its own class."""
-    from .gguf_info import tensor_class
-
-    def layer(name: str) -> Optional[int]:
-        return int(name.split(".")[1]) if name.startswith("blk.") else None
-
-    n_layers = 1 + max((layer(n) for n in names if layer(n) is not None), default=0)
-    parts = min(parts, n_layers)
-    runs: dict[tuple[str, int], list[str]] = {}
-    for name in names:
-        at = layer(name)
-        runs.setdefault((tensor_class(name), -1 if at is None else at * parts // n_layers), []).append(name)
-    groups = {}
-    for (cls, part), members in runs.items():
-        if part < 0:
-            groups[cls] = members
-            continue
-        first, last = min(map(layer, members)), max(map(layer, members))
-        groups[f"{cls} blk.{first}-{last}" if last > first else f"{cls} blk.{first}"] = members
-    return groups
-
-
 def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, target_size,
               target_bpw: Optional[float], search: bool, settle_z: float) -> tuple[dict, dict, Optional[dict]]:
     """The `auto` file: per-tensor types to the budget (edgelora.budget), quantised, its KL measured;
-    with `search`, quantised to those types as _quantize_checked searches for a fixed quant (the
+    with `search`, quantised to those types as search.quantize_searched searches for a fixed quant (the
     types, so the size, are the same whichever file is kept)."""
     from . import budget as B
     from .sizes import parse_size
@@ -691,7 +582,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
         return importance.importance(name) if importance is not None and name in importance.sums else None
 
     log.info("measuring the quantisation error of each weight at each type")
-    with stage("budget"), _progress("errors", unit="w") as progress:
+    with stage("budget"), progress_bar("errors", unit="w") as progress:
         options = B.weight_options(f16, column_importance, progress)
     log.info("measuring each weight class's cost in KL divergence")
     with stage("budget"):
@@ -699,7 +590,7 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     preset = {"name": AUTO, "llama_ftype": choice.file_type, "overrides": choice.overrides()}
     log.info("quantising %s -> %s (%d per-tensor types, target %.1f MiB)", f16.name, dst.name, len(choice.types),
              target / 2**20)
-    result, check = _quantize_checked(f16, dst, preset, importance, probe if search else None, settle_z=settle_z)
+    result, check = quantize_searched(f16, dst, preset, importance, probe if search else None, settle_z=settle_z)
     size = dst.stat().st_size
     if size > target:
         dst.unlink()
@@ -839,26 +730,3 @@ def _refitted(plan: ExportPlan, run: "R.RefitRun", quant: str, card: dict, impor
 
 def _laptop_pick(quants: list[str]) -> str:
     return LAPTOP_QUANT if LAPTOP_QUANT in quants else quants[0]
-
-
-# ---------------------------------------------------------------- helpers
-
-@contextlib.contextmanager
-def _progress(label: str, unit: str = "B"):
-    """A byte progress bar for one file, fed by `update(done, total)`; closed however the write ends,
-    so an error message never lands on the bar's line."""
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
-        bar.update(done - bar.n)
-
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.close()

@@ -87,3 +87,24 @@ def stage(name: str) -> Iterator[None]:
         return
     with clock.stage(name):
         yield
+
+
+@contextlib.contextmanager
+def progress_bar(label: str, unit: str = "B"):
+    """A byte progress bar for one file, fed by `update(done, total)`; closed however the write ends,
+    so an error message never lands on the bar's line."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=label, unit=unit, unit_scale=True, dynamic_ncols=True, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()

@@ -218,7 +218,7 @@ def test_an_interrupted_export_resumes_keeping_what_it_finished(run_dir, tmp_pat
 
     out, quants = tmp_path / "out", ["f16", "q8_0", "q2_k"]
     quantised, measured = [], []
-    real_quantize, real_imatrix = E._quantize_checked, E._computed_imatrix
+    real_quantize, real_imatrix = E.quantize_searched, E._computed_imatrix
 
     def quantize(f16, dst, quant, *args, **kw):
         quantised.append(quant)
@@ -230,7 +230,7 @@ def test_an_interrupted_export_resumes_keeping_what_it_finished(run_dir, tmp_pat
         measured.append(1)
         return real_imatrix(*args, **kw)
 
-    monkeypatch.setattr(E, "_quantize_checked", quantize)
+    monkeypatch.setattr(E, "quantize_searched", quantize)
     monkeypatch.setattr(E, "_computed_imatrix", imatrix)
     with pytest.raises(KeyboardInterrupt):
         export(str(run_dir), quants=quants, out=str(out))

@@ -257,15 +257,15 @@ def test_a_changed_llama_cpp_struct_is_refused(computed, monkeypatch):
 
 
 def test_weights_are_grouped_by_class_and_a_third_of_the_layers():
-    from edgelora.exporter import _weight_groups
+    from edgelora.search import weight_groups
 
     names = [f"blk.{i}.{c}.weight" for i in range(30) for c in ("attn_q", "ffn_up")] + ["output.weight"]
-    groups = _weight_groups(names)
+    groups = weight_groups(names)
     assert list(groups) == ["attn_q blk.0-9", "ffn_up blk.0-9", "attn_q blk.10-19", "ffn_up blk.10-19",
                             "attn_q blk.20-29", "ffn_up blk.20-29", "output"]
     assert groups["ffn_up blk.10-19"] == [f"blk.{i}.ffn_up.weight" for i in range(10, 20)]
     assert sorted(n for g in groups.values() for n in g) == sorted(names)  # each weight in exactly one group
-    assert list(_weight_groups(["blk.0.attn_q.weight", "blk.1.attn_q.weight"])) == ["attn_q blk.0", "attn_q blk.1"]
+    assert list(weight_groups(["blk.0.attn_q.weight", "blk.1.attn_q.weight"])) == ["attn_q blk.0", "attn_q blk.1"]
 
 
 def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
@@ -342,9 +342,9 @@ def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export
     probe = E._probe(f16, calibration)
     importance = IM.compute_gguf(f16, [ids for ids, _ in calibration.sequences[:16]], datasets=["t"], chunk_size=64,
                                  device="cpu")
-    adaptive = E._quantize_checked(f16, tmp_path / "adaptive.gguf", "q4_k_m", importance, probe,
+    adaptive = E.quantize_searched(f16, tmp_path / "adaptive.gguf", "q4_k_m", importance, probe,
                                    settle_z=E.EFFORTS["default"].settle_z)[1]
-    exhaustive = E._quantize_checked(f16, tmp_path / "exhaustive.gguf", "q4_k_m", importance, probe,
+    exhaustive = E.quantize_searched(f16, tmp_path / "exhaustive.gguf", "q4_k_m", importance, probe,
                                      settle_z=E.EFFORTS["thorough"].settle_z)[1]
     total = exhaustive["positions"]
     assert set(exhaustive["positions_by_group"].values()) == {total}
