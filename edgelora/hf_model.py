@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -92,6 +93,21 @@ def load_model(hf_dir: Path, method: str, device: str, dtype: torch.dtype, train
         _leave_the_file(model)
     return model
 
+
+
+def load_with_adapter(hf_dir: Path, adapter_dir: Optional[Path], device: str = "cpu",
+                      dtype: torch.dtype = torch.float32, merged: bool = False):
+    """The HF base in `dtype` with the PEFT adapter in `adapter_dir` on it (none: the base alone),
+    for inference: the model the GGUFs are checked against (verify), measured on (the importance
+    matrix in torch: `merged`, the weights a merged GGUF holds) and benched beside (bench's torch row)."""
+    model = load_model(hf_dir, "lora", device, dtype, training=False)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).to(device)
+        if merged:
+            model = model.merge_and_unload()
+    return model.eval()
 
 def _leave_the_file(model) -> None:
     """Copy the CPU tensors bitsandbytes leaves unquantized (embeddings, norms) out of the

@@ -245,18 +245,13 @@ def compute(model_dir: Path, adapter_dir: Optional[Path], token_ids: list[list[i
     weighting scales every weight's sums alike, so only the columns' relative importance changes.
     Each batch runs twice then: once for the entropies, once measured."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .converters.hf_to_gguf import HFModel
+    from .hf_model import load_with_adapter
 
     weighted = labels is not None and decision_weight > 0
     gguf_names = HFModel(model_dir).gguf_names  # HF tensor name -> GGUF tensor name
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:  # merged: the weights the merged GGUF holds
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.eval()
+    model = load_with_adapter(model_dir, adapter_dir, merged=True)  # the weights the merged GGUF holds
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     measuring: list[tuple] = []  # the batch's (real-token mask, token weights or None: every token once)

@@ -139,14 +139,10 @@ def trained_model(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence, tra
 def _torch_answers(hf_dir: Path, adapter_dir: Optional[Path], answered: list, ends: list[int]) -> list[list[int]]:
     """Greedy answers of the HF model + adapter in torch to (prompt ids, limit) pairs."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    from .hf_model import load_with_adapter
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
+    model = load_with_adapter(hf_dir, adapter_dir)
     out = []
     with torch.no_grad():
         for prompt, limit in answered:

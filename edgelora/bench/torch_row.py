@@ -21,9 +21,8 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     """The unquantised reference: the HF base (as training saw it) + the PEFT adapter, in torch
     (fp32 on CPU, bf16 on CUDA), fed the reference's token ids."""
     import torch
-    from peft import PeftModel
 
-    from ..hf_model import compute_dtype, load_model, load_tokenizer, pick_device
+    from ..hf_model import compute_dtype, load_tokenizer, load_with_adapter, pick_device
     from ..bases import base_hash, materialise, resolve_base
 
     if s.threads:
@@ -32,8 +31,7 @@ def measure_hf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick)
     base = resolve_base(c.model)
     hf_dir = materialise(base, base_hash(base))
     t0 = time.perf_counter()
-    model = load_model(hf_dir, "lora", device, compute_dtype(device), training=False)
-    model = PeftModel.from_pretrained(model, c.loras[0]).to(device).eval()
+    model = load_with_adapter(hf_dir, Path(c.loras[0]), device, compute_dtype(device))
     load_s = time.perf_counter() - t0
     tok = load_tokenizer(c.loras[0])
     tokens = json.loads((scratch / "tokens.json").read_text())
