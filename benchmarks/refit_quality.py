@@ -7,7 +7,7 @@ For each bundled task -- extract (the demo task) and records (contact cards: lon
   2. one export of it: the merged f16, q4_k_m, q2_k and auto (--target-size), the LoRA GGUF with
      the bare base at each (--lora-gguf; the base's auto takes the merged auto file's per-tensor
      types), and the adapter refitted against the q4_k_m, q2_k and auto base files (--refit;
-     --refit-steps, default the export's: a quarter of the run's; --refit-merged);
+     --refit-steps, default the export's: a third of the run's; --refit-merged);
   3. one bench over every rung on the task's held-out eval set, the f16 the reference: merged
      files, base + LoRA GGUF ("+lora"), base + refitted LoRA GGUF ("+refit"), and the refit merged
      into its base and quantised again to the base file's types ("+refit-merged").

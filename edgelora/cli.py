@@ -177,7 +177,7 @@ def schema(data, data_format, no_enums):
                    "file (llama.cpp / llama-server run the pair as trained). auto (with --target-size): the types "
                    "of NAME-auto.gguf. Repeatable.")
 @click.option("--refit-steps", type=click.IntRange(min=1), metavar="N",
-              help="Training steps of each --refit. [default: a quarter of the run's steps, at least 4]")
+              help="Training steps of each --refit. [default: a third of the run's steps, at least 4]")
 @click.option("--refit-merged", is_flag=True,
               help="Also merge each --refit into its base and quantise it again to the same types "
                    "(NAME-refit-QUANT.gguf, one file for any app); the second rounding loses most of what the "

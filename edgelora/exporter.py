@@ -208,7 +208,7 @@ def export(run_dir: Optional[str] = None, *, base: Optional[str] = None, quants:
     (edgelora.verify); the results go in the manifest, and a failed check is an EdgeloraError once it is written.
     refit: presets (q2_k, ...) to quantise the bare base to and refit the run's adapter against
     (edgelora.refit), each written as the base file + a LoRA GGUF; `refit_steps` (default: a
-    quarter of the run's steps) each; `refit_merged`: each refit also merged into its base's
+    third of the run's steps) each; `refit_merged`: each refit also merged into its base's
     weights and quantised again to the base file's types, as one file."""
     clock = StageClock()
     with clock.running():

@@ -30,7 +30,9 @@ from .errors import EdgeloraError
 
 log = logging.getLogger("edgelora")
 
-SHARE = 4  # a refit takes the run's own steps / SHARE by default
+# A refit takes the run's own steps / SHARE by default: a third kept 97% of the f16's task score at
+# 73.6 MiB on the records task in 43% of the training time, a quarter did not (benchmarks/README.md)
+SHARE = 3
 MIN_STEPS = 4
 SHARD_BYTES = 1 << 30  # float32 bytes per safetensors file of the dequantised base
 

@@ -175,6 +175,16 @@ def test_a_refit_against_auto_trains_against_the_budgeted_files_types(run_dir, t
     assert files["refit:auto"].refit["steps"] == 2
 
 
+def test_a_refit_takes_a_third_of_the_runs_steps_by_default(run_dir):
+    """The documented default (cli's --refit-steps help, docs/export.md): a third, at least 4."""
+    import math
+
+    from edgelora.handoff import RunSummary
+
+    trained = RunSummary.read(run_dir).steps
+    assert R.check(run_dir, None).steps == max(4, math.ceil(trained / 3)) and R.check(run_dir, 7).steps == 7
+
+
 def test_refit_auto_needs_a_budget(run_dir, tmp_path):
     assert_one_line_error(run_cli("export", run_dir, "--refit", "auto", "--out", tmp_path / "out"),
                           "--refit auto needs a budget: --target-size SIZE or --target-bpw BITS")
