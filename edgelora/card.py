@@ -12,11 +12,12 @@ list and `edgelora inspect` shows.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
 import gguf
+
+from .config import slug
 
 K = gguf.Keys.General
 BASE_SHA256 = "edgelora.base_model.sha256"  # GGUF has no key for it; llama.cpp ignores unknown keys
@@ -43,7 +44,7 @@ def base_card(base_kind: str, base_path: Path, hf_dir: Path) -> dict:
     index = TensorIndex(model_weight_files(hf_dir))
     n_params = sum(math.prod(index.shape(n)) for n in index.names())
     name = str(config.get("_name_or_path") or hf_dir.name).rstrip("/").rsplit("/", 1)[-1]
-    return {K.NAME: name, K.BASENAME: _slug(name), K.SIZE_LABEL: gguf.utility.size_label(n_params, 0, 0, 0)}
+    return {K.NAME: name, K.BASENAME: slug(name), K.SIZE_LABEL: gguf.utility.size_label(n_params, 0, 0, 0)}
 
 
 def model_card(base: dict, base_sha256: str, name: Optional[str] = None, dataset: Optional[str] = None) -> dict:
@@ -51,7 +52,7 @@ def model_card(base: dict, base_sha256: str, name: Optional[str] = None, dataset
     name, the base's own card (a plain conversion)."""
     if name is None:
         return {**base, BASE_SHA256: base_sha256}
-    card = {K.NAME: name, **{k: base[k] for k in CARRIED if k in base}, K.FINETUNE: _slug(name),
+    card = {K.NAME: name, **{k: base[k] for k in CARRIED if k in base}, K.FINETUNE: slug(name),
             K.BASE_MODEL_COUNT: 1, base_model_key("name"): base.get(K.NAME) or "unknown"}
     if base.get(K.ORGANIZATION):
         card[base_model_key("organization")] = base[K.ORGANIZATION]
@@ -59,7 +60,3 @@ def model_card(base: dict, base_sha256: str, name: Optional[str] = None, dataset
     if dataset:
         card.update({K.DATASET_COUNT: 1, K.DATASET_NAME.format(id=0): dataset})
     return card
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"

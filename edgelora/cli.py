@@ -68,12 +68,12 @@ def main(verbose: bool) -> None:
     """edgelora: fine-tune a small model on your own data and run it offline on a laptop.
 
     \b
-    edgelora demo     --quick                          # the whole pipeline on the bundled task
-    edgelora train    --data my.jsonl --out run        # QLoRA/LoRA adapter
-    edgelora export   run --quant q4_k_m --lora-gguf   # laptop-ready GGUFs
-    edgelora bench    run/export --eval-data eval.jsonl   # quality vs size ladder
-    edgelora run      run/export/run-q4_k_m.gguf -p "Hi"  # or: chat FILE, serve FILE
-    edgelora inspect  run/export/run-q4_k_m.gguf       # types, size, bits/weight
+    edgelora demo     --quick                              # the whole pipeline on the bundled task
+    edgelora train    --data my.jsonl --out runs/my        # QLoRA/LoRA adapter
+    edgelora export   runs/my --quant q4_k_m --lora-gguf   # laptop-ready GGUFs
+    edgelora bench    runs/my/export --eval-data eval.jsonl   # quality vs size ladder
+    edgelora run      runs/my/export/my-q4_k_m.gguf -p "Hi"   # or: chat FILE, serve FILE
+    edgelora inspect  runs/my/export/my-q4_k_m.gguf        # types, size, bits/weight
     """
     _setup_logging(verbose)
 

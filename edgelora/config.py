@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,25 @@ def _arg(default: Any, help: str, *, choices: tuple[str, ...] = (), shown: Optio
     return field(default=default, metadata=meta)
 
 
+
+def slug(name: str) -> str:
+    """`name` as lower-case letters, digits and dashes: what names a run, its files and its model."""
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "model"
+
+
+def default_run_dir(base: str, data: str) -> Path:
+    """runs/BASE-DATA (runs/smollm2-135m-extract for the alias smollm2-135m and extract_train.jsonl):
+    a run named for what it is, since its folder names its files and the model in them, which is
+    what LM Studio and Ollama list."""
+    base_name = re.sub(r"\.gguf$", "", re.split(r"[/\\:]", base.rstrip("/\\"))[-1], flags=re.I)
+    data_name = re.sub(r"[-_.](train|training)$", "", Path(data).stem, flags=re.I)
+    return Path("runs") / f"{slug(base_name)}-{slug(data_name)}"
+
 @dataclass
 class TrainConfig:
     base: str = _arg("smollm2-135m", "Base model: alias (smollm2-135m), HF directory, GGUF file or cached hub id.")
     data: Optional[str] = _arg(None, "Training data, JSONL (chat, instruction or text).")
-    out: Optional[str] = _arg(None, "Run directory to write.")
+    out: Optional[str] = _arg(None, "Run directory to write. [default: runs/BASE-DATA, e.g. runs/smollm2-135m-extract: its files and the model in them take that name]")
     data_format: str = _arg("auto", "Data shape.", choices=FORMATS, flag="--format")
     eval_data: Optional[str] = _arg(None, "Held-out JSONL for eval loss.")
     eval_split: float = _arg(0.0, "Hold out this fraction of --data for eval (fixed seed).")

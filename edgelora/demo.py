@@ -55,7 +55,7 @@ def demo_data() -> tuple[Path, Path]:
 def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False, threads: Optional[int] = None,
          progress: bool = True, say: Callable[[str], None] = print) -> DemoResult:
     from .bench import bench, read_eval
-    from .config import load_config
+    from .config import default_run_dir, load_config
     from .exporter import export
     from .trainer import checkpoints, train
 
@@ -79,7 +79,7 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     timings = state.get("timings", {}) if state.get("mode") == mode else {}
     atomic_write_json(state_path, {"mode": mode, "timings": timings})
     train_file, eval_file = demo_data()
-    run_dir, base_dir = out_dir / "run", out_dir / "base"
+    run_dir, base_dir = out_dir / default_run_dir(TRAIN["base"], str(train_file)).name, out_dir / "base"
     export_dir = run_dir / "export"
 
     def stage(name: str, done: bool, what: str, fn) -> None:

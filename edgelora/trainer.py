@@ -10,6 +10,7 @@ NF4 and the paged 8-bit optimizer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ import torch.utils.checkpoint
 
 from . import data as D
 from . import schema as S
-from .config import TrainConfig, save_config, target_names
+from .config import TrainConfig, default_run_dir, save_config, target_names
 from .converters.architectures import ARCHITECTURES
 from .errors import EdgeloraError
 from .files import atomic_path, atomic_write_json, atomic_write_text, output_folder, refuse_overwrite, remove_own_folder
@@ -475,6 +476,9 @@ def setup(cfg: TrainConfig, force: bool, resume: bool, *, dtype: Optional[torch.
     on --resume restore the last checkpoint. `dtype`: the base's (default: the device's compute
     dtype); `start_adapter`: a PEFT adapter folder of the same config whose weights the adapter
     starts from (edgelora.refit), instead of PEFT's initialisation."""
+    if cfg.data and not cfg.out:
+        cfg = dataclasses.replace(cfg, out=str(default_run_dir(cfg.base, cfg.data)))
+        log.info("run directory: %s (--out names another)", cfg.out)
     run_dir = _check_request(cfg, resume)
     train_ex, eval_ex, shape = _read_data(cfg)
     accelerator = _accelerator(cfg.device)  # None: one process; else launched by `accelerate launch` / torchrun
@@ -575,7 +579,7 @@ def _check_request(cfg: TrainConfig, resume: bool) -> Path:
     """The run directory, once what was asked can be done: data and out given, a checkpoint to
     resume from with the settings it was made with."""
     if not cfg.data or not cfg.out:
-        raise EdgeloraError("train needs --data FILE.jsonl and --out RUN_DIR")
+        raise EdgeloraError("train needs --data FILE.jsonl")
     run_dir = Path(cfg.out)
     if resume and run_dir.exists() and not run_dir.is_dir():
         raise EdgeloraError(f"run directory {run_dir} is a file, not a folder")

@@ -6,9 +6,11 @@ import time
 import pytest
 
 from edgelora.demo import MODES, demo_data
+from edgelora.gguf_info import inspect_gguf
 from tiny import needs_smollm2, run_cli
 
 pytestmark = [pytest.mark.slow, needs_smollm2]
+RUN = "smollm2-135m-extract"  # the demo's run, named for its base and data (config.default_run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def test_training_beats_the_base_for_f16_and_q4_k_m(quick_demo):
         assert s["after"] > s["before"], (quant, s)
         assert s["after"] >= 0.75, (quant, s)
     before = json.loads((out / "base" / "bench" / "report.json").read_text())
-    after = json.loads((out / "run" / "export" / "bench" / "report.json").read_text())
+    after = json.loads((out / RUN / "export" / "bench" / "report.json").read_text())
     assert before["expected"] == after["expected"] and after["examples"] == summary["examples"] == MODES["quick"]["limit"]
     assert {r["label"] for r in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora"}
     assert summary["example"]["after"].strip() == summary["example"]["expected"]
@@ -36,23 +38,24 @@ def test_training_beats_the_base_for_f16_and_q4_k_m(quick_demo):
 
 def test_outputs_and_printed_report(quick_demo):
     out, output, _ = quick_demo
-    export = out / "run" / "export"
-    for name in ("run-f16.gguf", "run-q8_0.gguf", "run-q4_k_m.gguf", "run-q2_k.gguf", "run-lora-f16.gguf",
+    export = out / RUN / "export"
+    for name in (f"{RUN}-f16.gguf", f"{RUN}-q8_0.gguf", f"{RUN}-q4_k_m.gguf", f"{RUN}-q2_k.gguf", f"{RUN}-lora-f16.gguf",
                  "Modelfile", "Modelfile.lora", "manifest.json", "bench/report.md", "bench/ladder.png"):
         assert (export / name).is_file(), name
     assert "| **" in output and "recommended: " in output
     assert "before -> after training: f16 " in output and "example question: " in output
-    assert str(export / "run-q4_k_m.gguf") in output
+    assert str(export / f"{RUN}-q4_k_m.gguf") in output
+    assert inspect_gguf(export / f"{RUN}-q4_k_m.gguf")["card"]["general.name"] == RUN  # what LM Studio lists
 
 
 def test_a_rerun_reuses_every_stage(quick_demo):
     out, _, first = quick_demo
-    report = (out / "run" / "export" / "bench" / "report.json").read_bytes()
+    report = (out / RUN / "export" / "bench" / "report.json").read_bytes()
     t0 = time.time()
     r = run_cli("demo", "--quick", "--out", out)
     assert r.exit_code == 0, r.output
     assert r.output.count("done already") == 4
-    assert (out / "run" / "export" / "bench" / "report.json").read_bytes() == report
+    assert (out / RUN / "export" / "bench" / "report.json").read_bytes() == report
     assert time.time() - t0 < first / 5
 
 

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,32 @@ def test_run_dir_guards(tiny_llama, chat_file, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
     with pytest.raises(EdgeloraError, match="--resume: no checkpoint found"):
         train(cfg(tiny_llama, chat_file, tmp_path / "fresh"), resume=True)
+
+
+@pytest.mark.parametrize("base, data, folder", [
+    ("smollm2-135m", "examples/data/extract_train.jsonl", "smollm2-135m-extract"),
+    ("/models/Qwen3-0.6B/", "shop support.jsonl", "qwen3-0.6b-shop-support"),
+    ("hub:HuggingFaceTB/SmolLM2-360M-Instruct", "data/train.jsonl", "smollm2-360m-instruct-train"),
+    ("C:\\m\\SmolLM2-135M-Instruct.Q4_1.gguf", "tickets-training.jsonl", "smollm2-135m-instruct.q4-1-tickets"),
+])
+def test_a_run_is_named_for_its_base_and_data(base, data, folder):
+    from edgelora.config import default_run_dir
+
+    assert default_run_dir(base, data).as_posix() == f"runs/{folder}"
+
+
+def test_train_without_out_writes_runs_base_data_and_export_names_the_files_so(tiny_llama, chat_file, tmp_path,
+                                                                             monkeypatch):
+    """No --out: runs/BASE-DATA, and the export's files and the model in them carry that name."""
+    from edgelora.exporter import export
+    from edgelora.gguf_info import inspect_gguf
+
+    monkeypatch.chdir(tmp_path)
+    result = train(dataclasses.replace(cfg(tiny_llama, chat_file, "x", max_steps=1), out=None))
+    name = f"{tiny_llama.name}-chat"
+    assert result.run_dir == Path("runs") / name and (tmp_path / "runs" / name / "summary.json").is_file()
+    out = export(str(result.run_dir), quants=["f16"], imatrix="none", verify=False)
+    assert inspect_gguf(out.out_dir / f"{name}-f16.gguf")["card"]["general.name"] == name
 
 
 def test_resume_refuses_changed_config(tiny_llama, chat_file, tmp_path):
