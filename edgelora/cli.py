@@ -11,7 +11,11 @@ import warnings
 
 import click
 
+from .bench import THRESHOLD as BENCH_THRESHOLD
 from .errors import EdgeloraError
+from .exporter import EFFORTS, LAPTOP_QUANT
+from .imatrix import DECISION_WEIGHT
+from .refit import MIN_STEPS as REFIT_MIN_STEPS, SHARE as REFIT_SHARE
 from .files import os_error
 from .machine import DEVICES
 
@@ -149,13 +153,13 @@ def schema(data, data_format, no_enums):
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--base", help="Base model (default: the run's own). Without RUN_DIR: convert this model alone.")
 @click.option("--quant", "quants", multiple=True, metavar="NAME",
-              help="f16, q8_0, q4_k_m, q2_k or all; repeatable. [default: q4_k_m]")
+              help=f"f16, q8_0, q4_k_m, q2_k or all; repeatable. [default: {LAPTOP_QUANT}]")
 @click.option("--lora-gguf", is_flag=True, help="Also write the adapter as a llama.cpp LoRA GGUF (and the base beside it).")
 @click.option("--imatrix", default="auto", show_default=True, metavar="auto|none|FILE",
               help="Importance matrix for the quantiser: auto = measured on the run's own training examples "
                    "(each quant is also made without it, and the file that answers more held-out training "
                    "prompts as the f16 does, then the lower KL, is kept); FILE = a llama.cpp imatrix (.gguf or .dat).")
-@click.option("--effort", type=click.Choice(["fast", "default", "thorough"]), default="default", show_default=True,
+@click.option("--effort", type=click.Choice(list(EFFORTS)), default="default", show_default=True,
               help="How much the export measures before it keeps a file. fast: the matrix from at most 4096 "
                    "tokens, each quant made once, with it; default: also made without it and with it per group "
                    "of weights, each group tried until its effect is clear; thorough: each group tried on every "
@@ -163,8 +167,9 @@ def schema(data, data_format, no_enums):
 @click.option("--imatrix-data", type=click.Path(dir_okay=False), metavar="FILE.jsonl",
               help="Calibration examples for --imatrix auto without a RUN_DIR (a plain --base conversion).")
 @click.option("--imatrix-tokens", type=click.IntRange(min=1),
-              help="Most calibration tokens for --imatrix auto. [default: 4096 at --effort fast, else 32768]")
-@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help=f"Most calibration tokens for --imatrix auto. [default: {EFFORTS['fast'].imatrix_tokens} at --effort "
+                   f"fast, else {EFFORTS['default'].imatrix_tokens}]")
+@click.option("--imatrix-decision-weight", type=click.FloatRange(min=0), default=DECISION_WEIGHT, show_default=True,
               metavar="A", help="For --imatrix auto: a token before an answer token counts 1 + A x the model's "
                                 "entropy over that answer token (0: every token alike, as llama.cpp's imatrix "
                                 "tool; the default kept a task of a few uncertain decisions at q2_k).")
@@ -177,7 +182,8 @@ def schema(data, data_format, no_enums):
                    "file (llama.cpp / llama-server run the pair as trained). auto (with --target-size): the types "
                    "of NAME-auto.gguf. Repeatable.")
 @click.option("--refit-steps", type=click.IntRange(min=1), metavar="N",
-              help="Training steps of each --refit. [default: a third of the run's steps, at least 4]")
+              help=f"Training steps of each --refit. [default: 1/{REFIT_SHARE} of the run's steps, at least "
+                   f"{REFIT_MIN_STEPS}]")
 @click.option("--refit-merged", is_flag=True,
               help="Also merge each --refit into its base and quantise it again to the same types "
                    "(NAME-refit-QUANT.gguf, one file for any app); the second rounding loses most of what the "
@@ -287,7 +293,7 @@ def doctor(path, lora, data, base, as_json):
               help="Also bench each GGUF with its answers held to this JSON schema (rows NAME+grammar); auto: the "
                    "schema.json export wrote.")
 @click.option("--pattern", help="--score regex: the first match (or group 1) must agree with the reference's.")
-@click.option("--threshold", type=float, default=0.97, show_default=True,
+@click.option("--threshold", type=float, default=BENCH_THRESHOLD, show_default=True,
               help="Recommend the smallest file keeping this fraction of the reference's task score.")
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Longest generated answer. [default: longest reference answer + 16]")
 @click.option("--hf/--no-hf", default=None, help="Also measure the HF base + adapter in torch. [default: if installed]")

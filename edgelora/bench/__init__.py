@@ -32,6 +32,9 @@ from .scoring import (SCORES, final_answer, json_fields, make_scorer, pick_score
                       read_eval, task_result)
 
 
+THRESHOLD = 0.97  # the recommendation: the smallest file keeping this share of the reference's task score
+
+
 @dataclass
 class BenchResult:
     out_dir: Path
@@ -40,7 +43,7 @@ class BenchResult:
 
 
 def bench(inputs: list[str], eval_data: str, *, out: Optional[str] = None, quants: Optional[list[str]] = None,
-          limit: Optional[int] = None, score: str = "auto", pattern: Optional[str] = None, threshold: float = 0.97,
+          limit: Optional[int] = None, score: str = "auto", pattern: Optional[str] = None, threshold: float = THRESHOLD,
           max_tokens: Optional[int] = None, device: str = "auto", threads: Optional[int] = None,
           hf: Optional[bool] = None, force: bool = False, progress: bool = True,
           json_schema: Optional[str] = None) -> BenchResult:
