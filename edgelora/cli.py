@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from inspect import signature
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from .errors import EdgeloraError
 from .exporter import EFFORTS, LAPTOP_QUANT
 from .imatrix import DECISION_WEIGHT
 from .refit import MIN_STEPS as REFIT_MIN_STEPS, SHARE as REFIT_SHARE
+from .runtime import Runtime, load as load_runtime
 from .files import os_error
 from .machine import DEVICES
 
@@ -63,6 +65,11 @@ def friendly_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def _default(fn, name: str):
+    """The default of `fn`'s parameter `name`: an option shows the default its function has."""
+    return signature(fn).parameters[name].default
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -359,14 +366,15 @@ def _runtime_options(fn):
         click.option("--lora-scale", "lora_scales", multiple=True, type=float, metavar="S",
                      help="Scale of the n-th --lora. [default: 1.0]"),
         click.option("--system", help="System message (chat template only)."),
-        click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="Longest answer in tokens."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy, reproducible."),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=_default(Runtime.chat, "max_tokens"),
+                     show_default=True, help="Longest answer in tokens."),
+        click.option("--temperature", type=float, default=_default(Runtime.chat, "temperature"), show_default=True,
+                     help="0 = greedy, reproducible."),
+        click.option("--top-p", type=float, default=_default(Runtime.chat, "top_p"), show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-        click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
-                     help="Context length in tokens (capped to the model's)."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=_default(load_runtime, "n_ctx"),
+                     show_default=True, help="Context length in tokens (capped to the model's)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]"),
         click.option("--json-schema", metavar="auto|FILE",
                      help="Hold answers to this JSON schema (a llama.cpp grammar); auto: the schema.json export wrote "
@@ -497,7 +505,7 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
 @click.option("--json-schema", metavar="auto|FILE",
               help="Hold answers to a JSON schema unless a request gives its own grammar or response_format; auto: "
                    "each model's schema.json beside its file.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=4096, show_default=True,
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=1), default=_default(load_runtime, "n_ctx"), show_default=True,
               help="Context length in tokens (capped to the model's).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads. [default: llama.cpp's choice]")
