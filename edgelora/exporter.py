@@ -528,9 +528,14 @@ def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool
     if data is not None:
         source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir
     elif plan.adapter_dir is not None:
-        cfg = load_config(str(plan.adapter_dir.parent / "config.yaml"), {})
-        source, fmt, seq_len, seed, tok_dir = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed, plan.adapter_dir
-        split = 0.0 if cfg.eval_data else cfg.eval_split
+        run = RunSummary.read(plan.adapter_dir.parent)
+        if run.seq_len:
+            source, fmt, seq_len, seed, split = run.data, run.data_format, run.seq_len, run.seed, run.held_out
+        else:  # trained before summary.json recorded these: the run's config
+            cfg = load_config(str(plan.adapter_dir.parent / "config.yaml"), {})
+            source, fmt, seq_len, seed = cfg.data, cfg.data_format, cfg.seq_len, cfg.seed
+            split = 0.0 if cfg.eval_data else cfg.eval_split
+        tok_dir = plan.adapter_dir
         if not Path(source).is_file() and not needed:
             log.warning("the run's training data %s is not found: the files are not verified", source)
             return None

@@ -62,6 +62,9 @@ class RunSummary:
     base_hf_dir: str = ""  # the base as an HF folder (a GGUF base dequantised into the cache)
     data: str = ""
     data_format: str = ""
+    seq_len: int = 0  # what export tokenises the data with, as training did (0: a run from before it was recorded)
+    seed: int = 0
+    held_out: float = 0.0  # the share of --data kept out of training for eval (0 with --eval-data)
     method: str = ""  # qlora | lora
     dora: bool = False
     rslora: bool = False

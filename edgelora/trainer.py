@@ -752,7 +752,8 @@ def _summary(s: Setup, step: int, last_loss: float, rows: list[dict], wall_s: fl
     speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     return RunSummary(
         base=s.base.spec, base_path=str(s.base.path), base_hf_dir=str(s.hf_dir), base_sha256=s.digest,
-        data=str(cfg.data), data_format=s.shape, method=s.method, dora=cfg.dora, rslora=cfg.rslora,
+        data=str(cfg.data), data_format=s.shape, seq_len=cfg.seq_len, seed=cfg.seed,
+        held_out=0.0 if cfg.eval_data else cfg.eval_split, method=s.method, dora=cfg.dora, rslora=cfg.rslora,
         rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, device=device_name(s.device),
         compute_dtype=str(s.dtype).replace("torch.", ""), grad_checkpointing=s.checkpointing,
         world_size=s.world, fsdp=s.sharded, trainable_params=s.n_params[0], total_params=s.n_params[1],

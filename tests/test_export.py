@@ -9,7 +9,7 @@ import torch
 from edgelora.errors import EdgeloraError
 from edgelora.exporter import export
 from edgelora.bases import file_sha256
-from edgelora.handoff import MERGED, Role
+from edgelora.handoff import MERGED, Role, RunSummary
 from tiny import build_model, llama_logits
 
 TOKENS = [1, 20, 31, 42, 53, 64, 75, 86, 97, 108, 119, 130, 141, 152, 163, 174]
@@ -181,6 +181,26 @@ def test_options_and_input_files_are_checked_before_anything_is_written(run_dir,
             export(str(run_dir), out=str(out), **{"quants": ["q4_k_m"], **kwargs})
         assert str(e.value).startswith(message), str(e.value)
         assert not out.exists() or not any(out.iterdir())
+
+
+def test_export_reads_how_training_tokenised_from_the_run_summary_and_from_an_older_runs_config(run_dir, tmp_path):
+    """summary.json records seq_len, seed and the held-out share, which the export's calibration and
+    verification tokenise with; a run whose summary predates them is read from its config.yaml."""
+    import shutil
+
+    from edgelora.config import load_config
+
+    summary, config = RunSummary.read(run_dir), load_config(str(run_dir / "config.yaml"), {})
+    assert (summary.seq_len, summary.seed, summary.held_out) == (config.seq_len, config.seed, config.eval_split) != (0, 0, 0)
+    older = tmp_path / "older"
+    shutil.copytree(run_dir, older, ignore=shutil.ignore_patterns("export"))
+    recorded = json.loads((older / "summary.json").read_text())
+    for key in ("seq_len", "seed", "held_out"):
+        del recorded[key]
+    (older / "summary.json").write_text(json.dumps(recorded))
+    for run in (run_dir, older):
+        result = export(str(run), quants=["f16"], imatrix="none", out=str(tmp_path / f"out-{run.name}"))
+        assert result.checks and all(c["passed"] for c in result.checks), result.checks
 
 
 def test_not_a_run_dir(tmp_path):

@@ -142,8 +142,8 @@ def test_without_the_runs_data_the_files_are_said_to_be_unverified(run_dir, tmp_
 
     run = tmp_path / "moved-run"
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
-    config = run / "config.yaml"
-    config.write_text(re.sub(r"(?m)^data: .*$", f"data: {tmp_path / 'gone.jsonl'}", config.read_text()))
+    summary = json.loads((run / "summary.json").read_text())  # where export reads the run's data from
+    (run / "summary.json").write_text(json.dumps({**summary, "data": str(tmp_path / "gone.jsonl")}))
     r = run_cli("export", run, "--quant", "f16", "--imatrix", "none", "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert "gone.jsonl is not found: the files are not verified" in caplog.text
