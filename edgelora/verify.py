@@ -163,11 +163,9 @@ def logits_checks(probe, reference: Trained, kl_max: float = KL_SAME, top1_min: 
     """`logits` and `adapter`: `probe` (klprobe.KLProbe on the f16 GGUF over the examples' answer
     positions) against the model in torch, with the adapter and (for `adapter`) without it."""
     kl, top1 = probe.against(reference.tuned)
-    same = kl <= kl_max and top1 >= top1_min
     where = f"{sum(len(rows) for _, rows in probe.rows)} answer positions of {len(probe.rows)} training examples"
     model = "the HF base + adapter" if reference.base is not None else "the HF model"
-    checks = [Check("logits", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} with {model} in torch at {where}"
-                    + ("" if same else f" (at most {kl_max} and at least {top1_min})"))]
+    checks = [_same("logits", kl, top1, f"with {model} in torch at {where}", kl_max, top1_min)]
     if reference.base is not None:
         kl_base, _ = probe.against(reference.base)
         moved = kl_base >= MOVED * kl and kl_base > 0
@@ -184,10 +182,14 @@ def refit_check(probe, in_torch: list, base_file: Path, lora: Path) -> Check:
     from .logprobs import kl_top1
 
     kl, top1 = kl_top1(in_torch, probe.logprobs(base_file, loras=[(lora, 1.0)]))
-    same = kl <= KL_SAME and top1 >= TOP1_SAME
-    return Check("refit", same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} of {base_file.name} + {lora.name} in "
-                 "llama.cpp with the refit model in torch" + ("" if same else f" (at most {KL_SAME} and at least "
-                                                                       f"{TOP1_SAME})"))
+    return _same("refit", kl, top1, f"of {base_file.name} + {lora.name} in llama.cpp with the refit model in torch")
+
+
+def _same(name: str, kl: float, top1: float, what: str, kl_max: float = KL_SAME, top1_min: float = TOP1_SAME) -> Check:
+    """Check `name`: two models' next-token distributions agree (KL at most kl_max, top-1 at least top1_min)."""
+    same = kl <= kl_max and top1 >= top1_min
+    return Check(name, same, f"KL {kl:.2g}, top-1 agreement {top1:.3f} {what}"
+                 + ("" if same else f" (at most {kl_max} and at least {top1_min})"))
 
 
 def lora_route_check(probe, base_file: Path, lora: Path) -> Check:
