@@ -27,7 +27,8 @@ from . import refit as R
 from . import verify as V
 from .errors import EdgeloraError
 from .ollama import lora_command
-from .handoff import (BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, ExportedFile, ExportManifest, Role,
+from .handoff import (BASE, LORA, MERGED, REFIT, REFIT_MERGED, SUMMARY_FILE, AdapterInput, BaseInput, ExportedFile,
+                      ExportManifest, Role,
                       RunSummary, finished_run)
 from .files import atomic_write_json, output_folder, read_json, temp_name
 from .machine import package_versions
@@ -450,8 +451,8 @@ def _finish(run: ExportRun, clock: StageClock) -> ExportResult:
     seconds = clock.as_dict()
     manifest = ExportManifest(
         name=plan.name,
-        base={"spec": plan.base.spec, "kind": plan.base.kind, "path": str(plan.base.path), "sha256": plan.base_sha256},
-        adapter=None if plan.adapter_dir is None else {"path": str(plan.adapter_dir), "sha256": run.settings["adapter"]},
+        base=BaseInput(plan.base.spec, plan.base.kind, str(plan.base.path), plan.base_sha256),
+        adapter=None if plan.adapter_dir is None else AdapterInput(str(plan.adapter_dir), run.settings["adapter"]),
         outputs=files, card=run.cards[MERGED], effort=run.settings["effort"], checks=verification if verify else None,
         imatrix=run.importance_info, json_schema=schema_info, budget=run.budgets.get(Role(MERGED, AUTO)),
         seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),

@@ -124,12 +124,30 @@ class ExportedFile:
 
 
 @dataclass
+class BaseInput:
+    """manifest.json's inputs.base: the base model an export read."""
+
+    spec: str  # --base as given (or the run's)
+    kind: str  # gguf | hf
+    path: str
+    sha256: str
+
+
+@dataclass
+class AdapterInput:
+    """manifest.json's inputs.adapter: the run's adapter an export merged or converted."""
+
+    path: str
+    sha256: Optional[str] = None
+
+
+@dataclass
 class ExportManifest:
     """manifest.json: what an export read, what it wrote, and what it measured on the way."""
 
     name: str  # the model's name in its files
-    base: dict  # inputs.base: spec, kind (gguf | hf), path, sha256
-    adapter: Optional[dict]  # inputs.adapter: path, sha256; None for a plain conversion
+    base: BaseInput
+    adapter: Optional[AdapterInput]  # None for a plain conversion
     outputs: list[ExportedFile] = field(metadata={"item": "output"})
     card: dict = field(default_factory=dict)  # the model card written into the merged files
     effort: Optional[str] = None  # --effort: how much was measured before each quantised file was kept
@@ -148,7 +166,8 @@ class ExportManifest:
         rest = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("name", "base", "adapter", "outputs")}
         path = Path(folder) / MANIFEST_FILE
-        atomic_write_json(path, stamped({"name": self.name, "inputs": {"base": self.base, "adapter": self.adapter},
+        inputs = {"base": dataclasses.asdict(self.base), "adapter": self.adapter and dataclasses.asdict(self.adapter)}
+        atomic_write_json(path, stamped({"name": self.name, "inputs": inputs,
                                          "outputs": [o.as_json() for o in self.outputs], **rest}))
         return path
 
@@ -222,14 +241,20 @@ _JSON_KINDS = {str: str, bool: bool, int: int, float: (int, float), dict: dict, 
 
 def _fits(value, hint) -> bool:
     """Whether `value` read from JSON can be a field typed `hint` (int, float, str, bool, dict,
-    list, a Role's text or Optional[...] of one): numbers are numbers (an int is not a bool),
-    text is text."""
-    optional = typing.get_origin(hint) is typing.Union
+    list, a Role's text, a dataclass's object or Optional[...] of one): numbers are numbers (an
+    int is not a bool), text is text."""
     if value is None:
-        return optional
-    want = next(t for t in typing.get_args(hint) if t is not type(None)) if optional else hint
-    want = typing.get_origin(want) or want  # list[ExportedFile] -> list
-    return isinstance(value, _JSON_KINDS[want]) and (want is bool or not isinstance(value, bool))
+        return typing.get_origin(hint) is typing.Union
+    want = typing.get_origin(_inner(hint)) or _inner(hint)  # list[ExportedFile] -> list
+    kind = _JSON_KINDS[want] if want in _JSON_KINDS else dict  # a dataclass (BaseInput, ...): its object
+    return isinstance(value, kind) and (want is bool or not isinstance(value, bool))
+
+
+def _inner(hint):
+    """Optional[X] -> X; any other hint as it is."""
+    if typing.get_origin(hint) is typing.Union:
+        return next(t for t in typing.get_args(hint) if t is not type(None))
+    return hint
 
 
 def _typed(cls, data: dict, damaged: str):
@@ -249,10 +274,12 @@ def _typed(cls, data: dict, damaged: str):
     if hints.get("role") is Role and "role" in values:
         values["role"] = Role.parse(values["role"])
     for name, f in fields.items():
-        item = (typing.get_args(hints[name]) or [None])[0]
-        if dataclasses.is_dataclass(item):
+        item = (typing.get_args(hints[name]) or [None])[0] if typing.get_origin(hints[name]) is list else None
+        if dataclasses.is_dataclass(item) and name in values:
             values[name] = [_typed(item, v if isinstance(v, dict) else {}, f"{damaged} ({f.metadata['item']} {i + 1})")
                             for i, v in enumerate(values[name])]
+        elif dataclasses.is_dataclass(_inner(hints[name])) and isinstance(values.get(name), dict):
+            values[name] = _typed(_inner(hints[name]), values[name], f"{damaged} ({name})")
     return cls(**values)
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.handoff import LORA, MERGED, ExportedFile, BenchReport, ExportManifest, Role, RunSummary
+from edgelora.handoff import LORA, MERGED, AdapterInput, BaseInput, BenchReport, ExportedFile, ExportManifest, Role, RunSummary
 from tiny import assert_one_line_error, run_cli
 
 OLDER = {"base": "smollm2-135m", "base_path": "/x/base.gguf", "base_hf_dir": "/x/hf", "base_sha256": "ab" * 32,
@@ -56,8 +56,7 @@ def test_manifest_and_report_layouts_are_checked(tmp_path):
 
 
 MANIFEST = ExportManifest(
-    "extract", {"spec": "smollm2-135m", "kind": "gguf", "path": "/x/base.gguf", "sha256": "ab" * 32},
-    {"path": "/x/run/adapter", "sha256": "cd" * 32},
+    "extract", BaseInput("smollm2-135m", "gguf", "/x/base.gguf", "ab" * 32), AdapterInput("/x/run/adapter", "cd" * 32),
     [ExportedFile(Role(MERGED, "q4_k_m"), "extract-q4_k_m.gguf", "ef" * 32, 105_000_000, 6.17, "q4_k_m", "MOSTLY_Q4_K_M",
                   {"Q5_0": 150}, {"attn_q": {"Q5_0": 30}}, imatrix=True, fallbacks={"count": 180}),
      ExportedFile(Role(LORA), "extract-lora-f16.gguf", "01" * 32, 9_000_000, 16.0, "f16")],
@@ -82,6 +81,8 @@ def test_a_manifest_reads_back_as_written(tmp_path):
     (lambda d: d["outputs"][0].update(size_bytes="big"), r"damaged export manifest \(output 1\) \('size_bytes' is 'big'\)"),
     (lambda d: d.update(outputs={"role": "lora"}), r"damaged export manifest \(its inputs or outputs are not"),
     (lambda d: d["inputs"].pop("base"), r"damaged export manifest \(its inputs or outputs are not"),
+    (lambda d: d["inputs"]["base"].pop("path"), r"damaged export manifest \(base\) \(no 'path'\)"),
+    (lambda d: d["inputs"]["adapter"].update(path=3), r"damaged export manifest \(adapter\) \('path' is 3\)"),
 ])
 def test_a_damaged_manifest_is_named(tmp_path, change, message):
     path = MANIFEST.write(tmp_path)

@@ -109,11 +109,7 @@ def _from_export(folder: Path, quants: Optional[list[str]], hf: Optional[bool]) 
         log.warning("%s: no %s (an interrupted export?): benching its model files alone%s", folder, MANIFEST_FILE,
                     f", not {', '.join(skipped)}" if skipped else "")
         return [_from_file(p) for p in models]
-    manifest = ExportManifest.read(folder)
-    try:
-        return _manifest_candidates(folder, manifest, quants, hf)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:  # inputs without the keys an export writes
-        raise EdgeloraError(f"{manifest_path}: damaged export manifest ({type(e).__name__}: {e})") from None
+    return _manifest_candidates(folder, ExportManifest.read(folder), quants, hf)
 
 
 def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optional[list[str]], hf: Optional[bool]):
@@ -135,7 +131,7 @@ def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optiona
         lora = outputs[Role(LORA)]
         base = manifest.base
         # the base GGUF itself (named by its file type below), and each base quant the export wrote
-        bases = [(None, Path(base["path"]))] if base["kind"] == "gguf" else []
+        bases = [(None, Path(base.path))] if base.kind == "gguf" else []
         bases += [(role.quant, folder / o.file) for role, o in outputs.items() if role.kind == BASE
                   and (not quants or role.quant in wanted)]
         for quant, path in bases:
@@ -152,7 +148,7 @@ def _manifest_candidates(folder: Path, manifest: ExportManifest, quants: Optiona
     if hf and not torch_ok:
         raise EdgeloraError("the HF reference needs torch, transformers and peft: pip install 'edgelora[train]'")
     if adapter and (hf or (hf is None and torch_ok)):
-        cands.append(Candidate("hf", "hf", manifest.base["path"], [adapter["path"]]))
+        cands.append(Candidate("hf", "hf", manifest.base.path, [adapter.path]))
     return cands
 
 
