@@ -33,7 +33,7 @@ def _arg(default: Any, help: str, *, choices: tuple[str, ...] = (), shown: Optio
 
 
 def slug(name: str) -> str:
-    """`name` as lower-case letters, digits and dashes: what names a run, its files and its model."""
+    """`name` as lower-case letters, digits, dots and dashes: what names a run, its files and its model."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "model"
 
 

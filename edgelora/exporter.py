@@ -55,8 +55,13 @@ class ExportPlan:
     out_dir: Path
     quants: list[str]
     lora_gguf: bool
-    dataset: Optional[str] = None  # the training data file's name, for the model card
+    run: Optional[RunSummary] = None  # the run's summary.json (None: a plain conversion)
     outputs: dict[Role, Path] = field(default_factory=dict)  # what each file is -> its final path
+
+    @property
+    def dataset(self) -> Optional[str]:
+        """The training data file's name, for the model card."""
+        return (Path(self.run.data).name or None) if self.run else None
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
     refit = _refit_types(refit, run_dir, budgeted)
     if name is not None and not re.fullmatch(r"\w[\w.+-]{0,99}", name):
         raise EdgeloraError(f"--name {name!r}: use letters, digits and . _ + - (it names the files)")
-    adapter_dir, dataset = None, None
+    adapter_dir, summary = None, None
     if run_dir:
         run = Path(run_dir)
         if not finished_run(run):
@@ -129,7 +134,6 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
             raise EdgeloraError(f"base '{summary.base}' has changed since {run} was trained "
                                 f"(sha256 {digest[:12]} != {str(summary.base_sha256)[:12]}); pass --base")
         name = name or run.resolve().name
-        dataset = Path(summary.data).name or None
         out_dir = Path(out) if out else run / "export"
     else:
         if not base:
@@ -141,7 +145,7 @@ def plan_export(run_dir: Optional[str], base: Optional[str], quants: list[str], 
         name = name or resolved.name
         out_dir = Path(out) if out else Path(f"{name}-gguf")
     plan = ExportPlan(name, resolved, digest, materialise(resolved, digest), adapter_dir, out_dir, quants, lora_gguf,
-                      dataset)
+                      summary)
     for q in quants:
         plan.outputs[Role(MERGED, q)] = out_dir / f"{name}-{q}.gguf"
     if lora_gguf:
@@ -528,8 +532,8 @@ def _calibration(plan: ExportPlan, data: Optional[str], first: int, needed: bool
 
     if data is not None:
         source, fmt, seq_len, split, seed, tok_dir = data, "auto", 2048, 0.0, 0, plan.hf_dir
-    elif plan.adapter_dir is not None:
-        run = RunSummary.read(plan.adapter_dir.parent)
+    elif plan.run is not None:
+        run = plan.run
         if run.seq_len:
             source, fmt, seq_len, seed, split = run.data, run.data_format, run.seq_len, run.seed, run.held_out
         else:  # trained before summary.json recorded these: the run's config
