@@ -384,7 +384,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
               sequences=reading_sequences(device))
     observer.active = True
     try:
-        for i, first, logits in batched_logits(rt.llm, token_ids, None, before):  # every row's output
+        for i, first, logits in batched_logits(rt.llm, token_ids, None, before, share=False):  # every row's output
             if weighted:
                 logp = log_softmax(logits[deciding_at[i][first:first + len(logits)]]).astype(np.float64)
                 batch["entropies"].append(-(np.exp(logp) * logp).sum(-1))

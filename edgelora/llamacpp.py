@@ -217,70 +217,113 @@ def all_logits(llm, tokens):
     return logits_at(llm, [tokens])[0]
 
 
-def batched_logits(llm, sequences, rows=None, before=None):
-    """For each token sequence (read from position 0), its next-token logits (float32) at its
-    `rows` (positions; None: every position), yielded as (sequence index, first position of the
-    part, logits at the part's rows) after each batch, and kept nowhere: only the rows asked for
-    go through the output head. Sequences are packed into batches of up to n_batch tokens, each
-    its own sequence in the KV cache, as many as the Llama was loaded for (load_llama(sequences=N));
-    one longer than a batch is read on its own, in parts. `before(parts)`: called before each batch
-    with what it holds, in order: (sequence index, first position, tokens) per part. Clears the KV
-    cache."""
+def shared_prefix(sequences, first_wanted) -> int:
+    """How many first tokens all `sequences` have in common that can be read once for all of them:
+    their longest common prefix, stopping before each one's first position whose logits are wanted
+    (`first_wanted`, per sequence) and before its last token. 0 for fewer than two sequences."""
+    if len(sequences) < 2:
+        return 0
+    limit = min(min(int(f), len(ids) - 1) for ids, f in zip(sequences, first_wanted))
+    first = sequences[0]
+    n = 0
+    while n < limit and all(ids[n] == first[n] for ids in sequences):
+        n += 1
+    return n
+
+
+def _decode(llm, entries):
+    """One llama_decode of `entries` ((sequence slot, token, position, wants logits) each): the
+    logits rows asked for (float32, in order)."""
     import llama_cpp
     import numpy as np
 
     _, ctx, _, batch = handles(llm)
-    n_vocab, room = llm.n_vocab(), llm.n_batch
-    slots = max(1, int(llm.context_params.n_seq_max))
+    b = batch.batch
+    b.n_tokens = len(entries)
+    for k, (slot, token, pos, wants) in enumerate(entries):
+        b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, wants
+        b.seq_id[k][0] = slot
+    if llama_cpp.llama_decode(ctx, b) != 0:
+        raise EdgeloraError(f"llama.cpp could not evaluate a batch of {len(entries)} tokens")
+    n = sum(1 for e in entries if e[3])
+    if not n:
+        return np.empty((0, llm.n_vocab()), np.float32)
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, llm.n_vocab())).copy()
+
+
+def _read_prefix(llm, tokens, slots: int) -> None:
+    """`tokens` into the KV cache from position 0, no logits, then shared by sequence slots 1..slots-1
+    (the cache is unified: the cells are shared, not copied)."""
+    for first in range(0, len(tokens), llm.n_batch):
+        _decode(llm, [(0, t, first + j, False) for j, t in enumerate(tokens[first:first + llm.n_batch])])
+    for slot in range(1, slots):
+        llm._ctx.kv_cache_seq_cp(0, slot, -1, -1)
+
+
+def batched_logits(llm, sequences, rows=None, before=None, share: bool = True):
+    """For each token sequence (read from position 0), its next-token logits (float32) at its
+    `rows` (positions; None: every position), yielded as (sequence index, first position of the
+    part, logits at the part's rows) after each batch, and kept nowhere: only the rows asked for
+    go through the output head. With `share`, the first tokens all sequences have in common (a
+    system prompt, an instruction: shared_prefix) are read once and stay in the KV cache while each
+    sequence's rest is read after them. Sequences are packed into batches of up to n_batch tokens,
+    each its own sequence in the KV cache, as many as the Llama was loaded for
+    (load_llama(sequences=N)); one longer than a batch is read on its own, in parts.
+    `before(parts)`: called before each batch with what it holds, in order: (sequence index, first
+    position, tokens) per part. Clears the KV cache."""
+    import numpy as np
+
+    room, slots = llm.n_batch, max(1, int(llm.context_params.n_seq_max))
     wanted = [np.arange(len(ids)) if r is None else np.asarray(r, dtype=int)
               for ids, r in zip(sequences, rows or [None] * len(sequences))]
+    first_wanted = [w.min() if len(w) else len(ids) for ids, w in zip(sequences, wanted)]
+    shared = shared_prefix(sequences, first_wanted) if share else 0
 
-    def decode(parts, last: bool = True):  # parts: (index, first position, tokens); last: clear the cache after
-        b, flags = batch.batch, []
-        b.n_tokens = 0
+    def read(parts):  # parts: (index, first position, tokens), one sequence slot each
+        entries, counts = [], []
         for slot, (i, first, tokens) in enumerate(parts):
             take = set(wanted[i][(wanted[i] >= first) & (wanted[i] < first + len(tokens))].tolist())
-            for j, token in enumerate(tokens):
-                k = b.n_tokens
-                b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, first + j, 1, (first + j) in take
-                b.seq_id[k][0] = slot
-                b.n_tokens += 1
-            flags.append(len(take))
+            entries += [(slot, token, first + j, first + j in take) for j, token in enumerate(tokens)]
+            counts.append(len(take))
         if before:
             before([(i, first, len(tokens)) for i, first, tokens in parts])
-        if llama_cpp.llama_decode(ctx, b) != 0:
-            raise EdgeloraError(f"llama.cpp could not evaluate a batch of {b.n_tokens} tokens")
-        got = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(sum(flags), n_vocab)) if sum(flags) else None
-        at = 0
-        for (i, first, _), n in zip(parts, flags):
-            yield i, first, got[at:at + n].copy() if n else np.empty((0, n_vocab), np.float32)
+        got, at = _decode(llm, entries), 0
+        for (i, first, _), n in zip(parts, counts):
+            yield i, first, got[at:at + n]
             at += n
-        if last:
-            llm._ctx.kv_cache_clear()  # every sequence's cells
+
+    def forget(n_slots: int) -> None:  # the cache back to the shared prefix alone
+        for slot in range(n_slots):
+            llm._ctx.kv_cache_seq_rm(slot, shared, -1)
 
     llm.reset()
     llm._ctx.kv_cache_clear()
-    pending, used = [], 0
+    if shared:
+        _read_prefix(llm, list(sequences[0][:shared]), slots)
+    pending, used = [], shared
     for i, ids in enumerate(sequences):
-        if len(ids) > room:  # alone, in parts
-            for first in range(0, len(ids), room):
-                yield from decode([(i, first, list(ids[first:first + room]))], last=first + room >= len(ids))
+        if len(ids) - shared > room:  # alone, in parts
+            for first in range(shared, len(ids), room):
+                yield from read([(i, first, list(ids[first:first + room]))])
+            forget(1)
             continue
-        if pending and (used + len(ids) > room or len(pending) == slots):
-            yield from decode(pending)
-            pending, used = [], 0
-        pending.append((i, 0, list(ids)))
-        used += len(ids)
+        if pending and (used + len(ids) - shared > room or len(pending) == slots):
+            yield from read(pending)
+            forget(len(pending))
+            pending, used = [], shared
+        pending.append((i, shared, list(ids[shared:])))
+        used += len(ids) - shared
     if pending:
-        yield from decode(pending)
+        yield from read(pending)
+    llm._ctx.kv_cache_clear()
 
 
-def logits_at(llm, sequences, rows=None) -> list:
+def logits_at(llm, sequences, rows=None, share: bool = True) -> list:
     """batched_logits gathered: per sequence, its logits at its rows, one array."""
     import numpy as np
 
     out: list[list] = [[] for _ in sequences]
-    for i, _, logits in batched_logits(llm, sequences, rows):
+    for i, _, logits in batched_logits(llm, sequences, rows, share=share):
         out[i].append(logits)
     return [np.concatenate(parts) for parts in out]
 
@@ -293,37 +336,29 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
     next-token logits at the last prompt token and at each of them but the last going to
     `on_read(index, logits)` in the prompts' order; those tokens then leave the cache and the
-    greedy answer goes on from the prompt alone, so the prompt is read once for both. `grammar`
+    greedy answer goes on from the prompt alone, so the prompt is read once for both; the first
+    tokens the prompts of a group share (shared_prefix) are read once for all of them. `grammar`
     (GBNF): each answer's top token among those llama.cpp's grammar sampler allows, as
     temperature-0 generation held to it picks. Clears the KV cache."""
     import llama_cpp
     import numpy as np
 
-    _, ctx, vocab, batch = handles(llm)
+    _, _, vocab, _ = handles(llm)
     n_vocab, room, slots, cells = llm.n_vocab(), llm.n_batch, max(1, int(llm.context_params.n_seq_max)), llm.n_ctx()
     read = read or [[] for _ in prompts]
     out: list[list[int]] = [[] for _ in prompts]
 
-    def decode(entries) -> np.ndarray:  # entries: (sequence slot, token, position, wants logits)
-        b = batch.batch
-        b.n_tokens = len(entries)
-        for k, (slot, token, pos, wants) in enumerate(entries):
-            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, wants
-            b.seq_id[k][0] = slot
-        if llama_cpp.llama_decode(ctx, b) != 0:
-            raise EdgeloraError(f"llama.cpp could not evaluate a batch of {len(entries)} tokens")
-        n = sum(1 for e in entries if e[3])
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).copy()
-
     def answer(group: list[int]) -> None:
         llm.reset()
         llm._ctx.kv_cache_clear()
+        share = shared_prefix([prompts[i] for i in group], [len(prompts[i]) - 1 for i in group])
+        _read_prefix(llm, prompts[group[0]][:share], len(group))
         entries = [(slot, t, pos, len(prompts[i]) - 1 <= pos < len(prompts[i]) - 1 + max(1, len(read[i])))
-                   for slot, i in enumerate(group) for pos, t in enumerate([*prompts[i], *read[i]])]
+                   for slot, i in enumerate(group) for pos, t in enumerate([*prompts[i], *read[i]]) if pos >= share]
         rows: dict[int, list[np.ndarray]] = {slot: [] for slot in range(len(group))}
         for start in range(0, len(entries), room):  # prompt and read tokens, a batch at a time
             chunk = entries[start:start + room]
-            for slot, logits in zip([slot for slot, _, _, wants in chunk if wants], decode(chunk)):
+            for slot, logits in zip([slot for slot, _, _, wants in chunk if wants], _decode(llm, chunk)):
                 rows[slot].append(logits)
         for slot, i in enumerate(group):
             if on_read is not None and read[i]:
@@ -340,7 +375,7 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
                 live = [(slot, i) for slot, i in live
                         if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
                 if live:
-                    top = decode([(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
+                    top = _decode(llm, [(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
                     nexts = {slot: pick(held.get(slot), logits) for (slot, _), logits in zip(live, top)}
         finally:
             for sampler in held.values():

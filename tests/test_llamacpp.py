@@ -64,6 +64,47 @@ def test_batched_logits_are_each_sequence_read_alone(wider_gguf, sequences):
     assert sum(n for _, _, n in parts) == sum(map(len, seqs))
 
 
+def test_shared_prefix_stops_before_a_wanted_row_and_a_last_token():
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 9], [1, 2, 3, 4]]
+    assert llamacpp.shared_prefix(seqs, [9, 9, 9]) == 3
+    assert llamacpp.shared_prefix(seqs, [9, 2, 9]) == 2  # the second wants the logits at position 2
+    assert llamacpp.shared_prefix([[1, 2], [1, 2]], [9, 9]) == 1  # each keeps a token of its own to read
+    assert llamacpp.shared_prefix([[1, 2, 3]], [9]) == 0  # one sequence: nothing to share
+    assert llamacpp.shared_prefix([[4, 2], [1, 2]], [9, 9]) == 0
+
+
+@pytest.mark.parametrize("sequences", [1, 16])
+@pytest.mark.parametrize("rows, shared", [
+    ([[12, 13], [12, 14, 15], [12, 40, 70], [9]], 9),  # the shortest has 9 tokens in common with the rest
+    ([[12, 13], [5, 15], [12, 40, 70], [9]], 5),  # a row asked for at 5: the first 5 shared
+    ([[12, 13], [12, 15], None, [9]], 0),  # every row of the third: nothing shared
+])
+def test_a_prefix_every_sequence_shares_is_read_once(wider_gguf, monkeypatch, sequences, rows, shared):
+    """Sequences that begin alike (a system prompt, an instruction) have that beginning read once: each
+    sequence's logits at its rows are those of reading it alone (one longer than a batch too), and a row
+    asked for inside the common beginning keeps it out of what is shared."""
+    import numpy as np
+
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=32, n_ubatch=32, sequences=sequences, verbose=False)
+    common = [1, 5, 9, 13, 2, 7, 7, 3, 11, 4, 6, 12]
+    seqs = [common + [3, 4], common + [8, 8, 2, 5], common + list(range(1, 60)), common[:9] + [20]]
+    read, decode = [], llamacpp._decode
+    monkeypatch.setattr(llamacpp, "_decode", lambda llm_, entries: read.append(len(entries)) or decode(llm_, entries))
+    got = llamacpp.logits_at(llm, seqs, rows)
+    assert sum(read) == sum(map(len, seqs)) - shared * (len(seqs) - 1)
+    oracle = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=512, logits_all=True, verbose=False)
+    # packed, a sequence's cells sit elsewhere in the unified cache than read alone, and llama.cpp's CPU
+    # attention sums in cache order (partly in f16): 1e-3 apart; a cell of another sequence seen moves
+    # these logits (up to 5.4) by about 1
+    tolerance = 1e-4 if sequences == 1 else 1e-2
+    for ids, want, logits in zip(seqs, rows, got):
+        oracle.reset()
+        oracle.eval(ids)
+        alone = np.array(oracle.scores[:len(ids)], dtype=np.float32)
+        np.testing.assert_allclose(logits, alone[np.arange(len(ids)) if want is None else want],
+                                   rtol=tolerance, atol=tolerance)
+
+
 def test_weight_inputs_see_every_token_of_every_weight(wider_gguf):
     """WeightInputs: while active, each blk.* weight's input once per token, a row each; q, k and v share one array."""
     import numpy as np
@@ -89,7 +130,7 @@ def test_greedy_many_answers_as_greedy_does_one_by_one(wider_gguf):
     and a context that holds only some at a time) give each prompt's one-at-a-time greedy answer, as
     llama-cpp-python's own temperature-0 generation gives it."""
     llm = llamacpp.load_llama(wider_gguf, n_ctx=256, n_batch=64, sequences=3, verbose=False)
-    prompts = [[1, 5, 9, 13], [3, 4, 4, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
+    prompts = [[1, 5, 9, 13], [1, 5, 9, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]  # two begin alike
     limits = [120, 120, 30, 5, 0]  # the first two fill the context: the third waits for the next group
     together = llamacpp.greedy_many(llm, prompts, limits)
     import llama_cpp
@@ -127,7 +168,7 @@ def test_greedy_many_reads_a_continuation_first_and_answers_from_the_prompt(wide
     import numpy as np
 
     llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=64, sequences=3, verbose=False)
-    prompts = [[1, 5, 9, 13], [3, 4, 4, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
+    prompts = [[1, 5, 9, 13], [1, 5, 9, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]  # two begin alike
     read = [[7, 7, 2], [], [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4], [3], [2, 8]]
     limits = [40, 40, 30, 5, 0]
     plain = llamacpp.greedy_many(llm, prompts, limits)
