@@ -15,6 +15,7 @@ import click
 from .bench import THRESHOLD as BENCH_THRESHOLD
 from .errors import EdgeloraError
 from .exporter import EFFORTS, LAPTOP_QUANT
+from .serve_limits import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, MAX_TOKENS_LIMIT
 from .imatrix import DECISION_WEIGHT
 from .refit import MIN_STEPS as REFIT_MIN_STEPS, SHARE as REFIT_SHARE
 from .runtime import Runtime, load as load_runtime
@@ -496,11 +497,11 @@ def chat(model, loras, lora_scales, system, max_tokens, temperature, top_p, seed
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--api-key", envvar="EDGELORA_API_KEY", help="Require 'Authorization: Bearer KEY'. [env: EDGELORA_API_KEY]")
-@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--max-tokens-limit", type=click.IntRange(min=1), default=MAX_TOKENS_LIMIT, show_default=True,
               help="Most tokens one answer may ask for; also the default.")
-@click.option("--max-request-bytes", type=click.IntRange(min=1), default=2**20, show_default=True,
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=MAX_REQUEST_BYTES, show_default=True,
               help="Larger request bodies get 413.")
-@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--request-timeout", type=click.FloatRange(min=0, min_open=True), default=BODY_TIMEOUT_S, show_default=True,
               help="Seconds a request body may take to arrive (then 408).")
 @click.option("--json-schema", metavar="auto|FILE",
               help="Hold answers to a JSON schema unless a request gives its own grammar or response_format; auto: "

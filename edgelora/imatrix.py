@@ -321,9 +321,10 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
 
     Decision weighting as in `compute`, in the same single pass: the squares at the rows whose next
     token is an answer's are kept aside until the batch's logits give the entropies there, then
-    added again times a*H (so those rows weigh 1 + a*H, the others 1). Every row's output is asked
-    for, so that llama.cpp's last layer sees every token (it skips the rows whose output nobody
-    reads). Sequences are read several to a batch where llama.cpp runs on a GPU (batched_logits)."""
+    added again times a*H (so those rows weigh 1 + a*H, the others 1). Every row's output is
+    computed, so that llama.cpp's last layer sees every token. The first tokens every sequence
+    shares (a system prompt, an instruction, before any answer) are read once and count once per
+    sequence. Sequences are read several to a batch where llama.cpp runs on a GPU (batched_logits)."""
     from .logprobs import log_softmax
     from .llamacpp import WeightInputs, batched_logits
     from .runtime import CTX_STEP, PACKED_CTX, load, reading_sequences
@@ -336,7 +337,7 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
     counts: dict[str, int] = {}
     # this batch's: rows seen per weight, the last input squared, the answer-predicting rows, and the
     # squares there of each distinct input with the weights it fed (until the entropies are known)
-    batch = {"seen": {}, "last": None, "deciding": np.zeros(0, dtype=int), "aside": [], "entropies": []}
+    batch = {"seen": {}, "last": None, "deciding": np.zeros(0, dtype=int), "aside": [], "entropies": [], "times": 1}
 
     def on_input(name: str, x: np.ndarray) -> None:
         start = batch["seen"].get(name, 0)
@@ -344,14 +345,14 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
         last = batch["last"]
         if last is None or last[0] is not x or last[1] != start:  # q/k/v (gate/up) share x: square it once
             squares = x.astype(np.float64) ** 2
-            batch["last"] = last = (x, start, squares.sum(0), [])
+            batch["last"] = last = (x, start, squares.sum(0) * batch["times"], [])
             deciding = batch["deciding"]
             at = np.flatnonzero((deciding >= start) & (deciding < start + len(x)))  # which of the batch's
             if len(at):
                 batch["aside"].append((at, squares[deciding[at] - start].astype(np.float32), last[3]))
         last[3].append(name)
         sums[name] = sums.get(name, 0) + last[2]
-        counts[name] = counts.get(name, 0) + len(x)
+        counts[name] = counts.get(name, 0) + len(x) * batch["times"]
 
     def add_decisions() -> None:  # the batch just read: its answer-predicting rows again, times a*H
         if batch["aside"]:
@@ -369,12 +370,13 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
         add_decisions()
         at, rows = 0, []
         for i, first, n in parts:
-            if weighted:
+            if weighted and i is not None:
                 rows.append(at + np.flatnonzero(deciding_at[i][first:first + n]))
             at += n
-        batch.update(seen={}, last=None, deciding=np.concatenate(rows) if rows else np.zeros(0, dtype=int))
+        times = len(token_ids) if parts[0][0] is None else 1  # the tokens every sequence begins with
+        batch.update(seen={}, last=None, deciding=np.concatenate(rows) if rows else np.zeros(0, dtype=int), times=times)
         observer.new_batch()
-        done += at
+        done += at * times
         if progress:
             progress(done, total)
 
@@ -384,9 +386,10 @@ def compute_gguf(model: Path, token_ids: list[list[int]], *, datasets: list[str]
               sequences=reading_sequences(device))
     observer.active = True
     try:
-        for i, first, logits in batched_logits(rt.llm, token_ids, None, before, share=False):  # every row's output
+        rows = [np.flatnonzero(at) if weighted else [] for at in deciding_at]
+        for _, _, logits in batched_logits(rt.llm, token_ids, rows, before, every_output=True):
             if weighted:
-                logp = log_softmax(logits[deciding_at[i][first:first + len(logits)]]).astype(np.float64)
+                logp = log_softmax(logits).astype(np.float64)
                 batch["entropies"].append(-(np.exp(logp) * logp).sum(-1))
         add_decisions()
     finally:

@@ -251,26 +251,33 @@ def _decode(llm, entries):
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, llm.n_vocab())).copy()
 
 
-def _read_prefix(llm, tokens, slots: int) -> None:
-    """`tokens` into the KV cache from position 0, no logits, then shared by sequence slots 1..slots-1
-    (the cache is unified: the cells are shared, not copied)."""
+def _read_prefix(llm, tokens, slots: int, read=None) -> None:
+    """`tokens` into the KV cache from position 0 (a batch at a time: `read(first position, tokens)`;
+    default: no logits), then shared by sequence slots 1..slots-1 (the cache is unified: the cells
+    are shared, not copied)."""
     for first in range(0, len(tokens), llm.n_batch):
-        _decode(llm, [(0, t, first + j, False) for j, t in enumerate(tokens[first:first + llm.n_batch])])
+        part = list(tokens[first:first + llm.n_batch])
+        if read:
+            read(first, part)
+        else:
+            _decode(llm, [(0, t, first + j, False) for j, t in enumerate(part)])
     for slot in range(1, slots):
         llm._ctx.kv_cache_seq_cp(0, slot, -1, -1)
 
 
-def batched_logits(llm, sequences, rows=None, before=None, share: bool = True):
+def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, every_output: bool = False):
     """For each token sequence (read from position 0), its next-token logits (float32) at its
     `rows` (positions; None: every position), yielded as (sequence index, first position of the
     part, logits at the part's rows) after each batch, and kept nowhere: only the rows asked for
-    go through the output head. With `share`, the first tokens all sequences have in common (a
-    system prompt, an instruction: shared_prefix) are read once and stay in the KV cache while each
-    sequence's rest is read after them. Sequences are packed into batches of up to n_batch tokens,
-    each its own sequence in the KV cache, as many as the Llama was loaded for
-    (load_llama(sequences=N)); one longer than a batch is read on its own, in parts.
-    `before(parts)`: called before each batch with what it holds, in order: (sequence index, first
-    position, tokens) per part. Clears the KV cache."""
+    go through the output head (`every_output`: every row does, so that llama.cpp's last layer
+    sees every token -- it skips the rows whose output nobody reads). With `share`, the first
+    tokens all sequences have in common (a system prompt, an instruction: shared_prefix, up to the
+    first row asked for) are read once and stay in the KV cache while each sequence's rest is read
+    after them. Sequences are packed into batches of up to n_batch tokens, each its own sequence
+    in the KV cache, as many as the Llama was loaded for (load_llama(sequences=N)); one longer than
+    a batch is read on its own, in parts. `before(parts)`: called before each batch with what it
+    holds, in order: (sequence index, first position, tokens) per part, the index None for the
+    shared tokens (read once for every sequence). Clears the KV cache."""
     import numpy as np
 
     room, slots = llm.n_batch, max(1, int(llm.context_params.n_seq_max))
@@ -278,19 +285,21 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True):
               for ids, r in zip(sequences, rows or [None] * len(sequences))]
     first_wanted = [w.min() if len(w) else len(ids) for ids, w in zip(sequences, wanted)]
     shared = shared_prefix(sequences, first_wanted) if share else 0
+    none = np.zeros(0, dtype=int)
 
     def read(parts):  # parts: (index, first position, tokens), one sequence slot each
-        entries, counts = [], []
+        entries, takes = [], []
         for slot, (i, first, tokens) in enumerate(parts):
-            take = set(wanted[i][(wanted[i] >= first) & (wanted[i] < first + len(tokens))].tolist())
-            entries += [(slot, token, first + j, first + j in take) for j, token in enumerate(tokens)]
-            counts.append(len(take))
+            w = none if i is None else wanted[i]
+            take = set(w[(w >= first) & (w < first + len(tokens))].tolist())
+            entries += [(slot, token, first + j, every_output or first + j in take) for j, token in enumerate(tokens)]
+            takes.append([first + j in take for j in range(len(tokens))] if every_output else [True] * len(take))
         if before:
             before([(i, first, len(tokens)) for i, first, tokens in parts])
         got, at = _decode(llm, entries), 0
-        for (i, first, _), n in zip(parts, counts):
-            yield i, first, got[at:at + n]
-            at += n
+        for (i, first, _), take in zip(parts, takes):
+            yield i, first, got[at:at + len(take)][np.asarray(take, dtype=bool)]
+            at += len(take)
 
     def forget(n_slots: int) -> None:  # the cache back to the shared prefix alone
         for slot in range(n_slots):
@@ -299,7 +308,7 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True):
     llm.reset()
     llm._ctx.kv_cache_clear()
     if shared:
-        _read_prefix(llm, list(sequences[0][:shared]), slots)
+        _read_prefix(llm, sequences[0][:shared], slots, lambda first, part: list(read([(None, first, part)])))
     pending, used = [], shared
     for i, ids in enumerate(sequences):
         if len(ids) - shared > room:  # alone, in parts
@@ -329,9 +338,11 @@ def logits_at(llm, sequences, rows=None, share: bool = True) -> list:
 
 
 def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str | None = None) -> list[list[int]]:
-    """`greedy` for many prompts at once: each its own sequence in the KV cache (a Llama loaded with
-    load_llama(sequences=N)), their next tokens decoded together, one batch a step, so that a step
-    reads the weights once for all of them (what makes CPU generation slow is reading them). As many
+    """Greedy answers to many prompts at once: llama.cpp's top token one at a time, no sampler, no
+    penalties (what temperature 0 answers), at most `limits` tokens each, ending with the first
+    end-of-generation token if one comes. Each prompt is its own sequence in the KV cache (a Llama
+    loaded with load_llama(sequences=N)), their next tokens decoded together, one batch a step, so
+    that a step reads the weights once for all of them (what makes CPU generation slow is reading them). As many
     prompts at a time as the Llama has sequences and its context cells hold (prompt + limit each).
     `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
     next-token logits at the last prompt token and at each of them but the last going to
@@ -407,13 +418,6 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
         answer(group)
     llm._ctx.kv_cache_clear()
     return out
-
-
-def greedy(llm, prompt, limit: int) -> list[int]:
-    """The greedy continuation of `prompt` (token ids, read from position 0): llama.cpp's top token
-    one at a time, at most `limit`, ending with the first end-of-generation token if one comes.
-    No sampler, no penalties: what temperature 0 answers. Clears the KV cache."""
-    return greedy_many(llm, [prompt], [limit])[0]
 
 
 # ---------------------------------------------------------------- the inputs of a model's weights

@@ -52,10 +52,8 @@ from .runtime import CHAT_TEMPLATE, NO_TEMPLATE, Runtime, init_lora, load, lora_
 from .templates import TemplateError
 from .schema import beside, grammar_text
 from .schema import load as load_schema
+from .serve_limits import BODY_TIMEOUT_S, MAX_REQUEST_BYTES, MAX_TOKENS_LIMIT
 
-MAX_TOKENS_LIMIT = 512
-MAX_REQUEST_BYTES = 2**20
-BODY_TIMEOUT_S = 30.0  # a request body must arrive whole within this
 KEEP_ALIVE_S = 5  # an idle connection is closed after this
 SHUTDOWN_TIMEOUT_S = 10  # on SIGTERM / Ctrl-C, running requests get this long before they are cancelled
 # Request fields Llama's methods do not take: llama.cpp-server extras and OpenAI's `user`, `best_of`.

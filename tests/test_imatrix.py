@@ -91,19 +91,26 @@ def test_decision_weighting_equals_a_direct_computation(tiny_llama, computed, tm
     np.testing.assert_allclose(unweighted.sums["blk.1.attn_q.weight"], computed.sums["blk.1.attn_q.weight"], rtol=1e-6)
 
 
+SHARING = [[1, 5, 9, 13, 2, 7], [1, 5, 9, 13, 4, 8], [1, 5, 9, 6, 1, 2, 3, 4, 5, 6]]  # all begin with 1, 5, 9
+
+
 @pytest.mark.parametrize("weight", [0.0, 10.0])
-def test_llama_cpp_computes_what_torch_computes(tiny_llama, f16, weight):
+@pytest.mark.parametrize("sequences, labels", [
+    (SEQUENCES, [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]),
+    (SHARING, [[-100] * 4 + [2, 7], [-100] * 5 + [8], [-100] * 7 + [4, 5, 6]]),  # read once, counted 3 times
+])
+def test_llama_cpp_computes_what_torch_computes(tiny_llama, f16, weight, sequences, labels):
     """compute_gguf (llama.cpp's forward over the f16 GGUF, its eval callback) against compute (torch,
     float32): the same weights, the same token counts, the same sums up to the f16 rounding of the
-    weights (about 1% on the worst column here), decision weighting included."""
-    labels = [[-100, -100, -100, 13, 2, 7], [-100] * 4, [-100] * 7 + [7, 8, 9]]
-    in_torch = IM.compute(tiny_llama, None, SEQUENCES, datasets=["unit"], chunk_size=10, batch_size=2,
+    weights (about 1% on the worst column here), decision weighting included; sequences that begin
+    alike have that beginning read once by llama.cpp, every sequence's tokens counted."""
+    in_torch = IM.compute(tiny_llama, None, sequences, datasets=["unit"], chunk_size=10, batch_size=2,
                           labels=labels, decision_weight=weight)
-    in_llama = IM.compute_gguf(f16, SEQUENCES, datasets=["unit"], chunk_size=10, labels=labels,
+    in_llama = IM.compute_gguf(f16, sequences, datasets=["unit"], chunk_size=10, labels=labels,
                                decision_weight=weight, device="cpu")
     assert sorted(in_llama.sums) == sorted(in_torch.sums)
     for name in in_torch.sums:
-        assert in_llama.counts[name].tolist() == in_torch.counts[name].tolist() == [sum(map(len, SEQUENCES))]
+        assert in_llama.counts[name].tolist() == in_torch.counts[name].tolist() == [sum(map(len, sequences))]
         np.testing.assert_allclose(in_llama.sums[name], in_torch.sums[name], rtol=0.03, atol=1e-3)
     assert in_llama.decision_weight == in_torch.decision_weight == weight
     assert (in_llama.chunk_count, in_llama.chunk_size) == (3, 10)
