@@ -342,13 +342,13 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     penalties (what temperature 0 answers), at most `limits` tokens each, ending with the first
     end-of-generation token if one comes. Each prompt is its own sequence in the KV cache (a Llama
     loaded with load_llama(sequences=N)), their next tokens decoded together, one batch a step, so
-    that a step reads the weights once for all of them (what makes CPU generation slow is reading them). As many
-    prompts at a time as the Llama has sequences and its context cells hold (prompt + limit each).
+    that a step reads the weights once for all of them (what makes CPU generation slow is reading
+    them). As many prompts at a time as the Llama has sequences and its context cells hold (prompt
+    + limit each); the first tokens a group's prompts share (shared_prefix) are read once for all.
     `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
     next-token logits at the last prompt token and at each of them but the last going to
     `on_read(index, logits)` in the prompts' order; those tokens then leave the cache and the
-    greedy answer goes on from the prompt alone, so the prompt is read once for both; the first
-    tokens the prompts of a group share (shared_prefix) are read once for all of them. `grammar`
+    greedy answer goes on from the prompt alone, so the prompt is read once for both. `grammar`
     (GBNF): each answer's top token among those llama.cpp's grammar sampler allows, as
     temperature-0 generation held to it picks. Clears the KV cache."""
     import llama_cpp
@@ -362,10 +362,10 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     def answer(group: list[int]) -> None:
         llm.reset()
         llm._ctx.kv_cache_clear()
-        share = shared_prefix([prompts[i] for i in group], [len(prompts[i]) - 1 for i in group])
-        _read_prefix(llm, prompts[group[0]][:share], len(group))
+        shared = shared_prefix([prompts[i] for i in group], [len(prompts[i]) - 1 for i in group])
+        _read_prefix(llm, prompts[group[0]][:shared], len(group))
         entries = [(slot, t, pos, len(prompts[i]) - 1 <= pos < len(prompts[i]) - 1 + max(1, len(read[i])))
-                   for slot, i in enumerate(group) for pos, t in enumerate([*prompts[i], *read[i]]) if pos >= share]
+                   for slot, i in enumerate(group) for pos, t in enumerate([*prompts[i], *read[i]]) if pos >= shared]
         rows: dict[int, list[np.ndarray]] = {slot: [] for slot in range(len(group))}
         for start in range(0, len(entries), room):  # prompt and read tokens, a batch at a time
             chunk = entries[start:start + room]
@@ -386,7 +386,8 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
                 live = [(slot, i) for slot, i in live
                         if len(out[i]) < limits[i] and not llama_cpp.llama_vocab_is_eog(vocab, out[i][-1])]
                 if live:
-                    top = _decode(llm, [(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for slot, i in live])
+                    top = _decode(llm, [(slot, out[i][-1], len(prompts[i]) + len(out[i]) - 1, True)
+                                        for slot, i in live])
                     nexts = {slot: pick(held.get(slot), logits) for (slot, _), logits in zip(live, top)}
         finally:
             for sampler in held.values():
