@@ -288,18 +288,19 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, e
     none = np.zeros(0, dtype=int)
 
     def read(parts):  # parts: (index, first position, tokens), one sequence slot each
-        entries, takes = [], []
+        entries, takes = [], []  # takes: per part, which of its rows are asked for
         for slot, (i, first, tokens) in enumerate(parts):
             w = none if i is None else wanted[i]
-            take = set(w[(w >= first) & (w < first + len(tokens))].tolist())
-            entries += [(slot, token, first + j, every_output or first + j in take) for j, token in enumerate(tokens)]
-            takes.append([first + j in take for j in range(len(tokens))] if every_output else [True] * len(take))
+            take = np.isin(np.arange(first, first + len(tokens)), w)
+            entries += [(slot, token, first + j, bool(every_output or take[j])) for j, token in enumerate(tokens)]
+            takes.append(take)
         if before:
             before([(i, first, len(tokens)) for i, first, tokens in parts])
         got, at = _decode(llm, entries), 0
         for (i, first, _), take in zip(parts, takes):
-            yield i, first, got[at:at + len(take)][np.asarray(take, dtype=bool)]
-            at += len(take)
+            n = len(take) if every_output else int(take.sum())  # the rows this part has in `got`
+            yield i, first, got[at:at + n][take] if every_output else got[at:at + n]
+            at += n
 
     def forget(n_slots: int) -> None:  # the cache back to the shared prefix alone
         for slot in range(n_slots):

@@ -4,7 +4,8 @@ import json
 import pytest
 
 from edgelora.errors import EdgeloraError
-from edgelora.handoff import LORA, MERGED, AdapterInput, BaseInput, BenchReport, ExportedFile, ExportManifest, Role, RunSummary
+from edgelora.handoff import (LORA, MERGED, AdapterInput, BaseInput, BenchReport, ExportedFile, ExportManifest, Role,
+                              RunSummary)
 from tiny import assert_one_line_error, run_cli
 
 OLDER = {"base": "smollm2-135m", "base_path": "/x/base.gguf", "base_hf_dir": "/x/hf", "base_sha256": "ab" * 32,
