@@ -209,10 +209,9 @@ def _match_gguf_pre_tokenizer(tok, path: Path) -> None:
     """Give a tokenizer rebuilt from a GGUF the pre-tokenizer the GGUF names (e.g. SmolLM2's
     digit splitting), so training tokenises text exactly as llama.cpp will at run time."""
     from .converters.vocab import hf_pre_tokenizer
-    from .gguf_info import read_gguf
+    from .gguf_header import gguf_metadata
 
-    field = read_gguf(path).fields.get("tokenizer.ggml.pre")
-    name = field.contents() if field is not None else None
+    name = gguf_metadata(path, "base").get("tokenizer.ggml.pre")
     pre = hf_pre_tokenizer(name) if name else None
     if pre is None:
         log.warning("%s: pre-tokenizer %r not known; keeping transformers' default", path, name)

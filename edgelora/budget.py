@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .errors import EdgeloraError
-from .gguf_info import quantisable, read_gguf, tensor_class
+from .gguf_header import gguf_layout
+from .gguf_info import quantisable, tensor_class
 
 # Types a weight may get, when its row length fits their block. IQ types below 4 bits need an
 # imatrix and are slow to quantise; the legacy Q4_1/Q5_1 are dominated by IQ4_NL/Q5_0 here.
@@ -78,7 +79,7 @@ def weight_options(f16: Path, importance: Callable[[str], Optional[np.ndarray]],
 
     from . import ggml_quant
 
-    tensors = [t for t in read_gguf(f16).tensors if quantisable(t.name, t.shape)]
+    tensors = [t for t in gguf_layout(f16).tensors if quantisable(t.name, t.shape)]
 
     def measure(t) -> list[Option]:
         w = np.asarray(t.data, dtype=np.float32).reshape(-1, int(t.shape[0]))

@@ -179,9 +179,9 @@ def _refit_types(refit: Sequence[str], run_dir: Optional[str], budgeted: bool) -
 def _types_of(path: Path, name: str) -> dict:
     """A quantisation preset called `name` giving each weight the type it has in the GGUF at `path`."""
     from .budget import FILE_TYPE
-    from .gguf_info import read_gguf
+    from .gguf_header import gguf_layout
 
-    types = {t.name: t.tensor_type.name for t in read_gguf(path).tensors if len(t.shape) >= 2}
+    types = {t.name: t.tensor_type.name for t in gguf_layout(path).tensors if len(t.shape) >= 2}
     main = max(set(types.values()), key=list(types.values()).count)
     return {"name": name, "llama_ftype": FILE_TYPE.get(main, "MOSTLY_Q8_0"),
             "overrides": {re.escape(name): qtype for name, qtype in types.items()}}
@@ -575,16 +575,15 @@ def _budgeted(f16: Path, dst: Path, importance: Optional[IM.IMatrix], probe, tar
     types, so the size, are the same whichever file is kept)."""
     from . import budget as B
     from .sizes import parse_size
-    from .gguf_info import read_gguf
+    from .gguf_header import gguf_layout
 
-    reader = read_gguf(f16)
-    weights = [t for t in reader.tensors if B.quantisable(t.name, t.shape)]
+    weights = [t for t in gguf_layout(f16).tensors if B.quantisable(t.name, t.shape)]
     overhead = f16.stat().st_size - sum(int(t.n_bytes) for t in weights)
     if target_bpw is not None:
         target = int(overhead + target_bpw * sum(int(t.n_elements) for t in weights) / 8)
     else:
         target = parse_size(target_size) if isinstance(target_size, str) else int(target_size)
-    del reader, weights
+    del weights
     if importance is None:
         log.warning("choosing per-tensor types without an importance matrix: every input column counts the same")
 

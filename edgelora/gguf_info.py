@@ -71,38 +71,37 @@ def _file_type(value) -> str | None:
         return f"unknown ({value})"
 
 
-def _vocab_size(reader: gguf.GGUFReader) -> int | None:
-    tokens = reader.fields.get(gguf.Keys.Tokenizer.LIST)
-    return None if tokens is None else len(tokens.data)
 
 
 def inspect_gguf(path: Path | str) -> dict:
     """Metadata and per-tensor types of a GGUF; shapes are in llama.cpp order (row length first)."""
-    path = Path(path)
-    reader = read_gguf(path)
-    arch = field_value(reader, gguf.Keys.General.ARCHITECTURE)
-    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
-                "n_elements": int(t.n_elements), "bytes": int(t.n_bytes)} for t in reader.tensors]
+    from .gguf_header import gguf_layout
+
+    layout = gguf_layout(path)
+    path, fields = layout.path, layout.fields
+    arch = fields.get(gguf.Keys.General.ARCHITECTURE)
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": list(t.shape),
+                "n_elements": t.n_elements, "bytes": t.n_bytes} for t in layout.tensors]
     n_params = sum(t["n_elements"] for t in tensors)
     tensor_bytes = sum(t["bytes"] for t in tensors)
     info = {
         "path": str(path),
-        "type": field_value(reader, gguf.Keys.General.TYPE) or "model",
+        "type": fields.get(gguf.Keys.General.TYPE) or "model",
         "arch": arch,
-        "name": field_value(reader, gguf.Keys.General.NAME),
-        "file_type": _file_type(field_value(reader, gguf.Keys.General.FILE_TYPE)),
+        "name": fields.get(gguf.Keys.General.NAME),
+        "file_type": _file_type(fields.get(gguf.Keys.General.FILE_TYPE)),
         "size_bytes": path.stat().st_size,
         "n_params": n_params,
         "tensor_bytes": tensor_bytes,
         "bpw": tensor_bytes * 8 / n_params if n_params else 0.0,
         "tensor_types": dict(Counter(t["type"] for t in tensors).most_common()),
         "class_types": class_types(tensors),
-        "vocab_size": _vocab_size(reader),
+        "vocab_size": len(fields[vocab]) if (vocab := gguf.Keys.Tokenizer.LIST) in fields else None,
     }
-    info["card"] = {k: field_value(reader, k) for k in reader.fields if is_card_key(k)}
-    info.update({k: field_value(reader, f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
+    info["card"] = {k: v for k, v in fields.items() if is_card_key(k)}
+    info.update({k: fields.get(f"{arch}.{suffix}") for k, suffix in _HPARAMS.items()})
     if info["type"] == "adapter":
-        info["lora_alpha"] = field_value(reader, gguf.Keys.Adapter.LORA_ALPHA)
+        info["lora_alpha"] = fields.get(gguf.Keys.Adapter.LORA_ALPHA)
     info["tensors"] = tensors
     return info
 

@@ -17,7 +17,8 @@ from . import quant_presets
 from .errors import EdgeloraError
 from .imatrix import IMatrix, quantizer_array
 from .imatrix import check as check_imatrix
-from .gguf_info import inspect_gguf, read_gguf
+from .gguf_header import gguf_layout
+from .gguf_info import inspect_gguf
 from . import files
 from .files import atomic_path
 from .llamacpp import captured_log, log_reason
@@ -180,8 +181,8 @@ class TensorSwap:
 
     def __init__(self, base: Path | str, donor: Path | str):
         self.base, self.donor = Path(base), Path(donor)
-        ours = {t.name: t for t in read_gguf(self.base).tensors}
-        theirs = {t.name: t for t in read_gguf(self.donor).tensors}
+        ours = {t.name: t for t in gguf_layout(self.base).tensors}
+        theirs = {t.name: t for t in gguf_layout(self.donor).tensors}
         for name in ours.keys() ^ theirs.keys():
             raise EdgeloraError(f"{(self.base if name in theirs else self.donor).name}: has no tensor {name}")
         self.spans = {}

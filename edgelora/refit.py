@@ -80,13 +80,13 @@ def dequantised_folder(quantised: Path, hf_dir: Path, tokenizer_dir: Path, out: 
 
     from .converters.hf_to_gguf import HFModel
     from .files import atomic_path
-    from .gguf_info import read_gguf
+    from .gguf_header import gguf_layout
     from .hf_model import load_tokenizer
 
     if (out / ".complete").is_file():
         return out
     model = HFModel(hf_dir)
-    held = {t.name: t for t in read_gguf(quantised).tensors}
+    held = {t.name: t for t in gguf_layout(quantised).tensors}
     names = [n for n in model.index.names() if not (model.tied and n == "lm_head.weight")]
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -167,7 +167,7 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
 
 
 def _as_float(t):
-    """A GGUF tensor (gguf-py's ReaderTensor) as ggml reads it: a float32 torch tensor of its rows,
+    """A GGUF tensor (gguf_header.TensorInfo) as ggml reads it: a float32 torch tensor of its rows,
     (rows, row length)."""
     import torch
 
@@ -184,10 +184,10 @@ def adapter_from_gguf(lora: Path, hf_dir: Path, config_dir: Path, out: Path) -> 
     from safetensors.torch import save_file
 
     from .converters.hf_to_gguf import HFModel
-    from .gguf_info import read_gguf
+    from .gguf_header import gguf_layout
 
     model = HFModel(hf_dir)
-    held = {t.name: t for t in read_gguf(lora).tensors}
+    held = {t.name: t for t in gguf_layout(lora).tensors}
     weights = {}
     for name, gguf_name in model.gguf_names.items():
         if f"{gguf_name}.lora_a" not in held:
