@@ -17,6 +17,9 @@ from .klprobe import SETTLED_Z
 from .stages import progress_bar, stage
 
 log = logging.getLogger("edgelora")
+# Tensor types llama.cpp makes without reading an importance matrix (quantize_q8_0 ignores it; float
+# types are copied or converted): a file of these alone is the same with the matrix as without it.
+MATRIX_UNUSED = frozenset({"Q8_0", "F16", "BF16", "F32"})
 
 
 def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optional[IM.IMatrix], probe,
@@ -60,9 +63,11 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     try:
         with stage("quantise"):
             result = quantize(f16, paths["all"], quant, imatrix=importance)
-            quantize(f16, paths["none"], quant)
+            unused = set(result["tensor_types"]) <= MATRIX_UNUSED  # e.g. q8_0: not made again without it
+            if not unused:
+                quantize(f16, paths["none"], quant)
         by_group, read, helped = {}, {}, []
-        if filecmp.cmp(paths["all"], paths["none"], shallow=False):  # e.g. q8_0: llama.cpp ignores the matrix
+        if unused or filecmp.cmp(paths["all"], paths["none"], shallow=False):
             measure("all")
             made["none"] = made["all"]
         else:

@@ -204,6 +204,18 @@ def test_llama_cpp_uses_it(f16, computed, tmp_path):
                                                                                     computed)
 
 
+def test_the_types_that_take_no_matrix_are_the_same_without_it(f16, computed, tmp_path):
+    """search.MATRIX_UNUSED: the q8_0 search makes its file once, on this claim."""
+    from edgelora.search import MATRIX_UNUSED
+
+    preset = {"name": "mix", "llama_ftype": "MOSTLY_Q8_0", "overrides": {r".*attn_q\.weight": "F16",
+                                                                          r".*ffn_up\.weight": "F32"}}
+    plain = quantize(f16, tmp_path / "plain.gguf", preset)
+    guided = quantize(f16, tmp_path / "guided.gguf", preset, imatrix=computed)
+    assert {"Q8_0", "F16", "F32"} <= set(guided["tensor_types"]) <= MATRIX_UNUSED
+    assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "guided.gguf").read_bytes()
+
+
 def test_swapping_tensors_equals_quantising_with_the_matrix_for_those_alone(f16, computed, tmp_path):
     plain = quantize(f16, tmp_path / "plain.gguf", "q4_k_m")["path"]
     guided = quantize(f16, tmp_path / "guided.gguf", "q4_k_m", imatrix=computed)["path"]
