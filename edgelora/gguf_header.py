@@ -163,15 +163,20 @@ def _parse(path: str | Path, what: str, tensors: bool):
     layout = GGUFLayout(p, fields, [])
     seen = set()
     for name, shape, qtype, offset in infos:
-        n_elements = int(np.prod(shape, dtype=object)) if shape else 1
+        n_elements = int(np.prod(shape, dtype=object))
         block, type_size = GGML_QUANT_SIZES[qtype]
-        if name in seen or not shape or shape[0] % block or start + offset + n_elements // block * type_size > size:
-            why = "twice" if name in seen else "past the end of the file" if shape and not shape[0] % block else \
-                f"with rows of {shape[0] if shape else 0} values, not whole {qtype.name} blocks"
-            raise EdgeloraError(f"{named}: truncated or corrupt GGUF (tensor {name} {why})")
-        seen.add(name)
-        layout.tensors.append(TensorInfo(name, shape, qtype, n_elements, n_elements // block * type_size,
-                                         start + offset, layout))
+        n_bytes = n_elements // block * type_size
+        if name in seen:
+            why = "twice"
+        elif not shape or shape[0] % block:
+            why = f"with rows of {shape[0] if shape else 0} values, not whole {qtype.name} blocks"
+        elif start + offset + n_bytes > size:
+            why = "past the end of the file"
+        else:
+            seen.add(name)
+            layout.tensors.append(TensorInfo(name, shape, qtype, n_elements, n_bytes, start + offset, layout))
+            continue
+        raise EdgeloraError(f"{named}: truncated or corrupt GGUF (tensor {name} {why})")
     return layout
 
 
