@@ -459,7 +459,8 @@ def _finish(run: ExportRun, clock: StageClock) -> ExportResult:
         adapter=None if plan.adapter_dir is None else AdapterInput(str(plan.adapter_dir), run.settings["adapter"]),
         outputs=files, card=run.cards[MERGED], effort=run.settings["effort"], checks=verification if verify else None,
         imatrix=run.importance_info, json_schema=schema_info, budget=run.budgets.get(Role(MERGED, AUTO)),
-        seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()}, versions=package_versions(),
+        seconds=seconds, peak_rss_mb={k: round(v) for k, v in clock.peak_mb.items()},
+        peak_rise_mb={k: round(v) for k, v in clock.peak_rise_mb.items()}, versions=package_versions(),
     ).write(plan.out_dir)
     run.progress.close()
     for file, c in run.verified:

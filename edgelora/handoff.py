@@ -157,6 +157,7 @@ class ExportManifest:
     budget: Optional[dict] = None  # what the budgeted (auto) file's choice measured
     seconds: dict = field(default_factory=dict)  # per stage of the export, and the total (edgelora.stages)
     peak_rss_mb: dict = field(default_factory=dict)  # the process's peak RSS when each stage last ended
+    peak_rise_mb: dict = field(default_factory=dict)  # how far that peak rose while each stage ran (edgelora.stages)
     versions: dict = field(default_factory=dict)
 
     def outputs_by_role(self) -> dict[Role, ExportedFile]:

@@ -9,9 +9,11 @@
     clock.summary()  # "58 s in all; where the time went: trials 51 s (88%), quantise 4.0 s (7%), convert 3.1 s (5%)"
 
 A stage may run many times; its seconds add up. Each stage's time excludes the stages nested in it,
-so the stages add up to the time spent in any of them. After each stage the process's peak RSS so
-far is recorded (`peak_mb`): the first stage at the final peak is the one that raised it. `stage`
-with no clock running does nothing, so library code can mark its stages whoever calls it.
+so the stages add up to the time spent in any of them. Memory likewise: `peak_rise_mb` is how far
+the process's peak RSS rose while each stage ran (its own part, summed over its runs), so the
+stage that set the final peak is the one with a rise where stages take turns (measure, answers,
+trials, for each quant); `peak_mb` is the peak so far when each stage last ended. `stage` with no
+clock running does nothing, so library code can mark its stages whoever calls it.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class StageClock:
         self.started = time.perf_counter()
         self.seconds: dict[str, float] = {}
         self.peak_mb: dict[str, float] = {}
-        self._open: list[list] = []  # [name, start, seconds spent in stages nested in it]
+        self.peak_rise_mb: dict[str, float] = {}
+        self._open: list[list] = []  # [name, start, seconds and peak rise of the stages nested in it, peak at start]
 
     @contextlib.contextmanager
     def running(self) -> Iterator["StageClock"]:
@@ -43,17 +46,19 @@ class StageClock:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        entry = [name, time.perf_counter(), 0.0]
+        entry = [name, time.perf_counter(), 0.0, 0.0, peak_rss_mb()]
         self._open.append(entry)
         try:
             yield
         finally:
             self._open.pop()
-            elapsed = time.perf_counter() - entry[1]
+            elapsed, peak = time.perf_counter() - entry[1], peak_rss_mb()
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - entry[2]
+            self.peak_rise_mb[name] = self.peak_rise_mb.get(name, 0.0) + peak - entry[4] - entry[3]
             if self._open:
                 self._open[-1][2] += elapsed
-            self.peak_mb[name] = peak_rss_mb()
+                self._open[-1][3] += peak - entry[4]
+            self.peak_mb[name] = peak
 
     def total(self) -> float:
         return time.perf_counter() - self.started

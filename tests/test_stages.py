@@ -1,6 +1,8 @@
 """edgelora.stages: nested stages add up to the time spent, each stage's own; nothing without a clock."""
 import time
 
+import pytest
+
 from edgelora.stages import StageClock, stage
 
 
@@ -22,6 +24,31 @@ def test_nested_stages_count_their_own_time():
     line = clock.summary()  # the longest stage first, each with its seconds and share
     assert line.startswith(f"{clock.total():.1f} s in all; where the time went: inner ")
     assert line.index("inner ") < line.index(", outer ") and line.endswith("%)")
+
+
+def test_the_stage_that_raised_the_peak_is_named_though_stages_take_turns():
+    import numpy as np
+
+    from edgelora.machine import peak_rss_mb
+
+    from pathlib import Path
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak back to the RSS now (Linux): earlier tests set it high
+    clock = StageClock()
+    start = peak_rss_mb()
+    with clock.running():
+        for turn in range(2):  # as the search's stages take turns for each quant
+            with stage("measure"):
+                with stage("answers"):
+                    if turn == 1:
+                        block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
+                        del block
+            with stage("trials"):
+                pass
+    assert clock.peak_mb["measure"] == clock.peak_mb["trials"]  # the last ends say nothing of who raised it
+    assert clock.peak_rise_mb["answers"] > 60  # 64 MiB, less what freed memory the allocator reused
+    assert clock.peak_rise_mb["measure"] < 5 and clock.peak_rise_mb["trials"] < 5
+    assert sum(clock.peak_rise_mb.values()) == pytest.approx(peak_rss_mb() - start, abs=1)
 
 
 def test_stage_without_a_clock_does_nothing():
