@@ -213,6 +213,7 @@ def test_the_types_that_take_no_matrix_are_the_same_without_it(f16, computed, tm
     plain = quantize(f16, tmp_path / "plain.gguf", preset)
     guided = quantize(f16, tmp_path / "guided.gguf", preset, imatrix=computed)
     assert {"Q8_0", "F16", "F32"} <= set(guided["tensor_types"]) <= MATRIX_UNUSED
+    assert plain["tensor_types"] == guided["tensor_types"]
     assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "guided.gguf").read_bytes()
 
 
