@@ -35,16 +35,17 @@ def test_the_stage_that_raised_the_peak_is_named_though_stages_take_turns():
     Path("/proc/self/clear_refs").write_text("5")  # the peak back to the RSS now (Linux): earlier tests set it high
     clock = StageClock()
     start = peak_rss_mb()
+    block = mmap.mmap(-1, 64 << 20)  # 64 MiB of new pages (not memory an allocator kept), held to the end
     with clock.running():
         for turn in range(2):  # as the search's stages take turns for each quant
             with stage("measure"):
                 with stage("answers"):
-                    if turn == 1:  # 64 MiB of new pages, each touched (not memory the allocator kept)
-                        with mmap.mmap(-1, 64 << 20) as block:
-                            for page in range(0, len(block), mmap.PAGESIZE):
-                                block[page] = 1
+                    if turn == 1:
+                        for page in range(0, len(block), mmap.PAGESIZE):
+                            block[page] = 1  # touched: resident from here on
             with stage("trials"):
                 pass
+    block.close()
     assert clock.peak_mb["measure"] == clock.peak_mb["trials"]  # the last ends say nothing of who raised it
     assert clock.peak_rise_mb["answers"] > 60
     assert clock.peak_rise_mb["measure"] < 5 and clock.peak_rise_mb["trials"] < 5
