@@ -20,7 +20,7 @@ def test_nested_stages_count_their_own_time():
     assert sum(clock.seconds.values()) <= clock.total()
     assert set(clock.peak_mb) == {"outer", "inner"} and all(v > 0 for v in clock.peak_mb.values())
     record = clock.as_dict()
-    assert record["total"] >= record["inner"] + record["outer"]
+    assert record["total"] + 0.002 >= record["inner"] + record["outer"]  # each rounded to the millisecond
     line = clock.summary()  # the longest stage first, each with its seconds and share
     assert line.startswith(f"{clock.total():.1f} s in all; where the time went: inner ")
     assert line.index("inner ") < line.index(", outer ") and line.endswith("%)")
