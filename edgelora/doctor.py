@@ -65,7 +65,7 @@ def diagnose(path: Path, *, lora: Optional[Path] = None, data: Optional[Path] = 
     if lora is not None:
         checks += _lora_base(path, info, lora)
     try:
-        rt = load(path, loras=[(lora, 1.0)] if lora else (), device="cpu")
+        rt = load(path, loras=[(lora, 1.0)] if lora else (), device="cpu", sequences=V.EXAMPLES)  # stops: together
     except EdgeloraError as e:
         return Diagnosis(info, checks + [V.Check("loads", False, str(e))])
     import llama_cpp

@@ -678,7 +678,7 @@ def _verify(plan: ExportPlan, calibration: Calibration, base_file: Optional[Path
     routes += [(path.name, path, []) for role, path in plan.outputs.items() if role.kind == REFIT_MERGED]
     out = []
     for label, model, loras in routes:
-        with load(model, loras=loras, device="cpu") as rt:
+        with load(model, loras=loras, device="cpu", sequences=len(examples)) as rt:  # the stops answered together
             checks = V.token_checks(rt, examples, trained, stops) + [V.stop_check(rt, examples, trained,
                                                                                   in_torch.stopped)]
         if loras and loras[0][0] == lora:

@@ -203,20 +203,26 @@ def lora_route_check(probe, base_file: Path, lora: Path) -> Check:
 
 
 def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Optional[list[bool]]) -> Check:
-    """`stops`: greedy answers to the examples' prompts end with an end-of-generation token within
-    answer_limit tokens at least STOPPED_SHARE times as often as the model in torch stops (None:
-    no model in torch to compare with, so STOPPED_SHARE of the answers); where torch stops once,
-    none is enough."""
+    """`stops`: greedy answers to the examples' prompts (as `rt`'s chat template renders them) end
+    with an end-of-generation token within answer_limit tokens at least STOPPED_SHARE times as often
+    as the model in torch stops (None: no model in torch to compare with, so STOPPED_SHARE of the
+    answers); where torch stops once, none is enough. The answers are generated together
+    (llamacpp.greedy_many: as many at a time as `rt` was loaded with sequences), so a step reads
+    the weights once for all of them."""
+    import llama_cpp
+
+    from .llamacpp import greedy_many
+
     pairs = [(ex, t) for ex, t in zip(examples, trained) if ex.messages]
     if not pairs:
         return Check("stops", True, "not applicable: text data has no end of turn")
-    stopped, runaway = 0, None
-    for ex, t in pairs:
-        last = last_answer(ex.messages)
-        if rt.chat_finish(ex.messages[:last], max_tokens=answer_limit(t.n_targets))[1] == "stop":
-            stopped += 1
-        elif runaway is None:
-            runaway = f"; {ex.source} ran to the limit of {answer_limit(t.n_targets)} tokens"
+    limits = [answer_limit(t.n_targets) for _, t in pairs]
+    answers = greedy_many(rt.llm, [rt.chat_tokens(ex.messages[:last_answer(ex.messages)])[0] for ex, _ in pairs],
+                          limits)
+    ended = [bool(a) and llama_cpp.llama_vocab_is_eog(handles(rt.llm)[2], a[-1]) for a in answers]
+    stopped = sum(ended)
+    runaway = next((f"; {ex.source} ran to the limit of {limit} tokens"
+                    for (ex, _), limit, end in zip(pairs, limits, ended) if not end), None)
     expected = len(pairs) if stopped_in_torch is None else sum(stopped_in_torch)
     # one answer's end is one greedy decision, which quantisation may flip: a single stop in torch
     # is not a share to keep
