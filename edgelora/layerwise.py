@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .machine import release_memory
+
 TOKENS_PER_PASS = 4096  # padded tokens run together, each pass reading every layer's weights once
 
 
@@ -41,7 +43,10 @@ def answer_logprobs(hf_dir: Path, adapter_dir: Optional[Path], rows: Sequence,
         logprobs = _output_head(model, weights)(torch.cat([h for run in hidden for h in run]))
     sizes = [len(h) for run in hidden for h in run]
     parts = iter(np.split(logprobs, np.cumsum(sizes)[:-1]))
-    return [[next(parts) for _ in run] for run in hidden]
+    out = [[next(parts) for _ in run] for run in hidden]
+    del model, weights, hidden
+    release_memory()  # what torch freed, back to the system before llama.cpp maps a model beside it
+    return out
 
 
 def _empty_model(hf_dir: Path, adapter_dir: Optional[Path]):

@@ -54,3 +54,17 @@ def peak_rss_mb() -> float:
         return psutil.Process().memory_info().peak_wset / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def release_memory() -> None:
+    """Give the memory this process has freed back to the system: garbage collected, then glibc's
+    malloc_trim. torch's freed tensors stay in malloc's arenas, counted as resident, until trimmed
+    (at 1B, 490 of the 920 MB the torch comparison left behind); elsewhere the garbage collection alone."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass

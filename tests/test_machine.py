@@ -15,6 +15,23 @@ def test_peak_rss_on_linux_is_vmhwm():
     assert machine.peak_rss_mb() == pytest.approx(kib / 1024, rel=0.05)  # may grow a little in between
 
 
+def test_release_memory_hands_freed_heap_back():
+    """Freed blocks below malloc's mmap threshold stay resident in its heap (the last one pins its
+    top) until release_memory trims it: what the torch comparison leaves behind before llama.cpp runs."""
+    def anonymous_mb():
+        status = open("/proc/self/status").read()
+        return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) / 1024
+
+    blocks = [bytearray(100_000) for _ in range(2000)]  # 200 MB of 100 kB blocks, each written (zeroed)
+    last = blocks[-1]
+    held = anonymous_mb()
+    del blocks
+    freed = anonymous_mb()
+    machine.release_memory()
+    assert held - freed < 20 and freed - anonymous_mb() > 150, (held, freed, anonymous_mb())
+    assert len(last) == 100_000
+
+
 @pytest.mark.parametrize("platform, maxrss", [("darwin", 300 * 2**20),  # macOS: bytes
                                               ("freebsd14", 300 * 1024)])  # Linux without /proc, the BSDs: KiB
 def test_peak_rss_without_proc_reads_ru_maxrss_in_the_platforms_unit(monkeypatch, platform, maxrss):
