@@ -651,7 +651,7 @@ def _write_modelfiles(plan: ExportPlan, base_file: Optional[Path], schema: bool)
 def _against_torch(plan: ExportPlan, f16: Path, calibration: Calibration):
     """(KLProbe of the merged f16 at the first examples' answers, whether the model in torch ends its
     answer to each (verify.Trained.stopped), the logits checks). The log-probabilities in torch are
-    dropped once checked (at 1B, with a vocabulary of 128k, 100 MB each: with and without the adapter)."""
+    dropped once checked (4 bytes x vocabulary x position, with and without the adapter)."""
     from .klprobe import KLProbe
 
     reference = KLProbe(f16, [(t.input_ids, t.labels) for _, t in calibration.first], f16.parent,
