@@ -59,7 +59,7 @@ def peak_rss_mb() -> float:
 def release_memory() -> None:
     """Give the memory this process has freed back to the system: garbage collected, then glibc's
     malloc_trim. torch's freed tensors stay in malloc's arenas, counted as resident, until trimmed
-    (at 1B, 490 of the 920 MB the torch comparison left behind); elsewhere the garbage collection alone."""
+    (at 1B, 490 of the 770 MB the torch comparison left behind); elsewhere the garbage collection alone."""
     import ctypes
     import gc
 
