@@ -219,7 +219,8 @@ def stop_check(rt, examples: Sequence, trained: Sequence, stopped_in_torch: Opti
     limits = [answer_limit(t.n_targets) for _, t in pairs]
     answers = greedy_many(rt.llm, [rt.chat_tokens(ex.messages[:last_answer(ex.messages)])[0] for ex, _ in pairs],
                           limits)
-    ended = [bool(a) and llama_cpp.llama_vocab_is_eog(handles(rt.llm)[2], a[-1]) for a in answers]
+    vocab = handles(rt.llm)[2]
+    ended = [bool(a) and llama_cpp.llama_vocab_is_eog(vocab, a[-1]) for a in answers]
     stopped = sum(ended)
     runaway = next((f"; {ex.source} ran to the limit of {limit} tokens"
                     for (ex, _), limit, end in zip(pairs, limits, ended) if not end), None)

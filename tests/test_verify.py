@@ -203,8 +203,11 @@ def test_answers_that_stop_less_often_than_in_torch(tiny_export, first):
     check = V.stop_check(rt, *first, [True] * 8)  # as if the model in torch stopped every time
     stopped = int(check.figure.split()[0])
     # the answers generated together stop exactly where llama-cpp-python's chat answers, one at a time, do
-    assert stopped == sum(rt.chat_finish(ex.messages[:D.last_answer(ex.messages)], max_tokens=D.answer_limit(t.n_targets))[1] == "stop"
-                          for ex, t in zip(*first))
+    finishes = [rt.chat_finish(ex.messages[:D.last_answer(ex.messages)], max_tokens=D.answer_limit(t.n_targets))[1]
+                for ex, t in zip(*first)]
+    assert stopped == finishes.count("stop")
+    runaway = first[0][finishes.index("length")].source
+    assert f"; {runaway} ran to the limit of " in check.figure, (runaway, check.figure)
     assert stopped < 4 and not check.passed  # the tiny model (6 steps) rarely stops
     assert re.fullmatch(rf"{stopped} of 8 greedy answers stop by themselves, 8 in torch; .+/chat\.jsonl:\d+ ran to the "
                         r"limit of \d+ tokens", check.figure), check.figure
