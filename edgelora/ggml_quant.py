@@ -101,18 +101,36 @@ def quantize_rows(weights: np.ndarray, qtype: str, imatrix: np.ndarray | None = 
     return out
 
 
-def dequantize(buffer, qtype: str, shape: tuple[int, int]) -> np.ndarray:
-    """The float32 (rows, n_per_row) matrix llama.cpp reads back from qtype's bytes (its to_float)."""
+def dequantize(buffer, qtype: str, shape: tuple[int, int], threads: int = 1) -> np.ndarray:
+    """The float32 (rows, n_per_row) matrix llama.cpp reads back from qtype's bytes (its to_float),
+    its rows split between `threads` threads (ctypes lets go of the GIL while ggml runs)."""
     lib, qt = _ggml(), _type(qtype)
     rows, n = shape
     data = np.ascontiguousarray(np.frombuffer(buffer, dtype=np.uint8))
-    if not fits(qt.name, n) or data.size != rows * lib.ggml_row_size(qt, n):
+    row_bytes = lib.ggml_row_size(qt, n)
+    if not fits(qt.name, n) or data.size != rows * row_bytes:
         raise EdgeloraError(f"{qt.name}: {data.size} bytes do not hold a {rows} x {n} tensor")
     if qt == gguf.GGMLQuantizationType.F32:  # ggml has no to_float for its own float type
         return data.view(np.float32).reshape(rows, n).copy()
     out = np.empty((rows, n), dtype=np.float32)
-    lib.ggml_get_type_traits(qt).contents.to_float(data.ctypes.data, out.ctypes.data, rows * n)
+    to_float = lib.ggml_get_type_traits(qt).contents.to_float
+
+    def part(first: int, last: int) -> None:
+        to_float(data.ctypes.data + first * row_bytes, out.ctypes.data + first * n * 4, (last - first) * n)
+
+    bounds = np.linspace(0, rows, min(threads, rows) + 1).astype(int).tolist()
+    if len(bounds) > 2:
+        list(_pool(len(bounds) - 1).map(part, bounds[:-1], bounds[1:]))
+    else:
+        part(0, rows)
     return out
+
+
+@functools.cache
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="dequantize")
 
 
 def quantization_error(weights: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> tuple[int, float]:

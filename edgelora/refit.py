@@ -9,7 +9,9 @@ nothing gives back. A refit continues training the adapter against the shipped f
                 a float32 HF folder holding, bit for bit, the values llama.cpp reads
     train       the run's adapter, from its trained weights, on the run's own training data,
                 config, template and loss, against that frozen base (edgelora.trainer's setup /
-                loop / finish: progress, checkpoints, resume after Ctrl-C)
+                loop / finish: progress, checkpoints, resume after Ctrl-C); on the CPU the base's
+                decoder weights are held as the file's own blocks, dequantised as each layer
+                runs (edgelora.packed): the same values in a quarter of the memory or less
 
 What ships is that quantised base GGUF and the refitted adapter as a LoRA GGUF (edgelora.exporter
 writes both and checks llama.cpp runs the pair as torch runs the refit model).
@@ -139,6 +141,7 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
     import torch
 
     from .handoff import RunSummary, finished_run
+    from .packed import pack_linears
     from .trainer import TrainingInterrupted, checkpoints, finish, loop, read_metrics, setup
 
     base = dequantised_folder(quantised, hf_dir, run.adapter_dir, work / "base")
@@ -151,6 +154,9 @@ def refit(run: RefitRun, quantised: Path, hf_dir: Path, work: Path, on_step=None
         log.info("refitting %s against %s: %d steps%s", run.adapter_dir, quantised.name, run.steps,
                  " (resuming)" if resume else "")
         s = setup(cfg, force=not resume, resume=resume, dtype=torch.float32, start_adapter=run.adapter_dir)
+        if s.device == "cpu":  # on a GPU the float32 base is there already (and dequantising is the CPU's)
+            log.info("the base held as %s holds it: %s", quantised.name, ", ".join(
+                f"{n} {t} layers" for t, n in pack_linears(s.model, quantised, hf_dir).items()))
         try:
             step, last_loss, metrics = loop(s, on_step)
         except TrainingInterrupted:

@@ -45,6 +45,8 @@ def test_ggml_to_float_agrees_with_gguf_py(name):
     ours = dequantize(q, name, w.shape)
     theirs = gguf.quants.dequantize(q.reshape(8, -1), Q[name])
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+    for threads in (2, 3, 16):  # rows split unevenly, and more threads than rows: the same values
+        assert np.array_equal(dequantize(q, name, w.shape, threads=threads), ours), threads
 
 
 def test_error_falls_with_bits():

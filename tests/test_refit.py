@@ -235,3 +235,48 @@ def test_export_prints_the_line_that_runs_a_refit(run_dir, tmp_path):
     base = next(out.glob("*-base-q2_k.gguf"))
     assert f"refitted against q2_k (llama.cpp): llama-server -m {base} --lora {out}/tiny-run-refit-q2_k-lora-f16.gguf" \
         in r.output
+
+
+def test_the_packed_base_trains_as_the_dequantised_one_from_the_files_own_bytes(run_dir, tiny_llama, base_q2_k,
+                                                                                tmp_path):
+    """The refit's base held as the GGUF's blocks (edgelora.packed): the same loss and the same
+    adapter gradients as the float32 dequantised base, each decoder weight kept as the file's bytes."""
+    import copy
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgelora.packed import PackedLinear, pack_linears
+
+    folder = R.dequantised_folder(base_q2_k, tiny_llama, run_dir / "adapter", tmp_path / "base")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                                      run_dir / "adapter", is_trainable=True)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    packed = copy.deepcopy(model)
+    types = pack_linears(packed, base_q2_k, tiny_llama)
+    held = {t.name: t for t in gguf.GGUFReader(base_q2_k).tensors}
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
+    assert sum(types.values()) == len(layers) == 7 * packed.base_model.model.config.num_hidden_layers
+    assert "Q2_K" in types and all(m.weight.numel() == 0 for m in layers.values())
+    hf, weights = HFModel(tiny_llama), folder_weights(folder)
+    for name, layer in layers.items():
+        hf_name = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+        assert layer.rows.nbytes == held[hf.gguf_names[hf_name]].n_bytes  # the file's bytes, not 4 a weight
+        assert torch.equal(layer.dequantised(), weights[hf_name]), name  # HF's row order, bit for bit
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    ids = tok.apply_chat_template(chat_rows()[0]["messages"], tokenize=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    results = []
+    for m in (model, packed):
+        m.train()
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (loss, grads), (packed_loss, packed_grads) = results
+    assert torch.equal(loss, packed_loss)
+    assert grads.keys() == packed_grads.keys() and len(grads) >= 14
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
