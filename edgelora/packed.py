@@ -83,9 +83,10 @@ def pack_linears(model, quantised: Path, hf_dir: Path) -> dict[str, int]:
         tensor = held.get(gguf_name) if gguf_name.startswith("blk.") else None
         if tensor is None or tensor.tensor_type.name in UNPACKED:
             continue
-        if (module.out_features, module.in_features) != tuple(reversed(tensor.shape)):
-            raise EdgeloraError(f"{quantised}: {gguf_name} is {list(reversed(tensor.shape))}, the model's "
-                                f"{hf_name} {[module.out_features, module.in_features]} (another model?)")
+        shape = [int(d) for d in reversed(tensor.shape)]
+        if shape != [module.out_features, module.in_features]:
+            raise EdgeloraError(f"{quantised}: {gguf_name} is {shape}, the model's {hf_name} "
+                                f"{[module.out_features, module.in_features]} (another model?)")
         rows = tensor.data.reshape(module.out_features, -1)  # each row's blocks, in llama.cpp's row order
         # llama.cpp's layout differs from HF's by a permutation of rows (Q/K): applied to row numbers, it names them
         order = hf.from_gguf_layout(hf_name, torch.arange(module.out_features).reshape(-1, 1)).flatten().numpy()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tiny import assert_one_line_error, cfg, chat_rows, run_cli, write_jsonl
 
 from edgelora import refit as R
+from edgelora.errors import EdgeloraError
 from edgelora.converters.hf_to_gguf import HFModel
 from edgelora.quantize import quantize
 
@@ -280,3 +281,9 @@ def test_the_packed_base_trains_as_the_dequantised_one_from_the_files_own_bytes(
     assert grads.keys() == packed_grads.keys() and len(grads) >= 14
     for name, grad in grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+    attn = model.base_model.model.model.layers[1].self_attn  # a model the file is not of: refused, named
+    attn.o_proj = torch.nn.Linear(attn.o_proj.in_features, attn.o_proj.out_features + 1, bias=False)
+    with pytest.raises(EdgeloraError, match=r"blk\.1\.attn_output\.weight is \[\d+, \d+\], the model's "
+                                            r"model\.layers\.1\.self_attn\.o_proj\.weight"):
+        pack_linears(model, base_q2_k, tiny_llama)
