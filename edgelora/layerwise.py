@@ -92,6 +92,11 @@ def _load_adapter(model, adapter_dir: Path) -> None:
             set_module_tensor_to_device(model, name, "cpu", value=value.float())
 
 
+def checkpoint_name(name: str) -> str:
+    """The HF checkpoint's name of a parameter of the (PEFT-wrapped) model: PEFT's wrapping taken off."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
 class Checkpoint:
     """The base's safetensors, read by parameter name of the (PEFT-wrapped) model being run."""
 
@@ -101,17 +106,13 @@ class Checkpoint:
         self.index = TensorIndex(model_weight_files(Path(hf_dir)))
         self.owner = owner  # the model whose parameter names are asked for
 
-    def key(self, name: str) -> str:
-        """The checkpoint's name of a parameter of the model, PEFT's wrapping taken off."""
-        return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-
     def __contains__(self, name: str) -> bool:
-        return self.key(name) in self.index
+        return checkpoint_name(name) in self.index
 
     def tensor(self, name: str):
         import torch
 
-        return self.index.load(self.key(name)).to(torch.float32)
+        return self.index.load(checkpoint_name(name)).to(torch.float32)
 
     def load(self, name: str) -> None:
         from accelerate.utils import set_module_tensor_to_device

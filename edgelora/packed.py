@@ -70,6 +70,7 @@ def pack_linears(model, quantised: Path, hf_dir: Path) -> dict[str, int]:
     `quantised`'s tensor, where that tensor is quantised. Returns {ggml type: layers packed}."""
     from .converters.hf_to_gguf import HFModel
     from .gguf_header import gguf_layout
+    from .layerwise import checkpoint_name
     from .machine import release_memory
 
     hf = HFModel(hf_dir)
@@ -78,7 +79,7 @@ def pack_linears(model, quantised: Path, hf_dir: Path) -> dict[str, int]:
     for name, module in list(model.named_modules()):
         if type(module) is not torch.nn.Linear:
             continue
-        hf_name = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+        hf_name = checkpoint_name(f"{name}.weight")
         gguf_name = hf.gguf_names.get(hf_name, "")
         tensor = held.get(gguf_name) if gguf_name.startswith("blk.") else None
         if tensor is None or tensor.tensor_type.name in UNPACKED:

@@ -11,7 +11,7 @@ nothing gives back. A refit continues training the adapter against the shipped f
                 config, template and loss, against that frozen base (edgelora.trainer's setup /
                 loop / finish: progress, checkpoints, resume after Ctrl-C); on the CPU the base's
                 decoder weights are held as the file's own blocks, dequantised as each layer
-                runs (edgelora.packed): the same values in a quarter of the memory or less
+                runs (edgelora.packed): the same values in the file's size, not 4 bytes a weight
 
 What ships is that quantised base GGUF and the refitted adapter as a LoRA GGUF (edgelora.exporter
 writes both and checks llama.cpp runs the pair as torch runs the refit model).

@@ -247,6 +247,7 @@ def test_the_packed_base_trains_as_the_dequantised_one_from_the_files_own_bytes(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgelora.layerwise import checkpoint_name
     from edgelora.packed import PackedLinear, pack_linears
 
     folder = R.dequantised_folder(base_q2_k, tiny_llama, run_dir / "adapter", tmp_path / "base")
@@ -262,7 +263,7 @@ def test_the_packed_base_trains_as_the_dequantised_one_from_the_files_own_bytes(
     assert "Q2_K" in types and all(m.weight.numel() == 0 for m in layers.values())
     hf, weights = HFModel(tiny_llama), folder_weights(folder)
     for name, layer in layers.items():
-        hf_name = name.removeprefix("base_model.model.").removesuffix(".base_layer") + ".weight"
+        hf_name = checkpoint_name(f"{name}.weight")
         assert layer.rows.nbytes == held[hf.gguf_names[hf_name]].n_bytes  # the file's bytes, not 4 a weight
         assert torch.equal(layer.dequantised(), weights[hf_name]), name  # HF's row order, bit for bit
 
