@@ -18,7 +18,8 @@ from ..machine import peak_rss_mb
 from .candidates import Candidate, Settings
 from .scoring import Compare, rate, task_result
 
-SPEED_EXAMPLES = 8
+SPEED_EXAMPLES = 4  # answers timed per row: 8 gave the same rates, to the machine's noise, for a
+# slower bench (benchmarks/README.md, "Bench: four answers timed")
 
 
 def measure_gguf(c: Candidate, rows: list[dict], s: Settings, scratch: Path, tick) -> dict:
