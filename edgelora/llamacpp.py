@@ -397,14 +397,23 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     candidates = (llama_cpp.llama_token_data * (n_vocab if grammar is not None else 1))()  # what a grammar filters
     view = np.ctypeslib.as_array(candidates)
 
-    def pick(sampler, logits: np.ndarray) -> int:
-        """The top token of a logits row; with a grammar sampler, among those it allows (and it accepts it)."""
-        if sampler is None:
-            return int(logits.argmax())
-        view["id"], view["logit"], view["p"] = np.arange(n_vocab), logits, 0.0
-        array = llama_cpp.llama_token_data_array(data=candidates, size=n_vocab, selected=-1, sorted=False)
+    def allowed(sampler, candidates, n: int) -> None:  # the grammar's -inf on the first n candidates it rejects
+        array = llama_cpp.llama_token_data_array(data=candidates, size=n, selected=-1, sorted=False)
         llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
-        token = int(view["id"][int(view["logit"].argmax())])
+
+    def pick(sampler, logits: np.ndarray) -> int:
+        """The top token of a logits row; with a grammar sampler, among those it allows (and it accepts
+        it): the top token itself where the grammar allows it, else the top of what it allows (as
+        llama.cpp's own sampler checks the sampled token before filtering the vocabulary)."""
+        token = int(logits.argmax())
+        if sampler is None:
+            return token
+        view[0] = (token, logits[token], 0.0)
+        allowed(sampler, candidates, 1)
+        if not view[0]["logit"] > -np.inf:
+            view["id"], view["logit"], view["p"] = np.arange(n_vocab), logits, 0.0
+            allowed(sampler, candidates, n_vocab)
+            token = int(view["id"][int(view["logit"].argmax())])
         llama_cpp.llama_sampler_accept(sampler, token)
         return token
 
