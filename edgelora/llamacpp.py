@@ -397,7 +397,7 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     candidates = (llama_cpp.llama_token_data * (n_vocab if grammar is not None else 1))()  # what a grammar filters
     view = np.ctypeslib.as_array(candidates)
 
-    def allowed(sampler, candidates, n: int) -> None:  # the grammar's -inf on the first n candidates it rejects
+    def apply_grammar(sampler, n: int) -> None:  # -inf for each of the first n candidates the grammar rejects
         array = llama_cpp.llama_token_data_array(data=candidates, size=n, selected=-1, sorted=False)
         llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
 
@@ -409,10 +409,10 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
         if sampler is None:
             return token
         view[0] = (token, logits[token], 0.0)
-        allowed(sampler, candidates, 1)
+        apply_grammar(sampler, 1)
         if not view[0]["logit"] > -np.inf:
             view["id"], view["logit"], view["p"] = np.arange(n_vocab), logits, 0.0
-            allowed(sampler, candidates, n_vocab)
+            apply_grammar(sampler, n_vocab)
             token = int(view["id"][int(view["logit"].argmax())])
         llama_cpp.llama_sampler_accept(sampler, token)
         return token
