@@ -348,9 +348,11 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
     + limit each); the first tokens a group's prompts share (shared_prefix) are read once for all.
     `read`: per prompt, tokens to read after it first (a reference answer, to score it), the
     next-token logits at the last prompt token and at each of them but the last going to
-    `on_read(index, logits)` in the prompts' order; those tokens then leave the cache and the
-    greedy answer goes on from the prompt alone, so the prompt is read once for both. `grammar`
-    (GBNF): each answer's top token among those llama.cpp's grammar sampler allows, as
+    `on_read(index, logits)` in the prompts' order. They are also the answer's draft (speculative
+    decoding): as far as the greedy answer would begin with them, read with the prompt in one
+    batch, they are taken as they stand and generation goes on after them; the rest leave the
+    cache. A model that gives the reference answer is not asked for it again a token a step.
+    `grammar` (GBNF): each answer's top token among those llama.cpp's grammar sampler allows, as
     temperature-0 generation held to it picks. Clears the KV cache."""
     import llama_cpp
     import numpy as np
@@ -375,11 +377,9 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
         for slot, i in enumerate(group):
             if on_read is not None and read[i]:
                 on_read(i, np.stack(rows[slot]))
-            if read[i]:
-                llm._ctx.kv_cache_seq_rm(slot, len(prompts[i]), -1)
         held = {slot: grammar_sampler(vocab, grammar) for slot in rows} if grammar is not None else {}
         try:
-            nexts = {slot: pick(held.get(slot), rows[slot][0]) for slot in rows}
+            nexts = {slot: drafted(slot, i, held.get(slot), rows[slot]) for slot, i in enumerate(group)}
             live = [(slot, i) for slot, i in enumerate(group) if limits[i] > 0]
             while live:
                 for slot, i in live:
@@ -415,6 +415,22 @@ def greedy_many(llm, prompts, limits, *, read=None, on_read=None, grammar: str |
             apply_grammar(sampler, n_vocab)
             token = int(view["id"][int(view["logit"].argmax())])
         llama_cpp.llama_sampler_accept(sampler, token)
+        return token
+
+    def drafted(slot: int, i: int, sampler, logits: list[np.ndarray]) -> int:
+        """The greedy answer's first tokens that are read[i]'s (in out[i]; the rest of the read
+        leaves the cache), and the token after them: `logits` are the rows read at the prompt's
+        last token and at each read token but the last. Stops before an end of generation (the
+        answer ends there) and a token short of the limit (the loop appends the next one)."""
+        draft, taken = read[i], 0
+        token = pick(sampler, logits[0])
+        while taken < min(len(draft), limits[i]) - 1 and token == draft[taken] \
+                and not llama_cpp.llama_vocab_is_eog(vocab, token):
+            taken += 1
+            token = pick(sampler, logits[taken])
+        out[i] = list(draft[:taken])
+        if draft:
+            llm._ctx.kv_cache_seq_rm(slot, len(prompts[i]) + taken, -1)
         return token
 
     group, used = [], 0

@@ -160,6 +160,28 @@ def test_greedy_many_answers_as_greedy_does_one_by_one(wider_gguf):
     assert len(together[-1]) == 0 and all(0 < len(a) <= n for a, n in zip(together[:-1], limits))
 
 
+def test_greedy_many_takes_a_read_continuation_as_far_as_the_greedy_answer_goes(wider_gguf, monkeypatch):
+    """A read continuation is the answer's draft: the tokens the greedy answer begins with are taken
+    from that read, not decoded again a step at a time, and the answers are the greedy ones whatever
+    the draft (the whole answer, a part then another token, longer than the limit, one token of a
+    limit of 0). Counted: every token decoded, against generating without drafts."""
+    llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=64, sequences=3, verbose=False)
+    prompts = [[1, 5, 9, 13], [1, 5, 9, 8, 2, 2, 7], [6], list(range(1, 60)), [9, 9, 9, 1]]
+    limits = [40, 40, 30, 5, 0]
+    decoded = []
+    real = llamacpp._decode
+    monkeypatch.setattr(llamacpp, "_decode", lambda llm, entries: decoded.append(len(entries)) or real(llm, entries))
+    plain = llamacpp.greedy_many(llm, prompts, limits)
+    plain_tokens, decoded[:] = sum(decoded), []
+    assert len(plain[1]) > 11
+    other = (plain[1][10] + 1) % llm.n_vocab()
+    drafts = [plain[0], plain[1][:10] + [other, 3, 3], plain[2] + [1, 2, 3], plain[3][:2], [5]]
+    drafted = llamacpp.greedy_many(llm, prompts, limits, read=drafts)
+    assert drafted == plain
+    taken = [len(plain[0]) - 1, 10, len(plain[2]) - 1, 1, 0]  # the last token of each is the loop's
+    assert sum(decoded) == plain_tokens + sum(map(len, drafts)) - sum(taken)
+
+
 def test_greedy_many_reads_a_continuation_first_and_answers_from_the_prompt(wider_gguf):
     """With `read`, each prompt's continuation is scored on the way (the logits at the prompt's last
     token and at each read token but the last, as reading prompt + continuation alone gives them,

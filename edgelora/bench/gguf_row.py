@@ -4,9 +4,11 @@ Speeds are what one conversation at a time gets (a user's app): llama.cpp's coun
 SPEED_EXAMPLES answers through chat(), after a first one that warms the caches. The answers that
 are scored, and the logits at the reference answers' positions, come from all the examples read
 together (runtime.greedy_answers): each prompt read once, with its reference answer after it, and
-its greedy answer generated from the prompt alone (held to the row's JSON schema, if any), the
-examples' next tokens decoded in one batch a step. They are chat()'s answers but where batched
-arithmetic breaks a near-tie the other way (rare: tests/test_bench.py)."""
+its greedy answer generated from the prompt, the examples' next tokens decoded in one batch a
+step; as far as the greedy answer is the reference's, its tokens are taken from that read, not
+decoded again (held to the row's JSON schema, a row reads no reference: it is not scored against
+one). They are chat()'s answers but where batched arithmetic breaks a near-tie the other way
+(rare: tests/test_bench.py)."""
 from __future__ import annotations
 
 import json
