@@ -6,6 +6,7 @@ budget, verification and doctor all measure with it."""
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -29,22 +30,23 @@ class KLProbe:
         from .runtime import CTX_STEP, PACKED_CTX
 
         self.f16, self.scratch, self.rows = f16, scratch, []
+        row_of: list[Optional[int]] = []  # per sequence: its index in self.rows (None: no rows read)
         budget = max_positions
         for ids, labels in sequences:
-            rows = [j for j in range(len(ids) - 1) if labels[j + 1] != IGNORE][:budget]
+            rows = [j for j in range(len(ids) - 1) if labels[j + 1] != IGNORE][:max(budget, 0)]
+            row_of.append(len(self.rows) if rows else None)
             if rows:
                 self.rows.append((ids, rows))
                 budget -= len(rows)
-            if budget <= 0:
-                break
         if not self.rows:
             raise EdgeloraError("no answer tokens in the calibration examples to measure KL divergence on")
-        self.prompts = [p for ids, labels in sequences if (p := _first_prompt(ids, labels))]
+        prompts = [(p, i) for (ids, labels), i in zip(sequences, row_of) if (p := _first_prompt(ids, labels))]
+        self.prompts = [p for p, _ in prompts]
+        self._row_of_prompt = [i for _, i in prompts]  # each prompt's sequence in self.rows, or None
         longest = max([len(ids) for ids, _ in self.rows] + [len(p) + limit for p, limit in self.prompts])
         self.n_ctx = max(-(-longest // CTX_STEP) * CTX_STEP, PACKED_CTX)
         self.loras = loras
         self.reference = self.logprobs(f16, loras)
-        self._answers: Optional[list[list[int]]] = None  # the reference's greedy answers to the prompts
 
     def __call__(self, types: dict[str, str]) -> float:
         """KL of the f16 model with the weights in `types` quantised as given (the rest kept f16)."""
@@ -68,6 +70,24 @@ class KLProbe:
         """KL(f16 || the GGUF at `path`) at each of the probe's positions, per sequence (each
         sequence's log-probabilities made, in float64, only while its KL is taken)."""
         return [self._kl(log_softmax(lg), i) for i, lg in enumerate(self._logits(path))]
+
+    def kl_rows_and_answers(self, path: Path) -> tuple[list[np.ndarray], Optional[int]]:
+        """(kl_rows, answers_kept) of the GGUF at `path`, loaded once. A prompt whose reference
+        answer is its sequence's own answer (as a trained model's mostly is), at positions the KL
+        reads, is judged from that read's logits; only the others are read again."""
+        from .llamacpp import logits_at
+
+        if not self.prompts:
+            return self.kl_rows(path), None
+        answers = self.reference_answers
+        with self._load(path) as rt:
+            logits = logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
+            followed = {k: _followed(logits[i][at:at + len(answers[k])].argmax(-1), answers[k])
+                        for k, (i, at) in self._answers_in_rows.items()}
+            rest = [k for k in range(len(self.prompts)) if k not in followed]
+            followed.update(zip(rest, _follows(rt, [self.prompts[k][0] for k in rest], [answers[k] for k in rest])))
+        kl = [self._kl(log_softmax(lg), i) for i, lg in enumerate(logits)]
+        return kl, sum(followed[k] == len(answer) for k, answer in enumerate(answers))
 
     def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4) -> tuple[float, int]:
         """(mean KL(f16 || the GGUF at `path`) minus that of the file whose kl_rows are `base`, positions read):
@@ -112,11 +132,30 @@ class KLProbe:
         the same exactly when the file ranks the reference's token first at every position of it."""
         if not self.prompts:
             return None
-        if self._answers is None:
-            self._answers = self._reference_answers()
         with self._load(path) as rt:
-            followed = _follows(rt, [p for p, _ in self.prompts], self._answers)
-        return sum(n == len(answer) for n, answer in zip(followed, self._answers))
+            followed = _follows(rt, [p for p, _ in self.prompts], self.reference_answers)
+        return sum(n == len(answer) for n, answer in zip(followed, self.reference_answers))
+
+    @cached_property
+    def reference_answers(self) -> list[list[int]]:
+        """The reference's greedy answers to the prompts, made on first use."""
+        return self._reference_answers()
+
+    @cached_property
+    def _answers_in_rows(self) -> dict[int, tuple[int, int]]:
+        """{prompt: (its sequence in self.rows, where that sequence's rows reach its reference
+        answer)} for each nonempty reference answer its sequence holds at rows the probe reads."""
+        found = {}
+        for k, ((prompt, _), answer) in enumerate(zip(self.prompts, self.reference_answers)):
+            i = self._row_of_prompt[k]
+            if i is None or not answer:
+                continue
+            ids, rows = self.rows[i]
+            wanted = list(range(len(prompt) - 1, len(prompt) - 1 + len(answer)))
+            at = rows.index(wanted[0]) if wanted[0] in rows else -1
+            if at >= 0 and rows[at:at + len(answer)] == wanted and list(ids[len(prompt):len(prompt) + len(answer)]) == answer:
+                found[k] = (i, at)
+        return found
 
     def _reference_answers(self) -> list[list[int]]:
         """The reference's greedy answers, each cut where reading it whole ranks another token first
@@ -161,6 +200,12 @@ def _first_prompt(ids: list[int], labels: list[int]) -> Optional[tuple[list[int]
     return list(ids[:start]), answer_limit(end - start)
 
 
+def _followed(top: np.ndarray, answer: list[int]) -> int:
+    """How many of `answer`'s first tokens are the model's top tokens `top` at their positions."""
+    same = np.asarray(top, dtype=int) == np.asarray(answer, dtype=int)
+    return len(answer) if same.all() else int(same.argmin())
+
+
 def _follows(rt, prompts: list[list[int]], answers: list[list[int]]) -> list[int]:
     """For each prompt and answer: how many of the answer's first tokens the model in `rt` ranks
     first after the prompt (and the answer's tokens before each). One read of prompt + answer,
@@ -172,8 +217,4 @@ def _follows(rt, prompts: list[list[int]], answers: list[list[int]]) -> list[int
     for i, _, lg in batched_logits(rt.llm, [p + a for p, a in zip(prompts, answers)],
                                    [range(len(p) - 1, len(p) + len(a) - 1) for p, a in zip(prompts, answers)]):
         top[i].append(lg.argmax(-1))
-    out = []
-    for answer, parts in zip(answers, top):
-        same = np.concatenate(parts) == np.asarray(answer, dtype=int)
-        out.append(len(answer) if same.all() else int(same.argmin()))
-    return out
+    return [_followed(np.concatenate(parts), answer) for answer, parts in zip(answers, top)]

@@ -53,10 +53,11 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
     def measure(label: str) -> list:
+        with stage("answers"):  # the reference's answers, made once, before the clock turns to `measure`
+            probe.reference_answers
         with stage("measure"):
-            rows = probe.kl_rows(paths[label])
-        with stage("answers"):
-            made[label] = (float(np.concatenate(rows).mean()), probe.answers_kept(paths[label]))
+            rows, answers = probe.kl_rows_and_answers(paths[label])
+        made[label] = (float(np.concatenate(rows).mean()), answers)
         return rows
 
     groups = weight_groups(importance.sums)

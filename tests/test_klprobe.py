@@ -59,3 +59,34 @@ def test_compare_settles_a_clear_difference_early_and_reads_all_for_the_exact_on
     assert exact < 0 and early < 0 and read < total / 2
     same, read = probe.compare(base, far)  # no difference at all: never settled, everything read
     assert same == 0 and read == total
+
+
+def test_kl_and_answers_from_one_read_where_the_reference_answers_are_the_examples(tiny_export, run_dir, tmp_path):
+    """kl_rows_and_answers: a prompt whose reference answer is its sequence's own answer, at rows
+    the KL reads, is judged from that read; the rest are read again. The same KL as kl_rows and
+    the same count as answers_kept, for the f16 (all kept), q8_0 and the base without the adapter
+    (fewer), with the probe's own positions budget cutting one sequence short."""
+    import numpy as np
+
+    from edgelora import exporter as E
+    from edgelora.data import IGNORE
+    from edgelora.klprobe import KLProbe
+
+    plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
+    f16, q8, base = tiny_export["merged:f16"], tiny_export["merged:q8_0"], tiny_export["base:f16"]
+    answers = E._probe(f16, E._calibration(plan, None, 0)).reference_answers
+    first = E._probe(f16, E._calibration(plan, None, 0)).prompts
+    # the f16's own answers as the examples' answers: what a model trained to give them sees
+    own = [(p + a, [IGNORE] * len(p) + a) for (p, _), a in zip(first, answers)]
+    budget = sum(map(len, answers[:5])) - 1  # the fifth sequence's last answer position is not read
+    probe = KLProbe(f16, own, tmp_path, max_positions=budget)
+    probe.__dict__["reference_answers"] = answers  # as generated with the first probe's limits
+    judged = set(probe._answers_in_rows)
+    assert judged == {k for k in range(4) if answers[k]} and len(probe.prompts) > 5
+    kept = []
+    for path in (f16, q8, base):
+        kl, n = probe.kl_rows_and_answers(path)
+        np.testing.assert_allclose(np.concatenate(kl), np.concatenate(probe.kl_rows(path)), rtol=1e-5, atol=1e-7)
+        assert n == probe.answers_kept(path)
+        kept.append(n)
+    assert kept[0] == len(probe.prompts) and kept[2] < kept[0]
