@@ -136,10 +136,6 @@ class KLProbe:
             followed = _follows(rt, [p for p, _ in self.prompts], self.reference_answers)
         return sum(n == len(answer) for n, answer in zip(followed, self.reference_answers))
 
-    @cached_property
-    def reference_answers(self) -> list[list[int]]:
-        """The reference's greedy answers to the prompts, made on first use."""
-        return self._reference_answers()
 
     @cached_property
     def _answers_in_rows(self) -> dict[int, tuple[int, int]]:
@@ -153,16 +149,20 @@ class KLProbe:
             ids, rows = self.rows[i]
             wanted = list(range(len(prompt) - 1, len(prompt) - 1 + len(answer)))
             at = rows.index(wanted[0]) if wanted[0] in rows else -1
-            if at >= 0 and rows[at:at + len(answer)] == wanted and list(ids[len(prompt):len(prompt) + len(answer)]) == answer:
+            holds = list(ids[len(prompt):len(prompt) + len(answer)]) == answer
+            if at >= 0 and rows[at:at + len(answer)] == wanted and holds:
                 found[k] = (i, at)
         return found
 
-    def _reference_answers(self) -> list[list[int]]:
-        """The reference's greedy answers, each cut where reading it whole ranks another token first
-        (a near-tie that batched and one-token-at-a-time evaluation break differently), so that the
-        reference keeps all of its own."""
+    @cached_property
+    def reference_answers(self) -> list[list[int]]:
+        """The reference's greedy answers to the prompts (made on first use), each cut where reading
+        it whole ranks another token first (a near-tie that batched and one-token-at-a-time
+        evaluation break differently), so that the reference keeps all of its own."""
         from .runtime import greedy_answers
 
+        if not self.prompts:
+            return []
         prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
         answers = greedy_answers(self.f16, prompts, limits, self.loras, self.n_ctx)
         with self._load(self.f16, self.loras) as rt:

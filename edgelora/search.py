@@ -53,7 +53,7 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
     def measure(label: str) -> list:
-        with stage("answers"):  # the reference's answers, made once, before the clock turns to `measure`
+        with stage("answers"):  # the reference's own, made once (what each file's answers are checked against)
             probe.reference_answers
         with stage("measure"):
             rows, answers = probe.kl_rows_and_answers(paths[label])
