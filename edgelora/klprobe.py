@@ -136,6 +136,19 @@ class KLProbe:
             followed = _follows(rt, [p for p, _ in self.prompts], self.reference_answers)
         return sum(n == len(answer) for n, answer in zip(followed, self.reference_answers))
 
+    @cached_property
+    def reference_answers(self) -> list[list[int]]:
+        """The reference's greedy answers to the prompts (made on first use), each cut where reading
+        it whole ranks another token first (a near-tie that batched and one-token-at-a-time
+        evaluation break differently), so that the reference keeps all of its own."""
+        from .runtime import greedy_answers
+
+        if not self.prompts:
+            return []
+        prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
+        answers = greedy_answers(self.f16, prompts, limits, self.loras, self.n_ctx)
+        with self._load(self.f16, self.loras) as rt:
+            return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
     @cached_property
     def _answers_in_rows(self) -> dict[int, tuple[int, int]]:
@@ -153,20 +166,6 @@ class KLProbe:
             if at >= 0 and rows[at:at + len(answer)] == wanted and holds:
                 found[k] = (i, at)
         return found
-
-    @cached_property
-    def reference_answers(self) -> list[list[int]]:
-        """The reference's greedy answers to the prompts (made on first use), each cut where reading
-        it whole ranks another token first (a near-tie that batched and one-token-at-a-time
-        evaluation break differently), so that the reference keeps all of its own."""
-        from .runtime import greedy_answers
-
-        if not self.prompts:
-            return []
-        prompts, limits = [p for p, _ in self.prompts], [limit for _, limit in self.prompts]
-        answers = greedy_answers(self.f16, prompts, limits, self.loras, self.n_ctx)
-        with self._load(self.f16, self.loras) as rt:
-            return [answer[:n] for answer, n in zip(answers, _follows(rt, prompts, answers))]
 
     def logprobs(self, path: Path, loras=()) -> list[np.ndarray]:
         """The GGUF at `path` (with `loras`: (file, scale) pairs)'s log-probabilities at the probe's

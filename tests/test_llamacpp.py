@@ -185,8 +185,8 @@ def test_greedy_many_takes_a_read_continuation_as_far_as_the_greedy_answer_goes(
 def test_greedy_many_reads_a_continuation_first_and_answers_from_the_prompt(wider_gguf):
     """With `read`, each prompt's continuation is scored on the way (the logits at the prompt's last
     token and at each read token but the last, as reading prompt + continuation alone gives them,
-    handed over in the prompts' order) and then leaves the cache: the greedy answers are those
-    generated from the prompts alone."""
+    handed over in the prompts' order); what of it the greedy answer is not leaves the cache: the
+    greedy answers are those generated from the prompts alone."""
     import numpy as np
 
     llm = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=64, sequences=3, verbose=False)
