@@ -69,25 +69,28 @@ class KLProbe:
     def kl_rows(self, path: Path) -> list[np.ndarray]:
         """KL(f16 || the GGUF at `path`) at each of the probe's positions, per sequence (each
         sequence's log-probabilities made, in float64, only while its KL is taken)."""
-        return [self._kl(log_softmax(lg), i) for i, lg in enumerate(self._logits(path))]
+        return self._kl_rows(self._logits(path))
 
     def kl_rows_and_answers(self, path: Path) -> tuple[list[np.ndarray], Optional[int]]:
-        """(kl_rows, answers_kept) of the GGUF at `path`, loaded once. A prompt whose reference
-        answer is its sequence's own answer (as a trained model's mostly is), at positions the KL
-        reads, is judged from that read's logits; only the others are read again."""
-        from .llamacpp import logits_at
-
+        """(kl_rows, answers kept) of the GGUF at `path`, loaded once. Answers kept: how many of the
+        probe's prompts (the sequences' first turns, up to their answer) the file answers greedily
+        exactly as the reference does, token for token and ending where it ends: what a task scored
+        on greedy answers sees, where mean KL may not (a file can be closer on average and still
+        flip the one uncertain token a field hangs on); None: no prompts (text data). A greedy
+        answer is the same exactly when the file ranks the reference's token first at every
+        position of it: a prompt whose reference answer is its sequence's own (as a trained model's
+        mostly is), at positions the KL reads, is judged from that read's logits; only the others
+        are read again, prompt + the reference's answer."""
         if not self.prompts:
             return self.kl_rows(path), None
         answers = self.reference_answers
         with self._load(path) as rt:
-            logits = logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
+            logits = self._read(rt)
             followed = {k: _followed(logits[i][at:at + len(answers[k])].argmax(-1), answers[k])
                         for k, (i, at) in self._answers_in_rows.items()}
             rest = [k for k in range(len(self.prompts)) if k not in followed]
             followed.update(zip(rest, _follows(rt, [self.prompts[k][0] for k in rest], [answers[k] for k in rest])))
-        kl = [self._kl(log_softmax(lg), i) for i, lg in enumerate(logits)]
-        return kl, sum(followed[k] == len(answer) for k, answer in enumerate(answers))
+        return self._kl_rows(logits), sum(followed[k] == len(answer) for k, answer in enumerate(answers))
 
     def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4) -> tuple[float, int]:
         """(mean KL(f16 || the GGUF at `path`) minus that of the file whose kl_rows are `base`, positions read):
@@ -119,22 +122,13 @@ class KLProbe:
                     break
         return float(mean), int(n.sum())
 
+    def _kl_rows(self, logits: list[np.ndarray]) -> list[np.ndarray]:
+        """Per sequence, KL(f16 || the logits read at its rows) at each row."""
+        return [self._kl(log_softmax(lg), i) for i, lg in enumerate(logits)]
+
     def _kl(self, q: np.ndarray, i: int) -> np.ndarray:
         p = self.reference[i].astype(np.float64)
         return (np.exp(p) * (p - q)).sum(-1)
-
-    def answers_kept(self, path: Path) -> Optional[int]:
-        """How many of the probe's prompts (the sequences' first turns, up to their answer) the GGUF
-        at `path` answers greedily exactly as the reference does, token for token and ending where it
-        ends: what a task scored on greedy answers sees, where mean KL may not (a file can be closer
-        on average and still flip the one uncertain token a field hangs on). None: no prompts (text
-        data). Read in one pass per prompt over prompt + the reference's answer: a greedy answer is
-        the same exactly when the file ranks the reference's token first at every position of it."""
-        if not self.prompts:
-            return None
-        with self._load(path) as rt:
-            followed = _follows(rt, [p for p, _ in self.prompts], self.reference_answers)
-        return sum(n == len(answer) for n, answer in zip(followed, self.reference_answers))
 
     @cached_property
     def reference_answers(self) -> list[list[int]]:
@@ -173,10 +167,14 @@ class KLProbe:
         return [log_softmax(lg).astype(np.float32) for lg in self._logits(path, loras)]
 
     def _logits(self, path: Path, loras=()) -> list[np.ndarray]:
+        with self._load(path, loras) as rt:
+            return self._read(rt)
+
+    def _read(self, rt) -> list[np.ndarray]:
+        """The logits of the model in `rt` at the probe's positions, per sequence."""
         from .llamacpp import logits_at
 
-        with self._load(path, loras) as rt:
-            return logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
+        return logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
 
     def _load(self, path: Path, loras=()):
         """The GGUF at `path`, to read the probe's sequences several to a batch."""

@@ -3,8 +3,9 @@ import pytest
 
 
 def test_a_probe_counts_the_held_out_prompts_a_file_answers_as_the_f16_does(tiny_export, run_dir, tmp_path):
-    """answers_kept against llama-cpp-python's own temperature-0 sampling, prompt by prompt: the f16
-    keeps all of its own answers; the base without the adapter, only those it happens to share."""
+    """The answers kept (kl_rows_and_answers) against llama-cpp-python's own temperature-0 sampling,
+    prompt by prompt: the f16 keeps all of its own answers; the base without the adapter, only
+    those it happens to share."""
     import llama_cpp
 
     from edgelora import exporter as E
@@ -30,10 +31,10 @@ def test_a_probe_counts_the_held_out_prompts_a_file_answers_as_the_f16_does(tiny
         return out
 
     reference = answers(f16)
-    assert probe.answers_kept(f16) == len(probe.prompts)
+    assert probe.kl_rows_and_answers(f16)[1] == len(probe.prompts)
     for path in (tiny_export["merged:q8_0"], base):
         shared = sum(a == b for a, b in zip(answers(path), reference))
-        assert probe.answers_kept(path) == shared
+        assert probe.kl_rows_and_answers(path)[1] == shared
     assert shared < len(probe.prompts)  # the adapter changed the answers
 
 
@@ -64,13 +65,14 @@ def test_compare_settles_a_clear_difference_early_and_reads_all_for_the_exact_on
 def test_kl_and_answers_from_one_read_where_the_reference_answers_are_the_examples(tiny_export, run_dir, tmp_path):
     """kl_rows_and_answers: a prompt whose reference answer is its sequence's own answer, at rows
     the KL reads, is judged from that read; the rest are read again. The same KL as kl_rows and
-    the same count as answers_kept, for the f16 (all kept), q8_0 and the base without the adapter
-    (fewer), with the probe's own positions budget cutting one sequence short."""
+    the same count as reading every prompt with its answer, for the f16 (all kept), q8_0 and the
+    base without the adapter (fewer), with the probe's own positions budget cutting one sequence
+    short."""
     import numpy as np
 
     from edgelora import exporter as E
     from edgelora.data import IGNORE
-    from edgelora.klprobe import KLProbe
+    from edgelora.klprobe import KLProbe, _follows
 
     plan = E.plan_export(str(run_dir), None, ["f16"], False, str(tmp_path / "plan"))
     f16, q8, base = tiny_export["merged:f16"], tiny_export["merged:q8_0"], tiny_export["base:f16"]
@@ -87,6 +89,8 @@ def test_kl_and_answers_from_one_read_where_the_reference_answers_are_the_exampl
     for path in (f16, q8, base):
         kl, n = probe.kl_rows_and_answers(path)
         np.testing.assert_allclose(np.concatenate(kl), np.concatenate(probe.kl_rows(path)), rtol=1e-5, atol=1e-7)
-        assert n == probe.answers_kept(path)
+        with probe._load(path) as rt:  # every prompt read with its reference answer
+            followed = _follows(rt, [p for p, _ in probe.prompts], answers)
+        assert n == sum(f == len(a) for f, a in zip(followed, answers))
         kept.append(n)
     assert kept[0] == len(probe.prompts) and kept[2] < kept[0]
