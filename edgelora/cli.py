@@ -331,9 +331,12 @@ def bench(inputs, eval_data, quants, limit, score, json_schema, pattern, thresho
 @click.option("--quick", is_flag=True, help="Fewer steps and eval examples, no torch reference row (< 5 min on 2 cores).")
 @click.option("--out", default="edgelora-demo", show_default=True, help="Folder for the run, the GGUFs and the reports.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for llama.cpp. [default: llama.cpp's choice]")
+@click.option("--refit", is_flag=True,
+              help="Also refit the adapter against the smallest base file (auto, fitted to a smaller size than "
+                   "without --refit; --quick: q2_k) and bench that pair too (a few minutes more).")
 @click.option("--force", is_flag=True, help="Redo every stage (by default finished stages are reused).")
 @friendly_errors
-def demo(quick, out, threads, force):
+def demo(quick, out, threads, refit, force):
     """The whole pipeline on the embedded default: train, export, bench, before vs after.
 
     QLoRA-trains SmolLM2-135M-Instruct on a bundled extraction task (offline), exports f16,
@@ -343,7 +346,7 @@ def demo(quick, out, threads, force):
     from .demo import demo as run_demo
     from .bench.report import markdown
 
-    res = run_demo(out, quick=quick, force=force, threads=threads, progress=sys.stderr.isatty(),
+    res = run_demo(out, quick=quick, refit=refit, force=force, threads=threads, progress=sys.stderr.isatty(),
                    say=lambda line: click.echo(line, err=True))
     s = res.summary
     click.echo()

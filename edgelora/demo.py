@@ -4,6 +4,9 @@
     extraction task  --export-->  f16 / q8_0 / q4_k_m / q2_k GGUFs + a LoRA GGUF
     --bench-->  the quality-versus-size ladder, and the base model's own score beside it.
 
+With `refit`, the export also refits the adapter against its smallest base file (edgelora.refit)
+and the ladder gains that pair.
+
 Each stage leaves a finished marker (the run's summary.json, the export's manifest.json, the
 bench's report.json) and a rerun skips what is finished; a training run cut off part-way
 resumes from its last checkpoint; --force redoes everything. The stages are the same
@@ -24,14 +27,18 @@ from .handoff import MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE, BenchReport
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
+REFIT_TARGET_SIZE = "69MiB"  # ... and with --refit to this, the base the adapter is refitted against
 TRAIN = dict(base="smollm2-135m", method="auto", rank=8, targets="all-linear", batch_size=8, seq_len=256, seed=0)
 MODES = {  # steps of 8 examples; eval loss while training (quick: none); examples benched (None: all 60); torch row;
     # the task importance matrix, the auto file and the +grammar bench rows (quick: none); training examples the
-    # export is verified on (quick: fewer). The quick demo stays within 5 minutes on 2 cores.
+    # export is verified on (quick: fewer); with --refit, the base file the adapter is refitted against and the
+    # auto file's size (full: smaller, where the merged file loses part of the task). The quick demo stays within
+    # 5 minutes on 2 cores.
     "quick": dict(max_steps=24, lr=2e-3, eval_every=None, save_every=10, limit=8, hf=False, imatrix="none",
-                  target_size=None, json_schema=None, verify_examples=4),
+                  target_size=None, json_schema=None, verify_examples=4, refit="q2_k", refit_target_size=None),
     "full": dict(max_steps=60, lr=1e-3, eval_every=20, save_every=20, limit=None, hf=True, imatrix="auto",
-                 target_size=TARGET_SIZE, json_schema="auto", verify_examples=VERIFY_EXAMPLES),
+                 target_size=TARGET_SIZE, json_schema="auto", verify_examples=VERIFY_EXAMPLES, refit="auto",
+                 refit_target_size=REFIT_TARGET_SIZE),
 }
 
 
@@ -52,8 +59,8 @@ def demo_data() -> tuple[Path, Path]:
     return Path(str(train)), Path(str(evals))
 
 
-def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False, threads: Optional[int] = None,
-         progress: bool = True, say: Callable[[str], None] = print) -> DemoResult:
+def demo(out: str = "edgelora-demo", *, quick: bool = False, refit: bool = False, force: bool = False,
+         threads: Optional[int] = None, progress: bool = True, say: Callable[[str], None] = print) -> DemoResult:
     from .bench import bench, read_eval
     from .config import default_run_dir, load_config
     from .exporter import export
@@ -77,10 +84,19 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
         remove_own_folder(out_dir, state_path.name, "demo folder")
     output_folder(out_dir, "demo folder")
     timings = state.get("timings", {}) if state.get("mode") == mode else {}
-    atomic_write_json(state_path, {"mode": mode, "timings": timings})
     train_file, eval_file = demo_data()
     run_dir, base_dir = out_dir / default_run_dir(TRAIN["base"], str(train_file)).name, out_dir / "base"
     export_dir = run_dir / "export"
+    if state and not force and state.get("refit", False) != refit:  # the export and its bench are redone, not training
+        say(f"{out_dir} holds a demo {'with' if state.get('refit') else 'without'} the refit: redoing its export "
+            "and bench")
+        for marker in (export_dir / MANIFEST_FILE, export_dir / "bench" / REPORT_FILE):
+            marker.unlink(missing_ok=True)
+
+    def save_state() -> None:
+        atomic_write_json(state_path, {"mode": mode, "refit": refit, "timings": timings})
+
+    save_state()
 
     def stage(name: str, done: bool, what: str, fn) -> None:
         if done:
@@ -90,7 +106,7 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
         t0 = time.time()
         fn()
         timings[name] = round(time.time() - t0, 1)
-        atomic_write_json(state_path, {"mode": mode, "timings": timings})
+        save_state()
 
     def do_train():
         resume = bool(checkpoints(run_dir))
@@ -102,20 +118,25 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, force: bool = False
     bench_opts = dict(limit=m["limit"], threads=threads, progress=progress, force=True)
     stage("train", (run_dir / SUMMARY_FILE).is_file(),
           f"QLoRA on {TRAIN['base']}, {m['max_steps']} steps of {TRAIN['batch_size']} examples", do_train)
-    budget = f" + auto (to {m['target_size']})" if m["target_size"] else ""
-    stage("export", (export_dir / MANIFEST_FILE).is_file(), f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF",
+    target_size = m["refit_target_size"] if refit and m["refit_target_size"] else m["target_size"]
+    budget = f" + auto (to {target_size})" if target_size else ""
+    refits = [m["refit"]] if refit else []
+    refitted = f" + the LoRA refitted against the {m['refit']} base" if refit else ""
+    stage("export", (export_dir / MANIFEST_FILE).is_file(),
+          f"merged {', '.join(QUANTS)}{budget} + LoRA GGUF{refitted}",
           lambda: export(str(run_dir), quants=QUANTS, lora_gguf=True, force=True, imatrix=m["imatrix"],
-                         target_size=m["target_size"], verify_examples=m["verify_examples"]))
+                         target_size=target_size, verify_examples=m["verify_examples"], refit=refits))
     stage("before", (base_dir / "bench" / REPORT_FILE).is_file(), "the untrained base at f16 and q4_k_m, benched",
           lambda: (export(None, base=TRAIN["base"], quants=["f16", "q4_k_m"], out=str(base_dir), force=True),
                    bench([str(base_dir)], str(eval_file), hf=False, **bench_opts)))
     grammar = " (and under the JSON schema learned from the answers)" if m["json_schema"] else ""
-    stage("bench", (export_dir / "bench" / REPORT_FILE).is_file(), f"the trained ladder on the held-out set{grammar}",
+    stage("bench", (export_dir / "bench" / REPORT_FILE).is_file(),
+          f"the trained ladder on the held-out set{grammar}",
           lambda: bench([str(export_dir)], str(eval_file), hf=m["hf"], json_schema=m["json_schema"], **bench_opts))
 
     before, after = BenchReport.read(base_dir / "bench"), BenchReport.read(export_dir / "bench")
     question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
-    summary = _summary(mode, timings, before, after, export_dir, question)
+    summary = {**_summary(mode, timings, before, after, export_dir, question), "refit": refit}
     atomic_write_json(state_path, summary)
     return DemoResult(out_dir, summary, after, before)
 

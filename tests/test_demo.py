@@ -62,3 +62,27 @@ def test_a_rerun_reuses_every_stage(quick_demo):
 def test_demo_data_is_packaged():
     train, evals = demo_data()
     assert sum(1 for _ in train.open()) == 300 and sum(1 for _ in evals.open()) == 60
+
+
+def test_refit_redoes_only_the_export_and_bench_and_adds_the_refitted_pair(quick_demo, tmp_path):
+    import shutil
+
+    src, _, _ = quick_demo
+    out = tmp_path / "demo"
+    shutil.copytree(src, out)  # the fixture's folder stays as the other tests read it
+    train_summary = (out / RUN / "summary.json").read_bytes()
+    r = run_cli("demo", "--quick", "--refit", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "holds a demo without the refit: redoing its export and bench" in r.output
+    assert r.output.count("done already") == 2  # training and the untrained base
+    assert (out / RUN / "summary.json").read_bytes() == train_summary
+    refit = MODES["quick"]["refit"]
+    after = json.loads((out / RUN / "export" / "bench" / "report.json").read_text())
+    assert {r["label"] for r in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora", f"{refit}+lora",
+                                                     f"{refit}+refit"}
+    manifest = json.loads((out / RUN / "export" / "manifest.json").read_text())
+    refitted = [o for o in manifest["outputs"] if o.get("refit")]
+    assert len(refitted) == 1 and refitted[0]["refit"]["verified"]["passed"], refitted
+    assert json.loads((out / "demo.json").read_text())["refit"] is True
+    again = run_cli("demo", "--quick", "--refit", "--out", out)
+    assert again.exit_code == 0 and again.output.count("done already") == 4, again.output

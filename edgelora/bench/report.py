@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import textwrap
 from pathlib import Path
 
 from ..files import atomic_path, atomic_write_json, atomic_write_text
@@ -112,8 +113,10 @@ def plot(report: BenchReport, path: Path) -> bool:
                        color="tab:green" if chosen else ("tab:gray" if r.route == "hf" else "tab:blue"), zorder=3)
             ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(6, 7 if i % 2 else -13), fontsize=8)
         for r in (r for r in rows if r.grammar):
-            ax.scatter(r.size_bytes / 2**20, getattr(r, key), marker=markers.get(r.route, "o"), s=110,
-                       facecolors="none", edgecolors="tab:orange", linewidths=1.2, zorder=4)
+            chosen = r.label == report.recommendation["label"]
+            ax.scatter(r.size_bytes / 2**20, getattr(r, key), marker=markers.get(r.route, "o"), s=150 if chosen else 110,
+                       facecolors="none", edgecolors="tab:green" if chosen else "tab:orange",
+                       linewidths=2 if chosen else 1.2, zorder=4)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -130,7 +133,7 @@ def plot(report: BenchReport, path: Path) -> bool:
     axes[0].legend(handles=handles, loc="lower right", fontsize=8)
     axes[1].set_yscale("symlog", linthresh=1e-5)
     axes[1].set_ylim(0, max(1e-4, 3 * max(r.kl for r in report.rows)))
-    fig.suptitle(f"{Path(report.eval_data).name}: {report.recommendation['text']}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{Path(report.eval_data).name}: {report.recommendation['text']}", 150), fontsize=9)
     fig.tight_layout()
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
