@@ -36,7 +36,7 @@ from .bases import BaseModel, base_hash, file_sha256, materialise, resolve_base
 from .klprobe import SETTLED_Z
 from .schema import SCHEMA_FILE
 from .resume import ExportProgress
-from .search import quantize_searched
+from .search import MATRIX_UNUSED, quantize_searched
 from .stages import StageClock, progress_bar, stage
 
 if TYPE_CHECKING:
@@ -439,7 +439,8 @@ def _finish(run: ExportRun, clock: StageClock) -> ExportResult:
         files.append(ExportedFile(
             role, path.name, file_sha256(path), path.stat().st_size, round(info["bpw"], 3), role.quant or "f16",
             info.get("file_type"), info["tensor_types"], info["class_types"],
-            imatrix=bool(quantised and run.importance is not None and (check or {}).get("imatrix_kept", True)),
+            imatrix=bool(quantised and run.importance is not None and not set(info["tensor_types"]) <= MATRIX_UNUSED
+                         and (check or {}).get("imatrix_kept", True)),
             imatrix_check=check if role.kind != REFIT else None, refit=check if role.kind == REFIT else None,
             fallbacks={k: v for k, v in quantised["fallbacks"].items() if k != "tensors"} if quantised else None))
     schema_info = _copy_schema(plan)

@@ -89,7 +89,7 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
         candidates = [k for k in ("all", "chosen", "none") if k in made and (keep_better or k != "none")]
         kept = max(candidates, key=lambda k: (made[k][1] or 0, -made[k][0]))
         os.replace(paths[kept], dst)
-        used = {"all": list(groups), "chosen": helped}.get(kept, [])
+        used = [] if unused else {"all": list(groups), "chosen": helped}.get(kept, [])
         log.info("%s: %s; keeping the file %s", dst.name, "; ".join(
             f"{label} KL {kl:.3g}" + ("" if answers is None else f", {answers} of {len(probe.prompts)} answers as f16")
             for label, (kl, answers) in made.items()), "with it for those" if kept == "chosen" else

@@ -291,7 +291,7 @@ def test_weights_are_grouped_by_class_and_a_third_of_the_layers():
 def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     run = tiny_export["merged:f16"].parent.parent
     out = tmp_path / "ex"
-    r = run_cli("export", run, "--quant", "q4_k_m", "--out", out, "--imatrix-tokens", 300,
+    r = run_cli("export", run, "--quant", "q4_k_m", "--quant", "q8_0", "--out", out, "--imatrix-tokens", 300,
                 "--imatrix-decision-weight", 0)  # not the default: every token alike
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -307,7 +307,9 @@ def test_export_computes_it_from_the_runs_training_data(tiny_export, tmp_path):
     assert sum(v for k, v in seconds.items() if k != "total") <= seconds["total"]
     from edgelora.stages import summary
     assert f"time: {summary(seconds)}" in r.output
-    (q4,) = manifest["outputs"]
+    q8, q4 = sorted(manifest["outputs"], key=lambda o: o["file"] != "tiny-run-q8_0.gguf")
+    assert q8["file"] == "tiny-run-q8_0.gguf" and not q8["imatrix"]  # Q8_0 takes no matrix: not said to have one
+    assert not q8["imatrix_check"]["imatrix_kept"] and q8["imatrix_check"]["imatrix_groups"] == []
     check = q4["imatrix_check"]  # made with, without, and with it for the groups it helps alone: lowest KL kept
     assert check["sequences"] == 24 and check["kl_with_imatrix"] > 0 and check["kl_without"] > 0
     by_group = check["kl_by_group"]  # two layers: a group is one class in one layer
