@@ -360,6 +360,8 @@ def demo(quick, out, threads, refit, force):
     click.echo(f"files: {f['export']}  (report: {f['report']}, plot: {f['plot']})")
     click.echo(f"try it:  edgelora chat {f['q4_k_m']}\n         "
                f"ollama create extract -f {f['modelfile']} && ollama run extract")
+    if "refit" in f:
+        click.echo(f"         {f['refit']}    (the refitted pair)")
 
 
 def _runtime_options(fn):

@@ -24,6 +24,7 @@ from .errors import EdgeloraError
 from .verify import EXAMPLES as VERIFY_EXAMPLES
 from .files import atomic_write_json, output_folder, read_json, remove_own_folder
 from .handoff import MANIFEST_FILE, REPORT_FILE, SUMMARY_FILE, BenchReport
+from .ollama import lora_command
 
 QUANTS = ["f16", "q8_0", "q4_k_m", "q2_k"]
 TARGET_SIZE = "74MiB"  # the full demo also writes `auto`: per-tensor types fitted to this (edgelora.budget)
@@ -136,16 +137,19 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, refit: bool = False
 
     before, after = BenchReport.read(base_dir / "bench"), BenchReport.read(export_dir / "bench")
     question = read_eval(str(eval_file), 1)[0]["messages"][-1]["content"]
-    summary = {**_summary(mode, timings, before, after, export_dir, question), "refit": refit}
+    summary = _summary(mode, refit, timings, before, after, export_dir, question)
     atomic_write_json(state_path, summary)
     return DemoResult(out_dir, summary, after, before)
 
 
-def _summary(mode: str, timings: dict, before: BenchReport, after: BenchReport, export_dir: Path,
+def _summary(mode: str, refit: bool, timings: dict, before: BenchReport, after: BenchReport, export_dir: Path,
              question: str) -> dict:
-    """Scores before -> after, the first held-out question answered by both q4_k_m files, the files."""
+    """Scores before -> after, the first held-out question answered by both q4_k_m files, the files
+    (and with the refit, the command that serves the refitted pair: llama.cpp and llama-server take
+    it, Ollama and LM Studio do not)."""
+    pair = next((r for r in after.rows if r.label.endswith("+refit")), None)
     return {
-        "mode": mode, "timings": timings, "examples": after.examples,
+        "mode": mode, "refit": refit, "timings": timings, "examples": after.examples,
         "task_score": {q: {"before": before.row(q).task_score, "after": after.row(q).task_score}
                        for q in ("f16", "q4_k_m")},
         "example": {"question": question, "expected": after.expected[0],
@@ -153,5 +157,6 @@ def _summary(mode: str, timings: dict, before: BenchReport, after: BenchReport, 
         "recommendation": after.recommendation["text"],
         "files": {"export": str(export_dir), "q4_k_m": after.row("q4_k_m").model,
                   "report": str(export_dir / "bench" / "report.md"), "plot": str(export_dir / "bench" / "ladder.png"),
-                  "modelfile": str(export_dir / "Modelfile")},
+                  "modelfile": str(export_dir / "Modelfile"),
+                  **({"refit": lora_command(pair.model, pair.loras[0])} if pair else {})},
     }
