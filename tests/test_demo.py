@@ -78,15 +78,16 @@ def test_refit_redoes_only_the_export_and_bench_and_adds_the_refitted_pair(quick
     assert (out / RUN / "summary.json").read_bytes() == train_summary
     refit = MODES["quick"]["refit"]
     after = json.loads((out / RUN / "export" / "bench" / "report.json").read_text())
-    assert {r["label"] for r in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora", f"{refit}+lora",
-                                                     f"{refit}+refit"}
+    assert {row["label"] for row in after["rows"]} == {"f16", "q8_0", "q4_k_m", "q2_k", "q4_1+lora", f"{refit}+lora",
+                                                         f"{refit}+refit"}
     manifest = json.loads((out / RUN / "export" / "manifest.json").read_text())
     refitted = [o for o in manifest["outputs"] if o.get("refit")]
     assert len(refitted) == 1 and refitted[0]["refit"]["verified"]["passed"], refitted
     summary = json.loads((out / "demo.json").read_text())
-    pair = next(r for r in after["rows"] if r["label"] == f"{refit}+refit")
-    assert summary["refit"] is True and summary["files"]["refit"] == f"llama-server -m {pair['model']} --lora {pair['loras'][0]}"
+    pair = next(row for row in after["rows"] if row["label"] == f"{refit}+refit")
+    base, (lora,) = pair["model"], pair["loras"]
+    assert base.endswith(f"smollm2-135m-base-{refit}.gguf") and lora.endswith(f"refit-{refit}-lora-f16.gguf")
+    assert summary["refit"] is True and summary["files"]["refit"] == f"llama-server -m {base} --lora {lora}"
     assert f"{summary['files']['refit']}    (the refitted pair)" in r.output
-    assert pair["model"].endswith(f"smollm2-135m-base-{refit}.gguf") and pair["loras"][0].endswith(f"refit-{refit}-lora-f16.gguf")
     again = run_cli("demo", "--quick", "--refit", "--out", out)
     assert again.exit_code == 0 and again.output.count("done already") == 4, again.output
