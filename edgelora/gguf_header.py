@@ -74,6 +74,9 @@ class GGUFLayout:
     path: Path
     fields: dict  # key -> value: a number, a string, a list, or a LongArray
     tensors: list[TensorInfo]
+    version: int = 3
+    metadata_end: int = 0  # where the metadata ends and the tensor infos begin (byte offset)
+    scalar_at: dict = field(default_factory=dict, repr=False)  # key of a number -> (its value type, its byte offset)
     _map: Optional[np.memmap] = field(default=None, repr=False)
 
     def mapped(self) -> np.memmap:
@@ -149,7 +152,13 @@ def _parse(path: str | Path, what: str, tensors: bool):
                 version, n_tensors, n_kv = c.read("IQQ")
                 if version not in (2, 3):
                     raise EdgeloraError(f"{named}: GGUF version {version} is not supported (2 or 3)")
-                fields = {c.string(): c.value(c.read("I")[0]) for _ in range(c.length(n_kv, 12))}  # key length + type
+                fields, scalar_at = {}, {}
+                for _ in range(c.length(n_kv, 12)):  # key length + type
+                    key, (vtype,) = c.string(), c.read("I")
+                    if vtype in _SCALAR:
+                        scalar_at[key] = (T(vtype), c.at)
+                    fields[key] = c.value(vtype)
+                metadata_end = c.at
                 infos = [_tensor_info(c) for _ in range(c.length(n_tensors, 24))] if tensors else []
             except (struct.error, KeyError, ValueError):  # short reads, unknown value or tensor types
                 raise c.fail() from None
@@ -160,7 +169,7 @@ def _parse(path: str | Path, what: str, tensors: bool):
     if not isinstance(alignment, int) or alignment < 1:
         raise c.fail(f" ({_ALIGNMENT} is {alignment!r})")
     start += -start % alignment
-    layout = GGUFLayout(p, fields, [])
+    layout = GGUFLayout(p, fields, [], version, metadata_end, scalar_at)
     seen = set()
     for name, shape, qtype, offset in infos:
         n_elements = int(np.prod(shape, dtype=object))
@@ -201,3 +210,36 @@ def gguf_layout(path: str | Path, what: str = "") -> GGUFLayout:
     """gguf_metadata and every tensor's name, type, shape and place, checked to lie within the file;
     errors name the file (after `what`, if given)."""
     return _parse(path, what, tensors=True)
+
+
+def later_layers_header(layout: GGUFLayout, first: int) -> tuple[bytes, list[TensorInfo]]:
+    """The header of the model made of `layout`'s blocks from layer `first` on, renumbered from 0,
+    and every tensor outside the blocks: the same metadata with the block count lowered to match;
+    and the tensors whose data follow it, in the order written (each padded to the alignment).
+    llama.cpp runs it as the rest of the whole model's forward pass, given the input of layer
+    `first` as embeddings."""
+    arch = layout.fields.get("general.architecture")
+    count = f"{arch}.block_count"
+    n_layers = layout.fields.get(count)
+    if count not in layout.scalar_at or not isinstance(n_layers, int) or not 0 < first < n_layers:
+        raise EdgeloraError(f"{layout.path.name}: no layers from {first} on to keep ({count} is {n_layers!r})")
+    with open(layout.path, "rb") as f:
+        head = bytearray(f.read(layout.metadata_end))
+    kept = []  # (tensor, its name in the smaller model)
+    for t in layout.tensors:
+        parts = t.name.split(".", 2)
+        if parts[0] != "blk":
+            kept.append((t, t.name))
+        elif int(parts[1]) >= first:
+            kept.append((t, f"blk.{int(parts[1]) - first}.{parts[2]}"))
+    vtype, at = layout.scalar_at[count]
+    struct.pack_into("<Q", head, 8, len(kept))  # after the magic and the version: the tensor count
+    struct.pack_into("<" + _SCALAR[vtype], head, at, n_layers - first)
+    alignment, offset = layout.fields.get(_ALIGNMENT, 32), 0
+    for t, name in kept:
+        encoded = name.encode()
+        head += struct.pack(f"<Q{len(encoded)}sI{len(t.shape)}QIQ", len(encoded), encoded, len(t.shape), *t.shape,
+                            int(t.tensor_type), offset)
+        offset += t.n_bytes + -t.n_bytes % alignment
+    head += bytes(-len(head) % alignment)
+    return bytes(head), [t for t, _ in kept]

@@ -71,7 +71,7 @@ class KLProbe:
         sequence's log-probabilities made, in float64, only while its KL is taken)."""
         return self._kl_rows(self._logits(path))
 
-    def kl_rows_and_answers(self, path: Path) -> tuple[list[np.ndarray], Optional[int]]:
+    def kl_rows_and_answers(self, path: Path, keep=None) -> tuple[list[np.ndarray], Optional[int]]:
         """(kl_rows, answers kept) of the GGUF at `path`, loaded once. Answers kept: how many of the
         probe's prompts (the sequences' first turns, up to their answer) the file answers greedily
         exactly as the reference does, token for token and ending where it ends: what a task scored
@@ -80,25 +80,28 @@ class KLProbe:
         answer is the same exactly when the file ranks the reference's token first at every
         position of it: a prompt whose reference answer is its sequence's own (as a trained model's
         mostly is), at positions the KL reads, is judged from that read's logits; only the others
-        are read again, prompt + the reference's answer."""
+        are read again, prompt + the reference's answer. `keep`: a llamacpp.LayerInputs that keeps
+        the inputs of its layers in the read of the probe's sequences (for compare's `inputs`)."""
         if not self.prompts:
-            return self.kl_rows(path), None
+            return self._kl_rows(self._logits(path, keep=keep)), None
         answers = self.reference_answers
-        with self._load(path) as rt:
-            logits = self._read(rt)
+        with self._load(path, keep=keep) as rt:
+            logits = self._read(rt, keep)
             followed = {k: _followed(logits[i][at:at + len(answers[k])].argmax(-1), answers[k])
                         for k, (i, at) in self._answers_in_rows.items()}
             rest = [k for k in range(len(self.prompts)) if k not in followed]
             followed.update(zip(rest, _follows(rt, [self.prompts[k][0] for k in rest], [answers[k] for k in rest])))
         return self._kl_rows(logits), sum(followed[k] == len(answer) for k, answer in enumerate(answers))
 
-    def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4) -> tuple[float, int]:
+    def compare(self, path: Path, base: list[np.ndarray], z: Optional[float] = None, parts: int = 4,
+                inputs=None) -> tuple[float, int]:
         """(mean KL(f16 || the GGUF at `path`) minus that of the file whose kl_rows are `base`, positions read):
         the sequences read one after the other in one pass (the tokens they all begin with read once), the
         difference checked after each quarter of them and the reading stopped once it is `z` standard
         errors from zero (a sequence's positions taken together: they are not independent).
         Only the sign is settled early; z = inf reads every sequence and gives the exact difference
-        (default: SETTLED_Z)."""
+        (default: SETTLED_Z). `inputs`: the file is a model of later layers only, read from these
+        inputs (LayerInputs.at, kept in a read of the same sequences)."""
         from .llamacpp import batched_logits
 
         z = SETTLED_Z if z is None else z
@@ -106,7 +109,8 @@ class KLProbe:
         sums, counts = [], []  # per sequence read: the sum of the differences at its positions, their number
         parts_of: list[np.ndarray] = []  # the sequence being read: its logits so far (a long one comes in parts)
         with self._load(path) as rt:  # one read: the tokens the sequences share stay in the cache throughout
-            for i, _, lg in batched_logits(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows]):
+            for i, _, lg in batched_logits(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows],
+                                           inputs=inputs):
                 parts_of.append(lg)
                 if sum(map(len, parts_of)) < len(self.rows[i][1]):
                     continue
@@ -166,21 +170,26 @@ class KLProbe:
         positions, per sequence (computed in float64, kept in float32: half the memory)."""
         return [log_softmax(lg).astype(np.float32) for lg in self._logits(path, loras)]
 
-    def _logits(self, path: Path, loras=()) -> list[np.ndarray]:
-        with self._load(path, loras) as rt:
-            return self._read(rt)
+    def _logits(self, path: Path, loras=(), keep=None) -> list[np.ndarray]:
+        with self._load(path, loras, keep) as rt:
+            return self._read(rt, keep)
 
-    def _read(self, rt) -> list[np.ndarray]:
-        """The logits of the model in `rt` at the probe's positions, per sequence."""
+    def _read(self, rt, keep=None) -> list[np.ndarray]:
+        """The logits of the model in `rt` at the probe's positions, per sequence (`keep`: see
+        kl_rows_and_answers; `rt` loaded to observe with it)."""
         from .llamacpp import logits_at
 
-        return logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows])
+        logits = logits_at(rt.llm, [ids for ids, _ in self.rows], [rows for _, rows in self.rows],
+                           before=keep.before if keep else None)
+        if keep:
+            keep.stop()
+        return logits
 
-    def _load(self, path: Path, loras=()):
+    def _load(self, path: Path, loras=(), keep=None):
         """The GGUF at `path`, to read the probe's sequences several to a batch."""
         from .runtime import load, reading_sequences
 
-        return load(path, loras=loras, n_ctx=self.n_ctx, sequences=reading_sequences())
+        return load(path, loras=loras, n_ctx=self.n_ctx, sequences=reading_sequences(), observe=keep)
 
     def against(self, logprobs: list[np.ndarray]) -> tuple[float, float]:
         """kl_top1 of the f16 and `logprobs` at the probe's positions, from any model with the same vocabulary."""

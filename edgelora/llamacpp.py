@@ -62,10 +62,12 @@ def model_params_policy():
         C.llama_model_default_params = default
 
 
-def load_llama(path: str | Path, *, observe: "WeightInputs | None" = None, sequences: int = 1, **kwargs):
+def load_llama(path: str | Path, *, observe: "WeightInputs | LayerInputs | None" = None, sequences: int = 1,
+               **kwargs):
     """`llama_cpp.Llama(model_path=path, **kwargs)` under the policy above, grammars guarded, chat
     templates rendered by edgelora.templates;
-    `observe`: the weights' inputs go to it as llama.cpp computes them (WeightInputs); `sequences`:
+    `observe`: the weights' or the layers' inputs go to it as llama.cpp computes them (WeightInputs,
+    LayerInputs); `sequences`:
     how many sequences one batch may hold (batched_logits), sharing one KV cache."""
     from llama_cpp import Llama
 
@@ -231,24 +233,52 @@ def shared_prefix(sequences, first_wanted) -> int:
     return n
 
 
-def _decode(llm, entries):
+def _decode(llm, entries, embeddings=None):
     """One llama_decode of `entries` ((sequence slot, token, position, wants logits) each): the
-    logits rows asked for (float32, in order)."""
+    logits rows asked for (float32, in order). `embeddings`: a (tokens, n_embd) array read in
+    the tokens' place (the input of the model's first layer)."""
     import llama_cpp
     import numpy as np
 
     _, ctx, _, batch = handles(llm)
-    b = batch.batch
+    b = batch.batch if embeddings is None else _embeddings_batch(llm).batch
     b.n_tokens = len(entries)
     for k, (slot, token, pos, wants) in enumerate(entries):
-        b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = token, pos, 1, wants
+        if embeddings is None:
+            b.token[k] = token
+        b.pos[k], b.n_seq_id[k], b.logits[k] = pos, 1, wants
         b.seq_id[k][0] = slot
+    if embeddings is not None:
+        rows = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if rows.shape != (len(entries), llm.n_embd()):
+            raise EdgeloraError(f"{rows.shape[0]} rows of {rows.shape[-1]} inputs for {len(entries)} tokens "
+                                f"of a model {llm.n_embd()} wide")
+        ctypes.memmove(b.embd, rows.ctypes.data, rows.nbytes)
     if llama_cpp.llama_decode(ctx, b) != 0:
         raise EdgeloraError(f"llama.cpp could not evaluate a batch of {len(entries)} tokens")
     n = sum(1 for e in entries if e[3])
     if not n:
         return np.empty((0, llm.n_vocab()), np.float32)
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, llm.n_vocab())).copy()
+
+
+class _EmbeddingsBatch:
+    """A llama_batch that holds input embeddings instead of tokens, freed with its Llama."""
+
+    def __init__(self, llm):
+        import llama_cpp
+
+        self._free = llama_cpp.llama_batch_free
+        self.batch = llama_cpp.llama_batch_init(llm.n_batch, llm.n_embd(), max(1, int(llm.context_params.n_seq_max)))
+
+    def __del__(self):
+        self._free(self.batch)
+
+
+def _embeddings_batch(llm) -> _EmbeddingsBatch:
+    if getattr(llm, "_edgelora_embeddings_batch", None) is None:
+        llm._edgelora_embeddings_batch = _EmbeddingsBatch(llm)
+    return llm._edgelora_embeddings_batch
 
 
 def _read_prefix(llm, tokens, slots: int, read=None) -> None:
@@ -265,7 +295,8 @@ def _read_prefix(llm, tokens, slots: int, read=None) -> None:
         llm._ctx.kv_cache_seq_cp(0, slot, -1, -1)
 
 
-def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, every_output: bool = False):
+def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, every_output: bool = False,
+                   inputs=None):
     """For each token sequence (read from position 0), its next-token logits (float32) at its
     `rows` (positions; None: every position), yielded as (sequence index, first position of the
     part, logits at the part's rows) after each batch, and kept nowhere: only the rows asked for
@@ -277,7 +308,9 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, e
     in the KV cache, as many as the Llama was loaded for (load_llama(sequences=N)); one longer than
     a batch is read on its own, in parts. `before(parts)`: called before each batch with what it
     holds, in order: (sequence index, first position, tokens) per part, the index None for the
-    shared tokens (read once for every sequence). Clears the KV cache."""
+    shared tokens (read once for every sequence). `inputs(index, first position, tokens)`: the
+    input embeddings of a part's tokens, read in their place (a model of a whole model's later
+    layers: LayerInputs). Clears the KV cache."""
     import numpy as np
 
     room, slots = llm.n_batch, max(1, int(llm.context_params.n_seq_max))
@@ -296,7 +329,8 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, e
             takes.append(take)
         if before:
             before([(i, first, len(tokens)) for i, first, tokens in parts])
-        got, at = _decode(llm, entries), 0
+        embeddings = None if inputs is None else np.concatenate([inputs(i, first, len(t)) for i, first, t in parts])
+        got, at = _decode(llm, entries, embeddings), 0
         for (i, first, _), take in zip(parts, takes):
             n = len(take) if every_output else int(take.sum())  # the rows this part has in `got`
             yield i, first, got[at:at + n][take] if every_output else got[at:at + n]
@@ -328,12 +362,12 @@ def batched_logits(llm, sequences, rows=None, before=None, share: bool = True, e
     llm._ctx.kv_cache_clear()
 
 
-def logits_at(llm, sequences, rows=None, share: bool = True) -> list:
+def logits_at(llm, sequences, rows=None, share: bool = True, before=None) -> list:
     """batched_logits gathered: per sequence, its logits at its rows, one array."""
     import numpy as np
 
     out: list[list] = [[] for _ in sequences]
-    for i, _, logits in batched_logits(llm, sequences, rows, share=share):
+    for i, _, logits in batched_logits(llm, sequences, rows, before=before, share=share):
         out[i].append(logits)
     return [np.concatenate(parts) for parts in out]
 
@@ -563,6 +597,62 @@ class WeightInputs:
         error, self.error = self.error, None
         if error is not None:
             raise error
+
+
+class LayerInputs:
+    """The input of each of `layers` (the output of the layer before it) at every token of one
+    batched_logits read, as llama.cpp computes it: load the model with `observe=this`, read with
+    `before=this.before`, then `stop()`. `at(layer)` gives them back as batched_logits' `inputs`
+    for the same read of a file of that layer and the ones after it (TensorSwap.write's
+    from_layer): its logits are then the whole file's, bit for bit, for the cost of its layers."""
+
+    def __init__(self, layers):
+        import llama_cpp.llama_cpp as C
+
+        self.names = {f"l_out-{k - 1}".encode(): k for k in layers}
+        self.kept: dict[int, dict] = {k: {} for k in layers}  # layer -> {(sequence index, first position): inputs}
+        self._parts: list | None = None  # the batch being read: (sequence index, first position, tokens) per part
+        self._got: dict[int, list] = {k: [] for k in layers}
+        self.error: BaseException | None = None
+        self.callback = C.ggml_backend_sched_eval_callback(self._called)
+
+    def before(self, parts) -> None:
+        self._parts = parts
+
+    def stop(self) -> None:
+        """Keep nothing more (the model may read other things after the one read)."""
+        self._parts = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def at(self, layer: int):
+        kept = self.kept[layer]
+        return lambda i, first, n: kept[(i, first)]
+
+    def _called(self, address, ask, _user_data) -> bool:
+        try:
+            if self._parts is None:
+                return False
+            t = _GGMLTensor.from_address(address)
+            layer = self.names.get(t.name)
+            if layer is None:
+                return False
+            if not ask:
+                import numpy as np
+
+                got = self._got[layer]
+                got.append(_rows(address, t))
+                if sum(map(len, got)) == sum(n for _, _, n in self._parts):  # the batch's last part is in
+                    rows, at = np.concatenate(got), 0
+                    for i, first, n in self._parts:
+                        self.kept[layer][(i, first)] = rows[at:at + n]
+                        at += n
+                    got.clear()
+            return True
+        except BaseException as e:  # noqa: BLE001 - an exception cannot cross llama.cpp's C frames
+            self.error = e
+            return False
 
 
 def _rows(address, t: _GGMLTensor):

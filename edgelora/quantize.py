@@ -17,7 +17,7 @@ from . import quant_presets
 from .errors import EdgeloraError
 from .imatrix import IMatrix, quantizer_array
 from .imatrix import check as check_imatrix
-from .gguf_header import gguf_layout
+from .gguf_header import gguf_layout, later_layers_header
 from .gguf_info import inspect_gguf
 from . import files
 from .files import atomic_path
@@ -194,12 +194,18 @@ class TensorSwap:
                                     f"at byte {a.data_offset})")
             self.spans[name] = (int(a.data_offset), int(a.n_bytes))
 
-    def write(self, names, dst: Path | str) -> None:
+    def write(self, names, dst: Path | str, from_layer: int = 0) -> None:
+        """`from_layer` > 0: only the layers from that one on (and every tensor outside the layers),
+        renumbered from 0 (gguf_header.later_layers_header): what the file computes after the
+        input of that layer, which is the base's where `names` are all in later layers."""
         spans = []
         for name in names:
             if name not in self.spans:
                 raise EdgeloraError(f"{self.base.name}: has no tensor {name}")
             spans.append(self.spans[name])
+        if from_layer:
+            self._write_later_layers(set(names), Path(dst), from_layer)
+            return
         with atomic_path(Path(dst), suffix=".gguf") as tmp:
             shutil.copyfile(self.base, tmp)
             with open(tmp, "r+b") as out, open(self.donor, "rb") as src:
@@ -209,3 +215,16 @@ class TensorSwap:
                     out.write(src.read(size))
 
 
+
+    def _write_later_layers(self, names: set, dst: Path, first: int) -> None:
+        layout = gguf_layout(self.base)
+        header, tensors = later_layers_header(layout, first)
+        alignment = layout.fields.get("general.alignment", 32)
+        with atomic_path(dst, suffix=".gguf") as tmp, open(tmp, "wb") as out, \
+                open(self.base, "rb") as base, open(self.donor, "rb") as donor:
+            out.write(header)
+            for t in tensors:
+                src = donor if t.name in names else base
+                src.seek(t.data_offset)
+                out.write(src.read(t.n_bytes))
+                out.write(bytes(-t.n_bytes % alignment))

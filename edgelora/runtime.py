@@ -28,7 +28,7 @@ import gguf
 
 from .errors import EdgeloraError
 from .gguf_header import gguf_metadata
-from .llamacpp import WeightInputs, all_logits, captured_log, handles, load_llama, log_reason, token_text
+from .llamacpp import LayerInputs, WeightInputs, all_logits, captured_log, handles, load_llama, log_reason, token_text
 from .machine import DEVICES
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def reading_sequences(device: str = "auto") -> int:
 
 def load(model: str | Path, *, loras: Sequence[tuple[str | Path, float]] = (), device: str = "auto",
          n_ctx: int = 4096, seed: int = 0, threads: int | None = None, verbose: bool = False,
-         observe: WeightInputs | None = None, sequences: int = 1) -> Runtime:
+         observe: WeightInputs | LayerInputs | None = None, sequences: int = 1) -> Runtime:
     """Open a GGUF model, with LoRA GGUFs applied at the given scales, on `device`.
 
     n_ctx is capped to the context the model was trained with, and rounded up (with a warning) to

@@ -44,6 +44,7 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     0.040 without, yet a tenth of its fields lost; benchmarks/quant_quality.py)."""
     import filecmp
 
+    from .llamacpp import LayerInputs
     from .quantize import TensorSwap, quantize
 
     if importance is None or probe is None:
@@ -52,15 +53,16 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     made: dict[str, tuple[float, Optional[int]]] = {}  # label -> (KL, answers kept)
     paths = {label: dst.parent / f"{temp_name(dst)}{label}.tmp" for label in ("all", "none", "trial", "chosen")}
 
-    def measure(label: str) -> list:
+    def measure(label: str, keep=None) -> list:
         with stage("answers"):  # the reference's own, made once (what each file's answers are checked against)
             probe.reference_answers
         with stage("measure"):
-            rows, answers = probe.kl_rows_and_answers(paths[label])
+            rows, answers = probe.kl_rows_and_answers(paths[label], keep)
         made[label] = (float(np.concatenate(rows).mean()), answers)
         return rows
 
     groups = weight_groups(importance.sums)
+    first_layer = {group: _first_layer(names) for group, names in groups.items()}
     try:
         with stage("quantise"):
             result = quantize(f16, paths["all"], quant, imatrix=importance)
@@ -72,13 +74,19 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
             measure("all")
             made["none"] = made["all"]
         else:
-            without = measure("none")
+            # a group's trial file is the one without the matrix up to the group's first layer: read
+            # from there on, from that file's inputs to it (bit for bit the whole file's logits)
+            later = sorted({k for k in first_layer.values() if k}) if _reads_from_a_layer(paths["none"]) else []
+            keep = LayerInputs(later) if later else None
+            without = measure("none", keep)
             measure("all")
             swap = TensorSwap(paths["none"], paths["all"])
             with stage("trials"), progress_bar(f"{dst.stem}: the matrix by group", unit="group") as progress:
                 for done, (group, names) in enumerate(groups.items(), 1):
-                    swap.write(names, paths["trial"])
-                    difference, read[group] = probe.compare(paths["trial"], without, z=settle_z)
+                    first = first_layer[group] if keep else 0
+                    swap.write(names, paths["trial"], from_layer=first)
+                    difference, read[group] = probe.compare(paths["trial"], without, z=settle_z,
+                                                            inputs=keep.at(first) if first else None)
                     by_group[group] = made["none"][0] + difference
                     progress(done, len(groups))
             helped = [g for g in groups if by_group[g] < made["none"][0]]
@@ -106,6 +114,24 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
+
+
+# Architectures whose layers llama.cpp builds alike whatever their index (no sliding-window or
+# no-RoPE pattern by layer number): a file of a model's later layers renumbered from 0 computes
+# what those layers compute in the whole model.
+LAYER_INDEPENDENT = frozenset({"llama", "qwen2", "qwen3"})
+
+
+def _reads_from_a_layer(path: Path) -> bool:
+    from .gguf_header import gguf_metadata
+
+    return gguf_metadata(path).get("general.architecture") in LAYER_INDEPENDENT
+
+
+def _first_layer(names) -> int:
+    """The first block a group's weights are in; 0 if any is outside the blocks (the embedding)."""
+    layers = [int(n.split(".")[1]) if n.startswith("blk.") else 0 for n in names]
+    return min(layers, default=0)
 
 
 def weight_groups(names, parts: int = 3) -> dict[str, list[str]]:

@@ -377,6 +377,60 @@ def test_the_adaptive_search_keeps_what_reading_every_sequence_keeps(tiny_export
         assert (adaptive["kl_by_group"][group] < adaptive["kl_without"]) == (kl < exhaustive["kl_without"])
 
 
+def test_a_trial_read_from_its_first_layer_decides_as_the_whole_file(tiny_export, run_dir, tmp_path, monkeypatch):
+    """A group's trial file is the one without the matrix up to the group's first layer, so the
+    search reads only the layers from there, from the inputs the file without the matrix gave
+    them (search.LAYER_INDEPENDENT): every figure and the kept file the same as whole files give."""
+    from edgelora import exporter as E
+    from edgelora import search as S
+    from edgelora.gguf_header import gguf_layout, gguf_metadata
+    from edgelora.klprobe import KLProbe
+    from edgelora.llamacpp import LayerInputs
+
+    plan = E.plan_export(str(run_dir), None, ["q4_k_m"], False, str(tmp_path / "plan"))
+    calibration = E._calibration(plan, None, 0)
+    f16 = tiny_export["merged:f16"]
+    importance = IM.compute_gguf(f16, [ids for ids, _ in calibration.sequences[:16]], datasets=["t"], chunk_size=64,
+                                 device="cpu")
+    searched, firsts, write = {}, {}, TensorSwap.write
+    for way, archs in (("from a layer", S.LAYER_INDEPENDENT), ("whole", frozenset())):
+        monkeypatch.setattr(S, "LAYER_INDEPENDENT", archs)
+        monkeypatch.setattr(TensorSwap, "write", lambda self, names, dst, from_layer=0, way=way: (
+            firsts.setdefault(way, []).append(from_layer), write(self, names, dst, from_layer))[1])
+        probe = E._probe(f16, calibration)
+        searched[way] = E.quantize_searched(f16, tmp_path / f"{way}.gguf", "q4_k_m", importance, probe,
+                                            settle_z=E.EFFORTS["default"].settle_z)[1]
+    monkeypatch.setattr(TensorSwap, "write", write)
+    assert sorted(set(firsts["from a layer"])) == [0, 1] and set(firsts["whole"]) == {0}  # groups in blk.1: from 1
+    assert searched["from a layer"] == searched["whole"]
+    assert (tmp_path / "from a layer.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+    # the pieces: layer 1 alone, read from layer 0's outputs, gives the whole file's logits, bit for bit
+    none, donor = tmp_path / "none.gguf", tmp_path / "all.gguf"
+    quantize(f16, none, "q4_k_m")
+    quantize(f16, donor, "q4_k_m", imatrix=importance)
+    names = [n for n in importance.sums if n.startswith("blk.1.")]
+    swap = TensorSwap(none, donor)
+    swap.write(names, tmp_path / "whole-trial.gguf")
+    swap.write(names, tmp_path / "later.gguf", from_layer=1)
+    later = gguf_layout(tmp_path / "later.gguf")
+    assert gguf_metadata(tmp_path / "later.gguf")["llama.block_count"] == 1
+    assert {t.name for t in later.tensors} == {t.name.replace("blk.1.", "blk.0.") for t in gguf_layout(none).tensors
+                                               if not t.name.startswith("blk.0.")}
+    whole = {t.name: t for t in gguf_layout(tmp_path / "whole-trial.gguf").tensors}
+    assert all(t.data.tobytes() == whole[t.name.replace("blk.0.", "blk.1.")].data.tobytes() for t in later.tensors)
+    probe = KLProbe(f16, calibration.sequences[:8], tmp_path)
+    keep = LayerInputs([1])
+    base, _ = probe.kl_rows_and_answers(none, keep)
+    assert keep.kept[1] and all(v.shape[1] == later.fields["llama.embedding_length"] for v in keep.kept[1].values())
+    for z in (float("inf"), 3.0):
+        assert probe.compare(tmp_path / "later.gguf", base, z=z, inputs=keep.at(1)) == \
+            probe.compare(tmp_path / "whole-trial.gguf", base, z=z)
+    with pytest.raises(EdgeloraError, match=r"^later\.gguf: no layers from 1 on to keep \(llama\.block_count is 1\)$"):
+        TensorSwap(tmp_path / "later.gguf", tmp_path / "later.gguf").write([], tmp_path / "x.gguf", from_layer=1)
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_a_fast_export_quantises_once_with_a_smaller_matrix(run_dir, tmp_path, monkeypatch):
     """--effort fast: the matrix from the effort's token budget, each quant llama.cpp's quantisation of
     the f16 with it (nothing made without it, no per-group trials, no answer checks), still verified."""

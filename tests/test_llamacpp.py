@@ -89,7 +89,7 @@ def test_a_prefix_every_sequence_shares_is_read_once(wider_gguf, monkeypatch, se
     common = [1, 5, 9, 13, 2, 7, 7, 3, 11, 4, 6, 12]
     seqs = [common + [3, 4], common + [8, 8, 2, 5], common + list(range(1, 60)), common[:9] + [20]]
     read, decode = [], llamacpp._decode
-    monkeypatch.setattr(llamacpp, "_decode", lambda llm_, entries: read.append(len(entries)) or decode(llm_, entries))
+    monkeypatch.setattr(llamacpp, "_decode", lambda llm_, entries, *more: read.append(len(entries)) or decode(llm_, entries, *more))
     got = llamacpp.logits_at(llm, seqs, rows)
     assert sum(read) == sum(map(len, seqs)) - shared * (len(seqs) - 1)
     oracle = llamacpp.load_llama(wider_gguf, n_ctx=512, n_batch=512, logits_all=True, verbose=False)
