@@ -74,7 +74,6 @@ class GGUFLayout:
     path: Path
     fields: dict  # key -> value: a number, a string, a list, or a LongArray
     tensors: list[TensorInfo]
-    version: int = 3
     metadata_end: int = 0  # where the metadata ends and the tensor infos begin (byte offset)
     scalar_at: dict = field(default_factory=dict, repr=False)  # key of a number -> (its value type, its byte offset)
     _map: Optional[np.memmap] = field(default=None, repr=False)
@@ -169,7 +168,7 @@ def _parse(path: str | Path, what: str, tensors: bool):
     if not isinstance(alignment, int) or alignment < 1:
         raise c.fail(f" ({_ALIGNMENT} is {alignment!r})")
     start += -start % alignment
-    layout = GGUFLayout(p, fields, [], version, metadata_end, scalar_at)
+    layout = GGUFLayout(p, fields, [], metadata_end, scalar_at)
     seen = set()
     for name, shape, qtype, offset in infos:
         n_elements = int(np.prod(shape, dtype=object))
