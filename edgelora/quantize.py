@@ -214,8 +214,6 @@ class TensorSwap:
                     out.seek(offset)
                     out.write(src.read(size))
 
-
-
     def _write_later_layers(self, names: set, dst: Path, first: int) -> None:
         layout = gguf_layout(self.base)
         header, tensors = later_layers_header(layout, first)

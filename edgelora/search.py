@@ -35,6 +35,8 @@ def quantize_searched(f16: Path, dst: Path, quant: str | dict, importance: Optio
     matrix a quarter of the held-out sequences at a time, and only until the sign of the difference
     is `settle_z` standard errors from zero (KLProbe.compare; inf: every sequence): its kl_by_group
     is then the estimate that decided it, and positions_by_group says how many positions it was read at.
+    A group's file is the one without the matrix up to the group's first layer, so (LAYER_INDEPENDENT
+    architectures) only the layers from there on are read, from the inputs that file gave them.
 
     Why per group: llama.cpp's importance-weighted rounding lowers each weight's error on the
     calibration activations, but on SmolLM2 at Q5_0 it raises the model's KL for some weights
