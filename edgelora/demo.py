@@ -119,7 +119,7 @@ def demo(out: str = "edgelora-demo", *, quick: bool = False, refit: bool = False
     bench_opts = dict(limit=m["limit"], threads=threads, progress=progress, force=True)
     stage("train", (run_dir / SUMMARY_FILE).is_file(),
           f"QLoRA on {TRAIN['base']}, {m['max_steps']} steps of {TRAIN['batch_size']} examples", do_train)
-    target_size = m["refit_target_size"] if refit and m["refit_target_size"] else m["target_size"]
+    target_size = m["refit_target_size"] if refit else m["target_size"]
     budget = f" + auto (to {target_size})" if target_size else ""
     refits = [m["refit"]] if refit else []
     refitted = f" + the LoRA refitted against the {m['refit']} base" if refit else ""

@@ -532,21 +532,14 @@ def _mul_mat_op() -> int:
     raise EdgeloraError("this llama.cpp build has no MUL_MAT operation to observe")
 
 
-class WeightInputs:
-    """What each weight of a model multiplies, as llama.cpp computes it: load a model with
-    `load_llama(..., observe=this)` (or runtime.load) and, while `active`, every matrix
-    multiplication by a weight `wanted(name)` accepts calls `on_input(name, x)`, x the float32
-    activations it multiplied, one row per token (in the order the batch holds them); weights that
-    multiply the same input one after another (q, k, v) are given the same array object. Through
-    llama.cpp's eval callback, the hook llama-imatrix collects its statistics with."""
+class _EvalObserver:
+    """A llama.cpp eval callback (`callback`, for load_llama's `observe`) that calls `_observe(address,
+    ask)` and keeps what it raised for `raise_error`: an exception cannot cross llama.cpp's C frames."""
 
-    def __init__(self, wanted, on_input):
+    def __init__(self):
         import llama_cpp.llama_cpp as C
 
-        self.wanted, self.on_input, self.active = wanted, on_input, False
-        self.error: BaseException | None = None  # raised by raise_error: an exception cannot cross C frames
-        self._checked = False
-        self._last = None  # ((input tensor, its data), its rows) of the last multiplication read
+        self.error: BaseException | None = None
         self.callback = C.ggml_backend_sched_eval_callback(self._called)
 
     def _called(self, address, ask, _user_data) -> bool:
@@ -555,6 +548,30 @@ class WeightInputs:
         except BaseException as e:  # noqa: BLE001 - an exception cannot cross llama.cpp's C frames
             self.error = e
             return False
+
+    def _observe(self, address, ask: bool) -> bool:
+        raise NotImplementedError
+
+    def raise_error(self) -> None:
+        """Raise what went wrong inside the callback, if anything did (llama.cpp cannot carry it)."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+class WeightInputs(_EvalObserver):
+    """What each weight of a model multiplies, as llama.cpp computes it: load a model with
+    `load_llama(..., observe=this)` (or runtime.load) and, while `active`, every matrix
+    multiplication by a weight `wanted(name)` accepts calls `on_input(name, x)`, x the float32
+    activations it multiplied, one row per token (in the order the batch holds them); weights that
+    multiply the same input one after another (q, k, v) are given the same array object. Through
+    llama.cpp's eval callback, the hook llama-imatrix collects its statistics with."""
+
+    def __init__(self, wanted, on_input):
+        super().__init__()
+        self.wanted, self.on_input, self.active = wanted, on_input, False
+        self._checked = False
+        self._last = None  # ((input tensor, its data), its rows) of the last multiplication read
 
     def new_batch(self) -> None:
         """Forget the last input read: llama.cpp may reuse a graph, its tensors and buffers, for the next batch."""
@@ -592,14 +609,8 @@ class WeightInputs:
                                 f"from the one edgelora reads ({PINNED}): export with --imatrix none; {NEEDS_PIN}")
         self._checked = True
 
-    def raise_error(self) -> None:
-        """Raise what went wrong inside the callback, if anything did (llama.cpp cannot carry it)."""
-        error, self.error = self.error, None
-        if error is not None:
-            raise error
 
-
-class LayerInputs:
+class LayerInputs(_EvalObserver):
     """The input of each of `layers` (the output of the layer before it) at every token of one
     batched_logits read, as llama.cpp computes it: load the model with `observe=this`, read with
     `before=this.before`, then `stop()`. `at(layer)` gives them back as batched_logits' `inputs`
@@ -607,14 +618,11 @@ class LayerInputs:
     from_layer): its logits are then the whole file's, bit for bit, for the cost of its layers."""
 
     def __init__(self, layers):
-        import llama_cpp.llama_cpp as C
-
+        super().__init__()
         self.names = {f"l_out-{k - 1}".encode(): k for k in layers}
         self.kept: dict[int, dict] = {k: {} for k in layers}  # layer -> {(sequence index, first position): inputs}
         self._parts: list | None = None  # the batch being read: (sequence index, first position, tokens) per part
         self._got: dict[int, list] = {k: [] for k in layers}
-        self.error: BaseException | None = None
-        self.callback = C.ggml_backend_sched_eval_callback(self._called)
 
     def before(self, parts) -> None:
         self._parts = parts
@@ -622,37 +630,31 @@ class LayerInputs:
     def stop(self) -> None:
         """Keep nothing more (the model may read other things after the one read)."""
         self._parts = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        self.raise_error()
 
     def at(self, layer: int):
         kept = self.kept[layer]
         return lambda i, first, n: kept[(i, first)]
 
-    def _called(self, address, ask, _user_data) -> bool:
-        try:
-            if self._parts is None:
-                return False
-            t = _GGMLTensor.from_address(address)
-            layer = self.names.get(t.name)
-            if layer is None:
-                return False
-            if not ask:
-                import numpy as np
-
-                got = self._got[layer]
-                got.append(_rows(address, t))
-                if sum(map(len, got)) == sum(n for _, _, n in self._parts):  # the batch's last part is in
-                    rows, at = np.concatenate(got), 0
-                    for i, first, n in self._parts:
-                        self.kept[layer][(i, first)] = rows[at:at + n]
-                        at += n
-                    got.clear()
-            return True
-        except BaseException as e:  # noqa: BLE001 - an exception cannot cross llama.cpp's C frames
-            self.error = e
+    def _observe(self, address, ask: bool) -> bool:
+        if self._parts is None or self.error is not None:
             return False
+        t = _GGMLTensor.from_address(address)
+        layer = self.names.get(t.name)
+        if layer is None:
+            return False
+        if not ask:
+            import numpy as np
+
+            got = self._got[layer]
+            got.append(_rows(address, t))
+            if sum(map(len, got)) == sum(n for _, _, n in self._parts):  # the batch's last part is in
+                rows, at = np.concatenate(got), 0
+                for i, first, n in self._parts:
+                    self.kept[layer][(i, first)] = rows[at:at + n]
+                    at += n
+                got.clear()
+        return True
 
 
 def _rows(address, t: _GGMLTensor):

@@ -181,7 +181,8 @@ class TensorSwap:
 
     def __init__(self, base: Path | str, donor: Path | str):
         self.base, self.donor = Path(base), Path(donor)
-        ours = {t.name: t for t in gguf_layout(self.base).tensors}
+        self.layout = gguf_layout(self.base)
+        ours = {t.name: t for t in self.layout.tensors}
         theirs = {t.name: t for t in gguf_layout(self.donor).tensors}
         for name in ours.keys() ^ theirs.keys():
             raise EdgeloraError(f"{(self.base if name in theirs else self.donor).name}: has no tensor {name}")
@@ -215,9 +216,8 @@ class TensorSwap:
                     out.write(src.read(size))
 
     def _write_later_layers(self, names: set, dst: Path, first: int) -> None:
-        layout = gguf_layout(self.base)
-        header, tensors = later_layers_header(layout, first)
-        alignment = layout.fields.get("general.alignment", 32)
+        header, tensors = later_layers_header(self.layout, first)
+        alignment = self.layout.fields.get("general.alignment", 32)
         with atomic_path(dst, suffix=".gguf") as tmp, open(tmp, "wb") as out, \
                 open(self.base, "rb") as base, open(self.donor, "rb") as donor:
             out.write(header)
